@@ -1,0 +1,160 @@
+//! Read-only endpoints: liveness, totals, the job list and failure reports.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::extract::{RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use serde_json::{Value, json};
+use tracing::Span;
+
+use super::AppState;
+use super::error::ApiError;
+use super::input::{QueryParams, null_body};
+use super::models::{ErrorResult, FilesMap, GlobalStatistics, JobList, JobStatus};
+use crate::reports;
+
+/// Liveness: 200 with a `null` body.
+#[utoipa::path(get, path = "/ping/", tag = "service", responses((status = 200, description = "Alive; the body is `null`")))]
+pub async fn ping() -> impl IntoResponse {
+    null_body(StatusCode::OK)
+}
+
+/// Job and file totals, Kafka liveness and the tape cache's state.
+#[utoipa::path(
+    get, path = "/get_stats/", tag = "service",
+    responses((status = 200, body = GlobalStatistics), (status = 500, body = ErrorResult))
+)]
+pub async fn stats(State(app): State<AppState>) -> Result<Json<GlobalStatistics>, ApiError> {
+    let s = app
+        .store
+        .stats()
+        .await
+        .map_err(|e| ApiError::internal("Exception getting staging system status", e))?;
+    // Kafka liveness and the Scout cache figures stay null/false until those
+    // integrations are configured and report them.
+    Ok(Json(GlobalStatistics {
+        completed_jobs: s.completed_jobs,
+        incomplete_jobs: s.incomplete_jobs,
+        ready_files: s.ready_files,
+        error_files: s.error_files,
+        waiting_files: s.waiting_files,
+        ..GlobalStatistics::default()
+    }))
+}
+
+/// Every job: id -> [job_id, created, ready_files, total_files, completed, last_readytime,
+/// error_files, sample_filename].
+#[utoipa::path(
+    get, path = "/get_joblist/", tag = "staging",
+    responses((status = 200, body = JobList), (status = 500, body = ErrorResult))
+)]
+pub async fn job_list(State(app): State<AppState>) -> Result<Json<JobList>, ApiError> {
+    let jobs = app
+        .store
+        .job_list()
+        .await
+        .map_err(|e| ApiError::internal("Exception getting staging job list", e))?;
+    // Times as float seconds and a null last_readytime, as the original's SQL gave them.
+    let jobs = jobs
+        .into_iter()
+        .map(|j| {
+            let completed = j.completed();
+            let row = vec![
+                json!(j.job_id),
+                json!(j.created_ms as f64 / 1000.0),
+                json!(j.ready_files),
+                json!(j.total_files),
+                json!(completed),
+                j.last_ready_ms
+                    .map(|ms| json!(ms as f64 / 1000.0))
+                    .unwrap_or(Value::Null),
+                json!(j.error_files),
+                j.sample_path.map(Value::String).unwrap_or(Value::Null),
+            ];
+            (j.job_id, row)
+        })
+        .collect::<BTreeMap<_, _>>();
+    Ok(Json(JobList { jobs }))
+}
+
+/// Recent failure reports: id -> [job_id, report mtime, 0, 0, 0, 0, 0] (the original's shape).
+#[utoipa::path(
+    get, path = "/get_failed_joblist/", tag = "reports",
+    responses((status = 200, body = JobList), (status = 500, body = ErrorResult))
+)]
+pub async fn failed_list(State(app): State<AppState>) -> Result<Json<JobList>, ApiError> {
+    let dir = app.reports_dir.clone();
+    let listed = tokio::task::spawn_blocking(move || reports::list(&dir))
+        .await
+        .map_err(|e| io_error("listing failure reports", std::io::Error::other(e)))?
+        .map_err(|e| io_error("listing failure reports", e))?;
+    let jobs = listed
+        .into_iter()
+        .map(|(id, mtime)| {
+            (
+                id,
+                vec![
+                    json!(id),
+                    json!(mtime),
+                    json!(0),
+                    json!(0),
+                    json!(0),
+                    json!(0),
+                    json!(0),
+                ],
+            )
+        })
+        .collect();
+    Ok(Json(JobList { jobs }))
+}
+
+/// A failed job's status, rebuilt from its failure report.
+#[utoipa::path(
+    get, path = "/get_failed_job/", tag = "reports",
+    params(("job_id" = i64, Query, description = "Job id")),
+    responses(
+        (status = 200, body = JobStatus),
+        (status = 404, description = "No report for this job", body = ErrorResult),
+        (status = 422, description = "Bad job_id", body = ErrorResult),
+        (status = 500, body = ErrorResult),
+    )
+)]
+pub async fn failed_job(
+    State(app): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<JobStatus>, ApiError> {
+    let job_id = QueryParams::parse(query.as_deref()).required_i64("job_id")?;
+    Span::current().record("job_id", job_id);
+    let dir = app.reports_dir.clone();
+    let report = tokio::task::spawn_blocking(move || reports::read(&dir, job_id))
+        .await
+        .map_err(|e| io_error("reading a failure report", std::io::Error::other(e)))?
+        .map_err(|e| io_error("reading a failure report", e))?
+        .ok_or_else(|| ApiError::not_found(format!("Failed job {job_id} not found")))?;
+    let error_files = report.files.len() as i64;
+    let rows = report
+        .files
+        .into_iter()
+        .map(|f| (f, false, true, Some(report.mtime)))
+        .collect();
+    Ok(Json(JobStatus {
+        job_id,
+        created: 0,
+        completed: false,
+        total_files: report.total_files,
+        ready_files: 0,
+        error_files,
+        last_readytime: report.mtime,
+        files: FilesMap::Report(rows),
+    }))
+}
+
+fn io_error(what: &str, e: std::io::Error) -> ApiError {
+    tracing::error!(error = %e, "{what}");
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("Exception {what}: internal error, see the daemon's log"),
+    )
+}

@@ -1,0 +1,158 @@
+//! The HTTP API: the original service's endpoints, wire-compatible (every path answers with
+//! and without the trailing slash), plus `/openapi.json` and `/docs`.
+//!
+//! Invariant: whatever the input, the answer is a JSON body with a status code; errors carry
+//! `errormsg`. Unknown paths, wrong methods and even a panicking handler end that way.
+
+mod error;
+mod info;
+mod input;
+pub mod models;
+mod staging;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodRouter, get, post};
+use serde_json::json;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa_swagger_ui::SwaggerUi;
+
+pub use error::ApiError;
+
+use crate::config::Config;
+use crate::store::Store;
+
+/// Input limits, from `[server]`.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_files_per_job: usize,
+    pub max_path_bytes: usize,
+}
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub limits: Arc<Limits>,
+    pub reports_dir: Arc<PathBuf>,
+}
+
+impl AppState {
+    pub fn new(store: Store, config: &Config) -> Self {
+        AppState {
+            store,
+            limits: Arc::new(Limits {
+                max_body_bytes: config.server.max_body_bytes,
+                max_files_per_job: config.server.max_files_per_job,
+                max_path_bytes: config.server.max_path_bytes,
+            }),
+            reports_dir: Arc::new(config.reports.dir.clone()),
+        }
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "staged",
+        description = "Stages radio-telescope data from the tape archive onto disk and calls back when it is ready. Wire-compatible with the MWA staging service."
+    ),
+    paths(
+        staging::create,
+        staging::status,
+        staging::delete,
+        info::ping,
+        info::stats,
+        info::job_list,
+        info::failed_list,
+        info::failed_job,
+    ),
+    components(schemas(
+        models::NewJob,
+        models::JobStatus,
+        models::JobList,
+        models::GlobalStatistics,
+        models::ErrorResult
+    ))
+)]
+struct ApiDoc;
+
+/// The OpenAPI document of this API.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+/// Registers `path` (which ends in `/`) and its twin without the slash.
+fn both(router: Router<AppState>, path: &str, route: MethodRouter<AppState>) -> Router<AppState> {
+    let bare = path.trim_end_matches('/');
+    router.route(path, route.clone()).route(bare, route)
+}
+
+pub fn router(state: AppState) -> Router {
+    let mut r = Router::new();
+    r = both(
+        r,
+        "/staging/",
+        post(staging::create)
+            .get(staging::status)
+            .delete(staging::delete),
+    );
+    r = both(r, "/ping/", get(info::ping));
+    r = both(r, "/get_stats/", get(info::stats));
+    r = both(r, "/get_joblist/", get(info::job_list));
+    r = both(r, "/get_failed_joblist/", get(info::failed_list));
+    r = both(r, "/get_failed_job/", get(info::failed_job));
+
+    let docs: Router<AppState> = SwaggerUi::new("/docs")
+        .url("/openapi.json", openapi())
+        .into();
+    r.merge(docs)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+        // Bodies are bounded by our own reader (413 as JSON), not axum's default.
+        .layer(DefaultBodyLimit::disable())
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &Request<Body>| {
+                    tracing::info_span!(
+                        "request",
+                        method = %req.method(),
+                        path = %req.uri().path(),
+                        job_id = tracing::field::Empty,
+                    )
+                })
+                .on_request(())
+                .on_response(
+                    tower_http::trace::DefaultOnResponse::new().level(tracing::Level::DEBUG),
+                )
+                .on_failure(()),
+        )
+        .layer(CatchPanicLayer::custom(panic_response))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("Not Found")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    // The panic message is logged by the panic hook; the client gets no internals.
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        axum::Json(json!({ "errormsg": "internal error, see the daemon's log" })),
+    )
+        .into_response()
+}

@@ -1,0 +1,215 @@
+//! `/staging/`: create, read and delete jobs.
+
+use std::collections::HashSet;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use tracing::Span;
+
+use super::error::ApiError;
+use super::input::{QueryParams, json_body, null_body};
+use super::models::{ErrorResult, FilesMap, JobStatus, NewJob};
+use super::{AppState, Limits};
+use crate::config::check_http_url;
+use crate::store::{self, Intake};
+
+/// Create a staging job.
+///
+/// The job is stored durably before the answer; its files are then staged in the
+/// background and `notify_url` is called with the result. `files` wins over `obs`.
+#[utoipa::path(
+    post, path = "/staging/", tag = "staging",
+    request_body = NewJob,
+    responses(
+        (status = 202, description = "Accepted and stored; the body is `null`"),
+        (status = 400, description = "Neither files nor obs, or a bad path or notify_url", body = ErrorResult),
+        (status = 403, description = "The job id already exists", body = ErrorResult),
+        (status = 413, description = "Body over the configured limit", body = ErrorResult),
+        (status = 422, description = "Body is not a valid NewJob", body = ErrorResult),
+        (status = 500, description = "Internal error", body = ErrorResult),
+    )
+)]
+pub async fn create(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<impl IntoResponse, ApiError> {
+    let req: NewJob = json_body(&headers, body, app.limits.max_body_bytes).await?;
+    Span::current().record("job_id", req.job_id);
+    let job_id = req.job_id;
+    let Some(job) = validate(req, &app.limits)? else {
+        // The original answers 403 before 400 when the id exists.
+        if app
+            .store
+            .job_exists(job_id)
+            .await
+            .map_err(|e| ApiError::internal("checking for the job", e))?
+        {
+            return Err(duplicate(job_id));
+        }
+        return Err(ApiError::bad_request(format!(
+            "Error for job {job_id}: Must specify either an observation, or a list of files"
+        )));
+    };
+    let files = job.files.len();
+    let with_obs = job.obs.is_some();
+    match app.store.submit(job).await {
+        Ok(Intake::Created) => {
+            tracing::info!(files, obs = with_obs, "job accepted");
+            Ok(null_body(StatusCode::ACCEPTED))
+        }
+        Ok(Intake::Duplicate) => Err(duplicate(job_id)),
+        Err(e) => Err(ApiError::internal(
+            &format!("Exception creating job {job_id}"),
+            e,
+        )),
+    }
+}
+
+fn duplicate(job_id: i64) -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        format!("Can't create job {job_id}, because it already exists."),
+    )
+}
+
+/// Checks a request and turns it into a job to store; `Ok(None)` when it names neither
+/// files nor an observation.
+fn validate(req: NewJob, limits: &Limits) -> Result<Option<store::NewJob>, ApiError> {
+    let job_id = req.job_id;
+    if req.notify_url.contains(|c: char| c.is_control()) {
+        return Err(ApiError::bad_request(format!(
+            "Error for job {job_id}: notify_url contains control characters"
+        )));
+    }
+    check_http_url(&req.notify_url).map_err(|e| {
+        ApiError::bad_request(format!(
+            "Error for job {job_id}: notify_url must be an http(s) URL: {e}"
+        ))
+    })?;
+    let files = req.files.unwrap_or_default();
+    if !files.is_empty() {
+        if files.len() > limits.max_files_per_job {
+            return Err(ApiError::bad_request(format!(
+                "Error for job {job_id}: {} files is more than the limit of {} per job",
+                files.len(),
+                limits.max_files_per_job
+            )));
+        }
+        for (i, path) in files.iter().enumerate() {
+            let problem = if path.is_empty() {
+                Some("is empty".to_string())
+            } else if path.len() > limits.max_path_bytes {
+                Some(format!("is longer than {} bytes", limits.max_path_bytes))
+            } else if path.contains('\0') {
+                Some("contains a NUL character".to_string())
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                return Err(ApiError::bad_request(format!(
+                    "Error for job {job_id}: file {i} {problem}"
+                )));
+            }
+        }
+        // A path named twice is staged and counted once.
+        let mut seen = HashSet::with_capacity(files.len());
+        let files: Vec<String> = files
+            .into_iter()
+            .filter(|f| seen.insert(f.clone()))
+            .collect();
+        return Ok(Some(store::NewJob {
+            job_id,
+            notify_url: req.notify_url,
+            files,
+            obs: None,
+        }));
+    }
+    match req.obs {
+        Some(obs) if !obs.is_empty() => Ok(Some(store::NewJob {
+            job_id,
+            notify_url: req.notify_url,
+            files: Vec::new(),
+            obs: Some(serde_json::Value::Object(obs).to_string()),
+        })),
+        _ => Ok(None),
+    }
+}
+
+/// Read a job's status.
+#[utoipa::path(
+    get, path = "/staging/", tag = "staging",
+    params(
+        ("job_id" = i64, Query, description = "Job id"),
+        ("include_files" = Option<bool>, Query, description = "Include every file's state (default false)"),
+    ),
+    responses(
+        (status = 200, body = JobStatus),
+        (status = 404, description = "No such job", body = ErrorResult),
+        (status = 422, description = "Bad job_id or include_files", body = ErrorResult),
+        (status = 500, body = ErrorResult),
+    )
+)]
+pub async fn status(
+    State(app): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<JobStatus>, ApiError> {
+    let q = QueryParams::parse(query.as_deref());
+    let job_id = q.required_i64("job_id")?;
+    Span::current().record("job_id", job_id);
+    let include_files = q.bool_or("include_files", false)?;
+    let internal = |e| ApiError::internal(&format!("Exception getting status for job {job_id}"), e);
+    let summary = app
+        .store
+        .job_summary(job_id)
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| ApiError::not_found(format!("Job {job_id} not found")))?;
+    let files = if include_files {
+        FilesMap::Rows(app.store.job_files(job_id).await.map_err(internal)?)
+    } else {
+        FilesMap::Empty
+    };
+    Ok(Json(JobStatus {
+        job_id,
+        created: summary.created_ms / 1000,
+        completed: summary.completed(),
+        total_files: summary.total_files,
+        ready_files: summary.ready_files,
+        error_files: summary.error_files,
+        last_readytime: summary.last_ready_ms.map(|ms| ms / 1000).unwrap_or(0),
+        files,
+    }))
+}
+
+/// Delete a job.
+#[utoipa::path(
+    delete, path = "/staging/", tag = "staging",
+    params(("job_id" = i64, Query, description = "Job id")),
+    responses(
+        (status = 200, description = "Deleted; the body is `null`"),
+        (status = 404, description = "No such job", body = ErrorResult),
+        (status = 422, description = "Bad job_id", body = ErrorResult),
+        (status = 500, body = ErrorResult),
+    )
+)]
+pub async fn delete(
+    State(app): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<impl IntoResponse, ApiError> {
+    let job_id = QueryParams::parse(query.as_deref()).required_i64("job_id")?;
+    Span::current().record("job_id", job_id);
+    let existed = app
+        .store
+        .delete_job(job_id)
+        .await
+        .map_err(|e| ApiError::internal(&format!("Exception deleting job {job_id}"), e))?;
+    if !existed {
+        return Err(ApiError::not_found(format!("Job {job_id} not found")));
+    }
+    tracing::info!("job deleted");
+    Ok(null_body(StatusCode::OK))
+}

@@ -1,0 +1,134 @@
+//! The `staged` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use staged::config::{Config, redact_url};
+use staged::store::{Store, StoreOptions};
+use staged::{app, telemetry};
+
+#[derive(Parser)]
+#[command(
+    name = "staged",
+    version,
+    about = "Stages telescope data from tape onto disk, on request"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Serve {
+        #[command(flatten)]
+        common: Common,
+        /// Listen on this address instead of the config's `server.listen`.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Apply pending database migrations and exit.
+    Migrate {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Check a config file and print the effective configuration, secrets redacted.
+    CheckConfig {
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+#[derive(Args)]
+struct Common {
+    /// The TOML config file; without it, the built-in defaults (SQLite `staged.db`,
+    /// 127.0.0.1:8000).
+    #[arg(long, short, env = "STAGED_CONFIG")]
+    config: Option<PathBuf>,
+    /// Use this database URL instead of the config's `database.url`.
+    #[arg(long)]
+    database: Option<String>,
+}
+
+impl Common {
+    fn load(&self) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
+        };
+        if let Some(url) = &self.database {
+            let mut text = String::new();
+            text.push_str("[database]\nurl = ");
+            text.push_str(&toml::Value::String(url.clone()).to_string());
+            // Checked by the same rules as the file.
+            Config::parse(&text).context("--database")?;
+            config.database.url = url.clone();
+        }
+        Ok(config)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve { common, listen } => {
+            let mut config = common.load()?;
+            if let Some(listen) = listen {
+                config.server.listen = listen;
+            }
+            telemetry::init(&config.logging);
+            tracing::info!(
+                version = env!("CARGO_PKG_VERSION"),
+                database = %redact_url(&config.database.url),
+                "starting"
+            );
+            let server = app::start(&config).await?;
+            app::shutdown_signal().await;
+            tracing::info!("stopping: finishing in-flight requests");
+            server.stop().await?;
+            tracing::info!("stopped");
+            Ok(())
+        }
+        Command::Migrate { common } => {
+            let config = common.load()?;
+            telemetry::init(&config.logging);
+            let opts = StoreOptions::from_config(
+                &config.database,
+                Duration::from_secs(config.jobs.expiry_secs),
+            );
+            let backend = Store::migrate_only(&opts)
+                .await
+                .with_context(|| format!("migrating {}", redact_url(&config.database.url)))?;
+            println!("migrations applied ({backend})");
+            Ok(())
+        }
+        Command::CheckConfig { common } => {
+            let config = common.load()?;
+            print!("{}", config.redacted_toml()?);
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! Group commit for new jobs.
+//!
+//! Each accepted `POST /staging/` must be durable before it is acknowledged, and one commit
+//! (one fsync) per job caps intake at a few hundred jobs a second. So submissions go into a
+//! queue; a writer takes everything waiting (up to a bound), writes the whole batch in one
+//! transaction and answers every submitter after the commit. Under light load a batch is one
+//! job and nothing waits; under heavy load batches grow and the fsync is shared.
+//!
+//! Invariants:
+//! - A submitter hears `Created` only after the transaction holding its job committed.
+//! - A duplicate id (already stored, or earlier in the same batch) is `Duplicate`, decided
+//!   by the primary key, so concurrent daemons agree.
+//! - One bad job cannot fail its batch-mates: if a batch fails, its jobs are retried one
+//!   transaction each, and only the job that still fails gets the error.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use sqlx::{PgPool, SqlitePool};
+use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::{Backend, NewJob, StoreError, StoreOptions, now_ms};
+
+/// Files per batch beyond which a writer stops taking more jobs into the batch.
+const BATCH_FILES_SOFT_MAX: usize = 200_000;
+/// Queue length; submitters wait (backpressure) when it is full.
+const QUEUE_DEPTH: usize = 16_384;
+
+/// The outcome of a submission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intake {
+    Created,
+    Duplicate,
+}
+
+struct Request {
+    job: NewJob,
+    reply: oneshot::Sender<Result<Intake, StoreError>>,
+}
+
+pub(crate) struct IntakeQueue {
+    tx: std::sync::Mutex<Option<mpsc::Sender<Request>>>,
+    writers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl IntakeQueue {
+    pub(crate) fn start(backend: Backend, opts: &StoreOptions) -> IntakeQueue {
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let rx = Arc::new(Mutex::new(rx));
+        // SQLite has one writer at a time anyway; PostgreSQL overlaps several batches.
+        let writers = match backend {
+            Backend::Sqlite(_) => 1,
+            Backend::Postgres(_) => opts.intake_writers,
+        };
+        let handles = (0..writers)
+            .map(|_| {
+                let writer = Writer {
+                    backend: backend.clone(),
+                    rx: rx.clone(),
+                    batch_max: opts.intake_batch_max,
+                    expiry_ms: opts.expiry.as_millis() as i64,
+                };
+                tokio::spawn(writer.run())
+            })
+            .collect();
+        IntakeQueue {
+            tx: std::sync::Mutex::new(Some(tx)),
+            writers: Mutex::new(handles),
+        }
+    }
+
+    pub(crate) async fn submit(&self, job: NewJob) -> Result<Intake, StoreError> {
+        let sender = self
+            .tx
+            .lock()
+            .expect("intake sender lock poisoned")
+            .clone()
+            .ok_or(StoreError::Closed)?;
+        let (reply, answer) = oneshot::channel();
+        sender
+            .send(Request { job, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Refuses new submissions and waits until every queued one has been answered.
+    pub(crate) async fn close(&self) {
+        self.tx.lock().expect("intake sender lock poisoned").take();
+        let handles = std::mem::take(&mut *self.writers.lock().await);
+        for h in handles {
+            let _ = h.await;
+        }
+    }
+}
+
+struct Writer {
+    backend: Backend,
+    rx: Arc<Mutex<mpsc::Receiver<Request>>>,
+    batch_max: usize,
+    expiry_ms: i64,
+}
+
+impl Writer {
+    async fn run(self) {
+        while let Some(batch) = self.next_batch().await {
+            self.write(batch).await;
+        }
+    }
+
+    /// Waits for one request, then takes whatever else is already queued.
+    async fn next_batch(&self) -> Option<Vec<Request>> {
+        let mut rx = self.rx.lock().await;
+        let first = rx.recv().await?;
+        let mut files = first.job.files.len();
+        let mut batch = vec![first];
+        while batch.len() < self.batch_max && files < BATCH_FILES_SOFT_MAX {
+            match rx.try_recv() {
+                Ok(req) => {
+                    files += req.job.files.len();
+                    batch.push(req);
+                }
+                Err(_) => break,
+            }
+        }
+        Some(batch)
+    }
+
+    async fn write(&self, batch: Vec<Request>) {
+        // A repeated id inside the batch loses to its first occurrence without a round trip.
+        let mut seen = HashSet::with_capacity(batch.len());
+        let (unique, repeats): (Vec<Request>, Vec<Request>) =
+            batch.into_iter().partition(|r| seen.insert(r.job.job_id));
+        let jobs: Vec<&NewJob> = unique.iter().map(|r| &r.job).collect();
+
+        match self.insert(&jobs).await {
+            Ok(created) => {
+                for r in unique {
+                    let outcome = if created.contains(&r.job.job_id) {
+                        Intake::Created
+                    } else {
+                        Intake::Duplicate
+                    };
+                    let _ = r.reply.send(Ok(outcome));
+                }
+            }
+            Err(e) if jobs.len() > 1 => {
+                tracing::warn!(error = %e, jobs = jobs.len(), "intake batch failed; retrying its jobs one by one");
+                for r in unique {
+                    let outcome = self.insert(&[&r.job]).await.map(|created| {
+                        if created.is_empty() {
+                            Intake::Duplicate
+                        } else {
+                            Intake::Created
+                        }
+                    });
+                    let _ = r.reply.send(outcome);
+                }
+            }
+            Err(e) => {
+                if let Some(r) = unique.into_iter().next() {
+                    let _ = r.reply.send(Err(e));
+                }
+            }
+        }
+        // Answered after the batch so that the first occurrence is known to exist.
+        for r in repeats {
+            let _ = r.reply.send(Ok(Intake::Duplicate));
+        }
+    }
+
+    /// Writes the jobs (and the files of those that are new) in one transaction; returns
+    /// the ids that were created.
+    async fn insert(&self, jobs: &[&NewJob]) -> Result<HashSet<i64>, StoreError> {
+        let now = now_ms();
+        let expires = now + self.expiry_ms;
+        match &self.backend {
+            Backend::Sqlite(p) => insert_sqlite(p, jobs, now, expires).await,
+            Backend::Postgres(p) => insert_postgres(p, jobs, now, expires).await,
+        }
+    }
+}
+
+/// The state a new job starts in: an observation must first be resolved into files.
+fn initial_state(job: &NewJob) -> &'static str {
+    if job.files.is_empty() {
+        "resolving"
+    } else {
+        "staging"
+    }
+}
+
+async fn insert_sqlite(
+    pool: &SqlitePool,
+    jobs: &[&NewJob],
+    now: i64,
+    expires: i64,
+) -> Result<HashSet<i64>, StoreError> {
+    // The batch travels as one JSON array per statement: one round trip however large.
+    const JOBS: &str = "INSERT INTO jobs (job_id, notify_url, request_obs, state, total_files, \
+                                          created_ms, updated_ms, next_stage_ms, expires_ms) \
+         SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), \
+                json_extract(value, '$[2]'), json_extract(value, '$[3]'), \
+                json_extract(value, '$[4]'), $2, $2, $2, $3 \
+         FROM json_each($1) WHERE true \
+         ON CONFLICT (job_id) DO NOTHING RETURNING job_id";
+    const FILES: &str = "INSERT INTO job_files (job_id, path) \
+         SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each($1)";
+
+    let rows: Vec<_> = jobs
+        .iter()
+        .map(|j| {
+            (
+                j.job_id,
+                &j.notify_url,
+                &j.obs,
+                initial_state(j),
+                j.files.len(),
+            )
+        })
+        .collect();
+    let rows = serde_json::to_string(&rows).expect("plain values always serialize");
+
+    let mut tx = pool.begin().await?;
+    let created: HashSet<i64> = sqlx::query_scalar(JOBS)
+        .bind(rows)
+        .bind(now)
+        .bind(expires)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+    let files: Vec<(i64, &String)> = jobs
+        .iter()
+        .filter(|j| created.contains(&j.job_id))
+        .flat_map(|j| j.files.iter().map(move |f| (j.job_id, f)))
+        .collect();
+    if !files.is_empty() {
+        let files = serde_json::to_string(&files).expect("plain values always serialize");
+        sqlx::query(FILES).bind(files).execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(created)
+}
+
+async fn insert_postgres(
+    pool: &PgPool,
+    jobs: &[&NewJob],
+    now: i64,
+    expires: i64,
+) -> Result<HashSet<i64>, StoreError> {
+    const JOBS: &str = "INSERT INTO jobs (job_id, notify_url, request_obs, state, total_files, \
+                                          created_ms, updated_ms, next_stage_ms, expires_ms) \
+         SELECT u.id, u.url, u.obs, u.state, u.total, $6, $6, $6, $7 \
+         FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[]) \
+              AS u(id, url, obs, state, total) \
+         ON CONFLICT (job_id) DO NOTHING RETURNING job_id";
+    const FILES: &str = "INSERT INTO job_files (job_id, path) \
+         SELECT * FROM UNNEST($1::bigint[], $2::text[])";
+
+    let ids: Vec<i64> = jobs.iter().map(|j| j.job_id).collect();
+    let urls: Vec<&str> = jobs.iter().map(|j| j.notify_url.as_str()).collect();
+    let obs: Vec<Option<&str>> = jobs.iter().map(|j| j.obs.as_deref()).collect();
+    let states: Vec<&str> = jobs.iter().map(|j| initial_state(j)).collect();
+    let totals: Vec<i64> = jobs.iter().map(|j| j.files.len() as i64).collect();
+
+    let mut tx = pool.begin().await?;
+    let created: HashSet<i64> = sqlx::query_scalar(JOBS)
+        .bind(ids)
+        .bind(urls)
+        .bind(obs)
+        .bind(states)
+        .bind(totals)
+        .bind(now)
+        .bind(expires)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+    let (file_jobs, file_paths): (Vec<i64>, Vec<&str>) = jobs
+        .iter()
+        .filter(|j| created.contains(&j.job_id))
+        .flat_map(|j| j.files.iter().map(move |f| (j.job_id, f.as_str())))
+        .unzip();
+    if !file_paths.is_empty() {
+        sqlx::query(FILES)
+            .bind(file_jobs)
+            .bind(file_paths)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(created)
+}

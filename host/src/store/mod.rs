@@ -1,0 +1,460 @@
+//! The durable state of the daemon: jobs, their files, the callback outbox and history.
+//!
+//! One `Store` fronts either SQLite (the embedded default) or PostgreSQL (production, and
+//! several daemons sharing the work); the database URL picks. All SQL lives in this module
+//! and its children. Where the two dialects agree, one query text serves both (see
+//! [`with_pool!`]); bulk statements differ (SQLite reads a JSON array with `json_each`,
+//! PostgreSQL `UNNEST`s bound arrays) and are written per backend.
+//!
+//! Invariants:
+//! - A job is acknowledged only after the transaction that wrote it (and all its files)
+//!   committed: see [`intake`], which groups concurrent submissions into one transaction.
+//! - `job_id` is the primary key: a duplicate submission loses atomically, even under
+//!   concurrent posts and several daemons.
+//! - File events are applied by path to every job holding that path; `ready` is sticky.
+
+mod intake;
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use thiserror::Error;
+
+use crate::config::{DatabaseConfig, SqliteSync, redact_url};
+pub use intake::Intake;
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("invalid database URL {url}: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("the store is shutting down")]
+    Closed,
+}
+
+/// A job as accepted from a client, before it is written.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub job_id: i64,
+    pub notify_url: String,
+    /// Paths to stage, without duplicates. Empty when the job names an observation.
+    pub files: Vec<String>,
+    /// The request's observation, as JSON text, when it gave one and no files.
+    pub obs: Option<String>,
+}
+
+/// Counts for one job, as `GET /staging/` and `/get_joblist/` report them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobSummary {
+    pub job_id: i64,
+    pub created_ms: i64,
+    pub total_files: i64,
+    pub ready_files: i64,
+    /// Files that reported an error and are not ready.
+    pub error_files: i64,
+    pub last_ready_ms: Option<i64>,
+    /// One of the job's paths (the original's `filename` column of the job list).
+    pub sample_path: Option<String>,
+}
+
+impl JobSummary {
+    /// Every file is either ready or failed (and there is at least one file).
+    pub fn completed(&self) -> bool {
+        self.total_files > 0 && self.ready_files + self.error_files >= self.total_files
+    }
+}
+
+/// One file of a job.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct FileRow {
+    pub path: String,
+    pub ready: bool,
+    pub error: bool,
+    pub ready_ms: Option<i64>,
+}
+
+/// Totals across all jobs, for `/get_stats/`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub completed_jobs: i64,
+    pub incomplete_jobs: i64,
+    pub ready_files: i64,
+    pub error_files: i64,
+    pub waiting_files: i64,
+}
+
+/// What the tape system said about one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileEvent {
+    pub path: String,
+    pub at_ms: i64,
+    /// `None`: staged. `Some(message)`: the recall failed.
+    pub error: Option<String>,
+}
+
+/// How the store behaves; taken from `[database]` and `[jobs]`.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub url: String,
+    pub password: Option<String>,
+    pub max_connections: u32,
+    pub sqlite_synchronous: SqliteSync,
+    pub intake_batch_max: usize,
+    pub intake_writers: usize,
+    pub expiry: Duration,
+}
+
+impl StoreOptions {
+    pub fn from_config(db: &DatabaseConfig, expiry: Duration) -> Self {
+        Self {
+            url: db.url.clone(),
+            password: db.password.as_ref().map(|s| s.expose().to_string()),
+            max_connections: db.max_connections,
+            sqlite_synchronous: db.sqlite_synchronous,
+            intake_batch_max: db.intake_batch_max,
+            intake_writers: db.intake_writers,
+            expiry,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub(crate) enum Backend {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Runs the same code against whichever pool the store has.
+macro_rules! with_pool {
+    ($backend:expr, $pool:ident => $body:expr) => {
+        match $backend {
+            Backend::Sqlite($pool) => $body,
+            Backend::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// Handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    backend: Backend,
+    intake: Arc<intake::IntakeQueue>,
+}
+
+impl Store {
+    /// Connects, applies pending migrations and starts the intake writers.
+    pub async fn open(opts: &StoreOptions) -> Result<Store, StoreError> {
+        let backend = connect(opts).await?;
+        migrate(&backend).await?;
+        let intake = intake::IntakeQueue::start(backend.clone(), opts);
+        Ok(Store {
+            backend,
+            intake: Arc::new(intake),
+        })
+    }
+
+    /// Connects and applies pending migrations, nothing else (`staged migrate`).
+    pub async fn migrate_only(opts: &StoreOptions) -> Result<&'static str, StoreError> {
+        let backend = connect(opts).await?;
+        migrate(&backend).await?;
+        let name = backend.name();
+        with_pool!(&backend, p => p.close().await);
+        Ok(name)
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    /// Writes a new job durably. Returns once its transaction committed.
+    pub async fn submit(&self, job: NewJob) -> Result<Intake, StoreError> {
+        self.intake.submit(job).await
+    }
+
+    /// Stops intake (waiting for batches in flight) and closes the pool.
+    pub async fn close(&self) {
+        self.intake.close().await;
+        with_pool!(&self.backend, p => p.close().await);
+    }
+
+    pub async fn job_exists(&self, job_id: i64) -> Result<bool, StoreError> {
+        let n: i64 = with_pool!(&self.backend, p =>
+            sqlx::query_scalar("SELECT count(*) FROM jobs WHERE job_id = $1")
+                .bind(job_id)
+                .fetch_one(p)
+                .await?);
+        Ok(n > 0)
+    }
+
+    /// The counts of one job, or `None` if there is no such job.
+    pub async fn job_summary(&self, job_id: i64) -> Result<Option<JobSummary>, StoreError> {
+        const SQL: &str = "SELECT j.job_id, j.created_ms, j.total_files, \
+                 (SELECT count(*) FROM job_files f WHERE f.job_id = j.job_id AND f.ready), \
+                 (SELECT count(*) FROM job_files f WHERE f.job_id = j.job_id AND f.error AND NOT f.ready), \
+                 (SELECT max(f.ready_ms) FROM job_files f WHERE f.job_id = j.job_id), \
+                 NULL \
+             FROM jobs j WHERE j.job_id = $1";
+        let row: Option<SummaryRow> = with_pool!(&self.backend, p =>
+            sqlx::query_as(SQL).bind(job_id).fetch_optional(p).await?);
+        Ok(row.map(SummaryRow::into_summary))
+    }
+
+    /// Every file of a job, ordered by path.
+    pub async fn job_files(&self, job_id: i64) -> Result<Vec<FileRow>, StoreError> {
+        const SQL: &str = "SELECT path, ready, error, ready_ms FROM job_files \
+                           WHERE job_id = $1 ORDER BY path";
+        Ok(with_pool!(&self.backend, p =>
+            sqlx::query_as(SQL).bind(job_id).fetch_all(p).await?))
+    }
+
+    /// A summary of every job, ordered by job id.
+    pub async fn job_list(&self) -> Result<Vec<JobSummary>, StoreError> {
+        const SQL: &str = "SELECT j.job_id, j.created_ms, j.total_files, \
+                 coalesce(a.ready, 0), coalesce(a.err, 0), a.last_ready, a.sample \
+             FROM jobs j LEFT JOIN ( \
+                 SELECT job_id, \
+                        count(*) FILTER (WHERE ready) AS ready, \
+                        count(*) FILTER (WHERE error AND NOT ready) AS err, \
+                        max(ready_ms) AS last_ready, \
+                        min(path) AS sample \
+                 FROM job_files GROUP BY job_id) a ON a.job_id = j.job_id \
+             ORDER BY j.job_id";
+        let rows: Vec<SummaryRow> = with_pool!(&self.backend, p =>
+            sqlx::query_as(SQL).fetch_all(p).await?);
+        Ok(rows.into_iter().map(SummaryRow::into_summary).collect())
+    }
+
+    /// Job and file totals across the store.
+    pub async fn stats(&self) -> Result<Stats, StoreError> {
+        const JOBS: &str = "SELECT \
+                 count(*) FILTER (WHERE j.total_files > 0 AND coalesce(a.done, 0) >= j.total_files), \
+                 count(*) FILTER (WHERE NOT (j.total_files > 0 AND coalesce(a.done, 0) >= j.total_files)) \
+             FROM jobs j LEFT JOIN ( \
+                 SELECT job_id, count(*) FILTER (WHERE ready OR error) AS done \
+                 FROM job_files GROUP BY job_id) a ON a.job_id = j.job_id";
+        const FILES: &str = "SELECT \
+                 count(*) FILTER (WHERE ready), \
+                 count(*) FILTER (WHERE error AND NOT ready), \
+                 count(*) FILTER (WHERE NOT ready AND NOT error) \
+             FROM job_files";
+        let ((completed_jobs, incomplete_jobs), (ready_files, error_files, waiting_files)): (
+            (i64, i64),
+            (i64, i64, i64),
+        ) = with_pool!(&self.backend, p => (
+            sqlx::query_as(JOBS).fetch_one(p).await?,
+            sqlx::query_as(FILES).fetch_one(p).await?,
+        ));
+        Ok(Stats {
+            completed_jobs,
+            incomplete_jobs,
+            ready_files,
+            error_files,
+            waiting_files,
+        })
+    }
+
+    /// Removes a job and its files (and any pending callback). Returns whether it existed.
+    pub async fn delete_job(&self, job_id: i64) -> Result<bool, StoreError> {
+        let deleted = with_pool!(&self.backend, p => {
+            let mut tx = p.begin().await?;
+            sqlx::query("DELETE FROM job_files WHERE job_id = $1")
+                .bind(job_id)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM notify_outbox WHERE job_id = $1")
+                .bind(job_id)
+                .execute(&mut *tx)
+                .await?;
+            let n = sqlx::query("DELETE FROM jobs WHERE job_id = $1")
+                .bind(job_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            tx.commit().await?;
+            n
+        });
+        Ok(deleted > 0)
+    }
+
+    /// Applies a batch of tape-system events in one transaction, to every job holding each
+    /// path. A staged event makes the file ready (once: the first ready time stays); an
+    /// error marks it failed unless it is already ready. Re-applying a batch changes nothing.
+    /// Returns the number of job files whose state changed.
+    pub async fn apply_file_events(&self, events: &[FileEvent]) -> Result<u64, StoreError> {
+        let (ready, failed): (Vec<&FileEvent>, Vec<&FileEvent>) =
+            events.iter().partition(|e| e.error.is_none());
+        let changed = match &self.backend {
+            Backend::Sqlite(p) => {
+                // Each statement reads the batch as a JSON array of [path, time, message].
+                const READY: &str = "UPDATE job_files SET ready = 1, error = 0, \
+                         ready_ms = coalesce(job_files.ready_ms, e.t) \
+                     FROM (SELECT json_extract(value, '$[0]') AS p, \
+                                  min(json_extract(value, '$[1]')) AS t \
+                           FROM json_each($1) GROUP BY 1) AS e \
+                     WHERE job_files.path = e.p AND job_files.ready = 0";
+                const FAILED: &str = "UPDATE job_files SET error = 1, error_msg = e.m \
+                     FROM (SELECT json_extract(value, '$[0]') AS p, \
+                                  max(json_extract(value, '$[2]')) AS m \
+                           FROM json_each($1) GROUP BY 1) AS e \
+                     WHERE job_files.path = e.p AND job_files.ready = 0 AND job_files.error = 0";
+                let as_json = |evs: &[&FileEvent]| {
+                    serde_json::to_string(
+                        &evs.iter()
+                            .map(|e| (&e.path, e.at_ms, e.error.as_deref().unwrap_or("")))
+                            .collect::<Vec<_>>(),
+                    )
+                    .expect("strings and integers always serialize")
+                };
+                let mut tx = p.begin().await?;
+                let mut n = 0;
+                if !ready.is_empty() {
+                    n += sqlx::query(READY)
+                        .bind(as_json(&ready))
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                }
+                if !failed.is_empty() {
+                    n += sqlx::query(FAILED)
+                        .bind(as_json(&failed))
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                }
+                tx.commit().await?;
+                n
+            }
+            Backend::Postgres(p) => {
+                const READY: &str = "UPDATE job_files f SET ready = TRUE, error = FALSE, \
+                         ready_ms = coalesce(f.ready_ms, e.t) \
+                     FROM (SELECT p, min(t) AS t FROM UNNEST($1::text[], $2::bigint[]) AS u(p, t) \
+                           GROUP BY p) AS e \
+                     WHERE f.path = e.p AND NOT f.ready";
+                const FAILED: &str = "UPDATE job_files f SET error = TRUE, error_msg = e.m \
+                     FROM (SELECT p, max(m) AS m FROM UNNEST($1::text[], $2::text[]) AS u(p, m) \
+                           GROUP BY p) AS e \
+                     WHERE f.path = e.p AND NOT f.ready AND NOT f.error";
+                let mut tx = p.begin().await?;
+                let mut n = 0;
+                if !ready.is_empty() {
+                    let paths: Vec<&str> = ready.iter().map(|e| e.path.as_str()).collect();
+                    let times: Vec<i64> = ready.iter().map(|e| e.at_ms).collect();
+                    n += sqlx::query(READY)
+                        .bind(paths)
+                        .bind(times)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                }
+                if !failed.is_empty() {
+                    let paths: Vec<&str> = failed.iter().map(|e| e.path.as_str()).collect();
+                    let msgs: Vec<&str> = failed
+                        .iter()
+                        .map(|e| e.error.as_deref().unwrap_or(""))
+                        .collect();
+                    n += sqlx::query(FAILED)
+                        .bind(paths)
+                        .bind(msgs)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                }
+                tx.commit().await?;
+                n
+            }
+        };
+        Ok(changed)
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct SummaryRow(i64, i64, i64, i64, i64, Option<i64>, Option<String>);
+
+impl SummaryRow {
+    fn into_summary(self) -> JobSummary {
+        let SummaryRow(job_id, created_ms, total_files, ready_files, error_files, last, sample) =
+            self;
+        JobSummary {
+            job_id,
+            created_ms,
+            total_files,
+            ready_files,
+            error_files,
+            last_ready_ms: last,
+            sample_path: sample,
+        }
+    }
+}
+
+impl Backend {
+    fn name(&self) -> &'static str {
+        match self {
+            Backend::Sqlite(_) => "sqlite",
+            Backend::Postgres(_) => "postgres",
+        }
+    }
+}
+
+async fn connect(opts: &StoreOptions) -> Result<Backend, StoreError> {
+    let bad_url = |reason: String| StoreError::BadUrl {
+        url: redact_url(&opts.url),
+        reason,
+    };
+    if opts.url.starts_with("sqlite:") {
+        let connect = SqliteConnectOptions::from_str(&opts.url)
+            .map_err(|e| bad_url(e.to_string()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(match opts.sqlite_synchronous {
+                SqliteSync::Full => SqliteSynchronous::Full,
+                SqliteSync::Normal => SqliteSynchronous::Normal,
+            })
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(opts.max_connections.clamp(2, 8))
+            .connect_with(connect)
+            .await?;
+        Ok(Backend::Sqlite(pool))
+    } else if opts.url.starts_with("postgres://") || opts.url.starts_with("postgresql://") {
+        let mut connect =
+            PgConnectOptions::from_str(&opts.url).map_err(|e| bad_url(e.to_string()))?;
+        if let Some(pw) = &opts.password {
+            connect = connect.password(pw);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(opts.max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(connect)
+            .await?;
+        Ok(Backend::Postgres(pool))
+    } else {
+        Err(bad_url("expected sqlite:// or postgres://".into()))
+    }
+}
+
+async fn migrate(backend: &Backend) -> Result<(), StoreError> {
+    match backend {
+        Backend::Sqlite(p) => SQLITE_MIGRATIONS.run(p).await?,
+        Backend::Postgres(p) => POSTGRES_MIGRATIONS.run(p).await?,
+    }
+    Ok(())
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
