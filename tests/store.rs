@@ -1,0 +1,311 @@
+//! The store's contract, run against a real SQLite file and a real PostgreSQL database.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::{Kind, TestDb};
+use staged::store::{FileEvent, Intake, NewJob, Store, StoreOptions};
+
+fn opts(db: &TestDb) -> StoreOptions {
+    StoreOptions::from_config(&db.config().database, Duration::from_secs(3600))
+}
+
+fn job(id: i64, files: &[&str]) -> NewJob {
+    NewJob {
+        job_id: id,
+        notify_url: "http://127.0.0.1:9/cb".into(),
+        files: files.iter().map(|s| s.to_string()).collect(),
+        obs: None,
+    }
+}
+
+fn ready(path: &str, at_ms: i64) -> FileEvent {
+    FileEvent {
+        path: path.into(),
+        at_ms,
+        error: None,
+    }
+}
+
+fn failed(path: &str, at_ms: i64, msg: &str) -> FileEvent {
+    FileEvent {
+        path: path.into(),
+        at_ms,
+        error: Some(msg.into()),
+    }
+}
+
+both_backends!(
+    submit_then_read,
+    concurrent_submissions_one_winner_per_id,
+    events_apply_to_every_job_holding_the_path,
+    delete_leaves_shared_paths_of_other_jobs,
+    stats_and_job_list,
+    survives_reopen,
+    bad_job_does_not_fail_its_batch,
+    hundred_thousand_file_job,
+    observation_job_is_stored,
+);
+
+async fn submit_then_read(kind: Kind) {
+    let db = TestDb::new(kind).await;
+    let store = Store::open(&opts(&db)).await.unwrap();
+    assert_eq!(
+        store.submit(job(7, &["a/1", "a/2"])).await.unwrap(),
+        Intake::Created
+    );
+    assert_eq!(
+        store.submit(job(7, &["a/3"])).await.unwrap(),
+        Intake::Duplicate
+    );
+    assert!(store.job_exists(7).await.unwrap());
+    assert!(!store.job_exists(8).await.unwrap());
+
+    let s = store.job_summary(7).await.unwrap().unwrap();
+    assert_eq!((s.total_files, s.ready_files, s.error_files), (2, 0, 0));
+    assert!(!s.completed());
+    assert_eq!(s.last_ready_ms, None);
+    let now = staged::store::now_ms();
+    assert!((now - s.created_ms).abs() < 60_000, "created_ms is now-ish");
+
+    // The duplicate did not add its file.
+    let files = store.job_files(7).await.unwrap();
+    assert_eq!(
+        files.iter().map(|f| f.path.as_str()).collect::<Vec<_>>(),
+        vec!["a/1", "a/2"]
+    );
+    assert!(store.job_summary(8).await.unwrap().is_none());
+    store.close().await;
+}
+
+async fn concurrent_submissions_one_winner_per_id(kind: Kind) {
+    let db = TestDb::new(kind).await;
+    let store = Store::open(&opts(&db)).await.unwrap();
+    // 100 ids, each submitted 4 times at once: batches will hold repeats and races.
+    let mut tasks = Vec::new();
+    for round in 0..4 {
+        for id in 0..100i64 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let path = format!("p/{id}/{round}");
+                (id, store.submit(job(id, &[&path])).await.unwrap())
+            }));
+        }
+    }
+    let mut created = HashSet::new();
+    let mut duplicates = 0;
+    for t in tasks {
+        let (id, outcome) = t.await.unwrap();
+        match outcome {
+            Intake::Created => assert!(created.insert(id), "job {id} created twice"),
+            Intake::Duplicate => duplicates += 1,
+        }
+    }
+    assert_eq!(created.len(), 100);
+    assert_eq!(duplicates, 300);
+    for id in 0..100 {
+        let files = store.job_files(id).await.unwrap();
+        assert_eq!(files.len(), 1, "job {id} holds exactly the winner's file");
+    }
+    store.close().await;
+}
+
+async fn events_apply_to_every_job_holding_the_path(kind: Kind) {
+    let db = TestDb::new(kind).await;
+    let store = Store::open(&opts(&db)).await.unwrap();
+    store
+        .submit(job(1, &["shared", "only1", "err1"]))
+        .await
+        .unwrap();
+    store.submit(job(2, &["shared", "only2"])).await.unwrap();
+
+    let changed = store
+        .apply_file_events(&[
+            ready("shared", 5_000),
+            failed("err1", 5_000, "tape error"),
+            ready("unknown/path", 5_000),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(changed, 3, "shared in two jobs, plus err1");
+    // Re-applying the same batch (a Kafka redelivery) changes nothing.
+    let again = store
+        .apply_file_events(&[ready("shared", 9_000), failed("err1", 9_000, "tape error")])
+        .await
+        .unwrap();
+    assert_eq!(again, 0);
+
+    for id in [1, 2] {
+        let f = store.job_files(id).await.unwrap();
+        let shared = f.iter().find(|f| f.path == "shared").unwrap();
+        assert!(shared.ready && !shared.error);
+        assert_eq!(shared.ready_ms, Some(5_000), "first ready time kept");
+    }
+    let s1 = store.job_summary(1).await.unwrap().unwrap();
+    assert_eq!((s1.ready_files, s1.error_files), (1, 1));
+    assert_eq!(s1.last_ready_ms, Some(5_000));
+
+    // An error after ready does not undo it; a ready after an error wins.
+    store
+        .apply_file_events(&[failed("shared", 6_000, "late"), ready("err1", 7_000)])
+        .await
+        .unwrap();
+    let f1 = store.job_files(1).await.unwrap();
+    let shared = f1.iter().find(|f| f.path == "shared").unwrap();
+    assert!(shared.ready && !shared.error);
+    let err1 = f1.iter().find(|f| f.path == "err1").unwrap();
+    assert!(err1.ready && !err1.error);
+    assert_eq!(err1.ready_ms, Some(7_000));
+
+    // Error and ready for one path in one batch: ready wins whatever the order.
+    store
+        .apply_file_events(&[ready("only1", 8_000), failed("only1", 8_001, "x")])
+        .await
+        .unwrap();
+    let s1 = store.job_summary(1).await.unwrap().unwrap();
+    assert_eq!((s1.ready_files, s1.error_files, s1.total_files), (3, 0, 3));
+    assert!(s1.completed());
+    let s2 = store.job_summary(2).await.unwrap().unwrap();
+    assert!(!s2.completed());
+    store
+        .apply_file_events(&[failed("only2", 9_000, "gone")])
+        .await
+        .unwrap();
+    let s2 = store.job_summary(2).await.unwrap().unwrap();
+    assert_eq!((s2.ready_files, s2.error_files), (1, 1));
+    assert!(s2.completed(), "every file ready or failed");
+    store.close().await;
+}
+
+async fn delete_leaves_shared_paths_of_other_jobs(kind: Kind) {
+    let db = TestDb::new(kind).await;
+    let store = Store::open(&opts(&db)).await.unwrap();
+    store.submit(job(1, &["s", "x"])).await.unwrap();
+    store.submit(job(2, &["s", "y"])).await.unwrap();
+    assert!(store.delete_job(1).await.unwrap());
+    assert!(!store.delete_job(1).await.unwrap());
+    assert!(store.job_summary(1).await.unwrap().is_none());
+    assert!(store.job_files(1).await.unwrap().is_empty());
+    assert_eq!(store.job_files(2).await.unwrap().len(), 2);
+    // The id is free again, as in the original.
+    assert_eq!(store.submit(job(1, &["z"])).await.unwrap(), Intake::Created);
+    store.close().await;
+}
+
+async fn stats_and_job_list(kind: Kind) {
+    let db = TestDb::new(kind).await;
+    let store = Store::open(&opts(&db)).await.unwrap();
+    store.submit(job(3, &["a", "b"])).await.unwrap();
+    store.submit(job(1, &["c"])).await.unwrap();
+    store.submit(job(2, &["d", "e", "f"])).await.unwrap();
+    store
+        .apply_file_events(&[
+            ready("c", 1_000),
+            ready("a", 2_000),
+            failed("d", 3_000, "x"),
+        ])
+        .await
+        .unwrap();
+    let s = store.stats().await.unwrap();
+    assert_eq!(s.completed_jobs, 1);
+    assert_eq!(s.incomplete_jobs, 2);
+    assert_eq!((s.ready_files, s.error_files, s.waiting_files), (2, 1, 3));
+
+    let list = store.job_list().await.unwrap();
+    assert_eq!(
+        list.iter().map(|j| j.job_id).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    let j2 = &list[1];
+    assert_eq!((j2.total_files, j2.ready_files, j2.error_files), (3, 0, 1));
+    assert_eq!(j2.last_ready_ms, None);
+    assert_eq!(j2.sample_path.as_deref(), Some("d"));
+    assert_eq!(list[2].last_ready_ms, Some(2_000));
+    store.close().await;
+}
+
+async fn survives_reopen(kind: Kind) {
+    let db = TestDb::new(kind).await;
+    let store = Store::open(&opts(&db)).await.unwrap();
+    store.submit(job(42, &["f/1"])).await.unwrap();
+    store.close().await;
+    // Migrations on an up-to-date database are a no-op.
+    Store::migrate_only(&opts(&db)).await.unwrap();
+    let store = Store::open(&opts(&db)).await.unwrap();
+    assert_eq!(store.job_files(42).await.unwrap().len(), 1);
+    assert_eq!(
+        store.submit(job(42, &["f/2"])).await.unwrap(),
+        Intake::Duplicate
+    );
+    store.close().await;
+}
+
+async fn bad_job_does_not_fail_its_batch(kind: Kind) {
+    let db = TestDb::new(kind).await;
+    let store = Store::open(&opts(&db)).await.unwrap();
+    // PostgreSQL refuses NUL in text; SQLite stores it. Either way only that job may fail.
+    let mut tasks = Vec::new();
+    for id in 0..40i64 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut j = job(id, &["p"]);
+            if id == 17 {
+                j.notify_url = "http://h/\0bad".into();
+            }
+            (id, store.submit(j).await)
+        }));
+    }
+    for t in tasks {
+        let (id, outcome) = t.await.unwrap();
+        match (id, kind) {
+            (17, Kind::Postgres) => assert!(outcome.is_err(), "NUL refused by PostgreSQL"),
+            _ => assert_eq!(outcome.unwrap(), Intake::Created, "job {id}"),
+        }
+    }
+    store.close().await;
+}
+
+async fn hundred_thousand_file_job(kind: Kind) {
+    let db = TestDb::new(kind).await;
+    let store = Store::open(&opts(&db)).await.unwrap();
+    let paths: Vec<String> = (0..100_000)
+        .map(|i| format!("mwa/big/{i:06}.fits"))
+        .collect();
+    let j = NewJob {
+        job_id: 1,
+        notify_url: "http://127.0.0.1:9/cb".into(),
+        files: paths.clone(),
+        obs: None,
+    };
+    assert_eq!(store.submit(j).await.unwrap(), Intake::Created);
+    let s = store.job_summary(1).await.unwrap().unwrap();
+    assert_eq!(s.total_files, 100_000);
+    for chunk in paths.chunks(10_000) {
+        let events: Vec<FileEvent> = chunk.iter().map(|p| ready(p, 1_000)).collect();
+        assert_eq!(store.apply_file_events(&events).await.unwrap(), 10_000);
+    }
+    let s = store.job_summary(1).await.unwrap().unwrap();
+    assert_eq!(s.ready_files, 100_000);
+    assert!(s.completed());
+    assert_eq!(store.job_files(1).await.unwrap().len(), 100_000);
+    assert!(store.delete_job(1).await.unwrap());
+    store.close().await;
+}
+
+async fn observation_job_is_stored(kind: Kind) {
+    let db = TestDb::new(kind).await;
+    let store = Store::open(&opts(&db)).await.unwrap();
+    let j = NewJob {
+        job_id: 5,
+        notify_url: "http://127.0.0.1:9/cb".into(),
+        files: vec![],
+        obs: Some(r#"{"obs_id":1234567890}"#.into()),
+    };
+    assert_eq!(store.submit(j).await.unwrap(), Intake::Created);
+    let s = store.job_summary(5).await.unwrap().unwrap();
+    assert_eq!(s.total_files, 0);
+    assert!(!s.completed(), "an unresolved observation is not complete");
+    store.close().await;
+}
