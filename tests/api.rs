@@ -23,7 +23,7 @@ both_backends!(
     file_states_are_reported,
     job_list_and_stats,
     failure_reports_are_served,
-    observation_jobs_are_accepted,
+    observation_jobs_need_an_adapter,
     unknown_paths_and_methods_are_json,
 );
 
@@ -572,15 +572,17 @@ async fn failure_reports_are_served(kind: Kind) {
     app.stop().await;
 }
 
-async fn observation_jobs_are_accepted(kind: Kind) {
+/// Without a telescope adapter an observation cannot be looked up (tests/adapter_daemon.rs
+/// covers jobs with `obs` and an adapter).
+async fn observation_jobs_need_an_adapter(kind: Kind) {
     let app = TestApp::start(kind).await;
-    let (status, _) = app
+    let (status, body) = app
         .post_job(json!({"job_id": 8, "notify_url": "http://h/cb", "obs": {"obs_id": 1234567890, "start_time": 0, "duration": 0}}))
         .await;
-    assert_eq!(status, 202);
-    let (status, s) = app.get("/staging/?job_id=8").await;
-    assert_eq!(status, 200);
-    assert_eq!(s["total_files"], 0);
+    assert_eq!(status, 400);
+    assert_errormsg(&body, "no telescope adapter configured");
+    let (status, _) = app.get("/staging/?job_id=8").await;
+    assert_eq!(status, 404);
     // files wins over obs.
     let (status, _) = app
         .post_job(

@@ -328,3 +328,274 @@ fn migrate_subcommand_prepares_a_database() {
     let out = run(&["migrate", "--database", "mysql://nope"], &[]);
     assert!(!out.status.success());
 }
+
+/// `staged demo` runs the whole pipeline: every sample job calls back with the code its
+/// story calls for, the API stays up, and SIGTERM ends it cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_runs_its_jobs_to_their_callbacks() {
+    use std::io::{BufRead, BufReader};
+    let port = free_port();
+    let mut child = Command::new(BIN)
+        .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut callbacks = Vec::new();
+    let mut finished = false;
+    while Instant::now() < deadline && !finished {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => {
+                if line.contains("callback for job") {
+                    callbacks.push(line.clone());
+                }
+                finished = line.starts_with("all 4 sample jobs have called back");
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(_) => break,
+        }
+    }
+    assert!(finished, "demo did not finish its jobs; callbacks so far: {callbacks:#?}");
+    let code_of = |job: &str| {
+        callbacks
+            .iter()
+            .find(|l| l.contains(&format!("callback for job {job}:")))
+            .and_then(|l| l.split("return_code ").nth(1))
+            .and_then(|r| r.split_whitespace().next())
+            .map(str::to_string)
+    };
+    assert_eq!(code_of("101").as_deref(), Some("0"), "{callbacks:#?}");
+    assert_eq!(code_of("102").as_deref(), Some("0"), "{callbacks:#?}");
+    assert_eq!(code_of("103").as_deref(), Some("5"), "{callbacks:#?}");
+    assert_eq!(code_of("104").as_deref(), Some("101"), "{callbacks:#?}");
+
+    // Still serving: the finished jobs are gone, as after any delivered callback.
+    let base = format!("http://127.0.0.1:{port}");
+    let r = reqwest::get(format!("{base}/staging/?job_id=101")).await.unwrap();
+    assert_eq!(r.status(), 404);
+    let r = reqwest::get(format!("{base}/get_failed_job/?job_id=103")).await.unwrap();
+    assert_eq!(r.status(), 200, "the code-5 job left a failure report");
+
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "demo did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "demo exit status {status:?}");
+}
+
+/// A daemon config wired to the test's tape system and callback receiver, with short
+/// leases and retries so that recovery after a kill takes seconds, not minutes.
+fn write_pipeline_config(
+    dir: &Path,
+    db_url: &str,
+    port: u16,
+    tape: &common::pipeline::Tape,
+    group: &str,
+) -> PathBuf {
+    let path = dir.join(format!("pipeline-{port}.toml"));
+    let text = format!(
+        r#"[server]
+listen = "127.0.0.1:{port}"
+
+[database]
+url = {db}
+
+[reports]
+dir = {reports}
+
+[logging]
+level = "warn"
+
+[jobs]
+retry_min_secs = 1
+retry_max_secs = 2
+sweep_interval_secs = 1
+lease_secs = 3
+
+[callbacks]
+username = "asvo"
+password = "cb-pw"
+error_delay_secs = 0
+retry_min_secs = 1
+retry_max_secs = 2
+timeout_secs = 5
+concurrency = 16
+
+[scout]
+nodes = ["{scout}"]
+username = "scout"
+password = "scout-pw"
+retries = 1
+backoff_initial_ms = 50
+
+[kafka]
+brokers = ["{brokers}"]
+topic = "{topic}"
+group_id = "{group}"
+batch_max_wait_ms = 20
+extra = {{ "session.timeout.ms" = "6000", "heartbeat.interval.ms" = "300", "fetch.wait.max.ms" = "20", "topic.metadata.refresh.interval.ms" = "1000" }}
+"#,
+        db = toml_str(db_url),
+        reports = toml_str(&dir.join("reports").display().to_string()),
+        scout = tape.node.url(),
+        brokers = tape.cluster.bootstrap_servers(),
+        topic = common::pipeline::TOPIC,
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Posts a job until some daemon has it: 202, or 403 when an earlier attempt was stored
+/// but its answer was lost to a kill.
+async fn post_until_stored(http: &reqwest::Client, bases: &[String], body: &Value) {
+    for attempt in 0..1200usize {
+        let base = &bases[attempt % bases.len()];
+        if let Ok(r) = http.post(format!("{base}/staging/")).json(body).send().await
+            && matches!(r.status().as_u16(), 202 | 403)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("job {} was never stored", body["job_id"]);
+}
+
+/// Delivered callbacks per job id.
+fn deliveries(receiver: &common::pipeline::Receiver) -> std::collections::HashMap<i64, Vec<Value>> {
+    let mut by_job: std::collections::HashMap<i64, Vec<Value>> = std::collections::HashMap::new();
+    for r in receiver.delivered() {
+        by_job.entry(r.body["job_id"].as_i64().unwrap()).or_default().push(r.body);
+    }
+    by_job
+}
+
+async fn wait_all_called_back(receiver: &common::pipeline::Receiver, jobs: i64, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let got = deliveries(receiver).len() as i64;
+        if got == jobs {
+            return;
+        }
+        assert!(Instant::now() < deadline, "only {got} of {jobs} jobs called back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// SIGKILL at random moments during a 1,000-job run, restarting each time: every job
+/// reaches its callback; a job is called back twice only if its delivery was in flight at
+/// a kill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_a_thousand_job_run_loses_nothing() {
+    const JOBS: i64 = 1000;
+    const KILLS: usize = 3;
+    let tape = common::pipeline::Tape::start(|s| s.recall_delay = Duration::from_millis(200)).await;
+    let receiver = common::pipeline::Receiver::start().await;
+    let db = TestDb::new(Kind::Sqlite).await;
+    let port = free_port();
+    let config = write_pipeline_config(db.dir.path(), &db.url, port, &tape, "crash-test");
+    let mut daemon = Daemon::start(&config, port).await;
+    let base = vec![daemon.base.clone()];
+
+    let http = reqwest::Client::new();
+    let notify = receiver.url();
+    let poster = tokio::spawn({
+        let (http, base) = (http.clone(), base.clone());
+        async move {
+            use futures::StreamExt;
+            futures::stream::iter(0..JOBS)
+                .for_each_concurrent(32, |id| {
+                    let body = json!({"job_id": id, "files": [format!("c/{id}/a"), format!("c/{id}/b")], "notify_url": notify});
+                    let (http, base) = (http.clone(), base.clone());
+                    async move { post_until_stored(&http, &base, &body).await }
+                })
+                .await;
+        }
+    });
+    for _ in 0..KILLS {
+        let wait = 1500 + rand::random::<u64>() % 2500;
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        daemon.signal(libc::SIGKILL);
+        daemon.wait_exit(Duration::from_secs(10));
+        daemon = Daemon::start(&config, port).await;
+    }
+    poster.await.unwrap();
+    wait_all_called_back(&receiver, JOBS, Duration::from_secs(240)).await;
+
+    let by_job = deliveries(&receiver);
+    let repeats = by_job.values().filter(|d| d.len() > 1).count();
+    assert!(
+        repeats <= KILLS * 16,
+        "{repeats} jobs called back twice; at most the 16 in flight at each of {KILLS} kills may be"
+    );
+    for (id, d) in &by_job {
+        assert_eq!(d[0]["return_code"], 0, "job {id}: {:?}", d[0]);
+        assert_eq!(d[0]["ready_files"], 2, "job {id}");
+    }
+    drop(daemon);
+}
+
+/// Two daemons share one PostgreSQL and one consumer group; one is killed mid-run. The
+/// survivor finishes every job, and only callbacks in flight at the kill may repeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_share_the_work_and_survive_one_kill() {
+    const JOBS: i64 = 300;
+    let tape = common::pipeline::Tape::start(|s| s.recall_delay = Duration::from_millis(200)).await;
+    let receiver = common::pipeline::Receiver::start().await;
+    let db = TestDb::new(Kind::Postgres).await;
+    let (pa, pb) = (free_port(), free_port());
+    let ca = write_pipeline_config(db.dir.path(), &db.url, pa, &tape, "shared-group");
+    let cb = write_pipeline_config(db.dir.path(), &db.url, pb, &tape, "shared-group");
+    let mut a = Daemon::start(&ca, pa).await;
+    let b = Daemon::start(&cb, pb).await;
+    let bases = vec![a.base.clone(), b.base.clone()];
+
+    let http = reqwest::Client::new();
+    let notify = receiver.url();
+    let poster = tokio::spawn({
+        let (http, bases) = (http.clone(), bases.clone());
+        async move {
+            use futures::StreamExt;
+            futures::stream::iter(0..JOBS)
+                .for_each_concurrent(16, |id| {
+                    let body = json!({"job_id": id, "files": [format!("t/{id}/a")], "notify_url": notify});
+                    // Alternate the daemon each job is posted to.
+                    let mut order = bases.clone();
+                    order.rotate_left(id as usize % 2);
+                    let http = http.clone();
+                    async move { post_until_stored(&http, &order, &body).await }
+                })
+                .await;
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while deliveries(&receiver).len() < (JOBS / 3) as usize {
+        assert!(Instant::now() < deadline, "no progress before the kill");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a.signal(libc::SIGKILL);
+    a.wait_exit(Duration::from_secs(10));
+    poster.await.unwrap();
+    wait_all_called_back(&receiver, JOBS, Duration::from_secs(180)).await;
+
+    let by_job = deliveries(&receiver);
+    let repeats = by_job.values().filter(|d| d.len() > 1).count();
+    assert!(repeats <= 16, "{repeats} jobs called back twice");
+    assert!(by_job.values().all(|d| d[0]["return_code"] == 0));
+    drop(b);
+}

@@ -4,22 +4,33 @@
 //! what `staged serve` runs.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use crate::adapter::Adapters;
 use crate::api::{self, AppState};
 use crate::config::{Config, redact_url};
+use crate::engine::{self, Engine};
+use crate::kafka;
+use crate::scout::{ScoutClient, ScoutSettings};
 use crate::store::{Store, StoreOptions};
 
 /// A started service.
 pub struct Server {
     pub addr: SocketAddr,
     pub store: Store,
+    /// The telescope adapter in service (hot-swappable).
+    pub adapters: Adapters,
+    /// Reloads the adapter on SIGHUP while the server runs.
+    reload_on_hup: Option<JoinHandle<()>>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<std::io::Result<()>>,
+    ingest: Option<kafka::IngestHandle>,
+    engine: Option<Engine>,
     grace: Duration,
 }
 
@@ -32,11 +43,45 @@ pub async fn start(config: &Config) -> anyhow::Result<Server> {
     let store = Store::open(&opts)
         .await
         .with_context(|| format!("opening the store at {}", redact_url(&config.database.url)))?;
+    // A configured adapter that does not load stops the start: jobs with `obs` would
+    // otherwise be refused for a reason the operator may not see.
+    let adapters = Adapters::from_config(&config.adapter)
+        .await
+        .context("loading the telescope adapter")?;
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("listening on {}", config.server.listen))?;
     let addr = listener.local_addr()?;
-    let app = api::router(AppState::new(store.clone(), config));
+    let scout = match config.scout.nodes.is_empty() {
+        true => None,
+        false => Some(
+            ScoutSettings::from_config(&config.scout, &config.kafka.topic)
+                .and_then(ScoutClient::new)
+                .context("setting up the Scout client")?,
+        ),
+    };
+    // Kafka names are job paths until an adapter maps them.
+    let ingest = match config.kafka.brokers.is_empty() {
+        true => None,
+        false => Some(
+            kafka::start(
+                &config.kafka,
+                store.clone(),
+                Arc::new(kafka::IdentityMapper),
+            )
+            .context("starting the Kafka consumer")?,
+        ),
+    };
+    let engine = Engine::start(
+        store.clone(),
+        config,
+        engine::peers::parts(scout.clone(), adapters.clone()),
+    );
+    let mut state = AppState::new(store.clone(), config);
+    state.adapters = adapters.clone();
+    state.scout = scout;
+    state.kafka = ingest.as_ref().map(|i| i.status());
+    let app = api::router(state);
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         axum::serve(listener, app)
@@ -46,11 +91,18 @@ pub async fn start(config: &Config) -> anyhow::Result<Server> {
             .await
     });
     tracing::info!(%addr, store = store.backend_name(), "staged is listening");
+    let reload_on_hup = adapters
+        .is_configured()
+        .then(|| reload_on_sighup(adapters.clone()));
     Ok(Server {
         addr,
         store,
+        adapters,
+        reload_on_hup,
         stop: Some(stop),
         task,
+        ingest,
+        engine: Some(engine),
         grace: Duration::from_secs(config.server.shutdown_grace_secs),
     })
 }
@@ -59,6 +111,9 @@ impl Server {
     /// Stops accepting connections, lets in-flight requests finish (up to the grace
     /// period), then closes the store.
     pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(hup) = self.reload_on_hup.take() {
+            hup.abort();
+        }
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -69,9 +124,42 @@ impl Server {
                 self.task.abort();
             }
         }
+        // The batch in hand is applied and committed (or left for redelivery) before the
+        // store closes.
+        if let Some(ingest) = self.ingest.take() {
+            ingest.stop().await;
+        }
+        // Claimed work not finished now stays leased and is picked up after a restart.
+        if let Some(engine) = self.engine.take() {
+            engine.stop().await;
+        }
         self.store.close().await;
         Ok(())
     }
+}
+
+/// Reloads the adapter on every SIGHUP; a failed reload keeps the adapter in service (the
+/// reload logs why).
+fn reload_on_sighup(adapters: Adapters) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut hup = match signal(SignalKind::hangup()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot install the SIGHUP handler; reload with POST /admin/adapter/reload");
+                    return;
+                }
+            };
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the adapter");
+                let _ = adapters.reload().await;
+            }
+        }
+        #[cfg(not(unix))]
+        drop(adapters);
+    })
 }
 
 /// Resolves on SIGTERM or SIGINT.

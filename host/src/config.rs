@@ -11,6 +11,7 @@
 //!   `Debug` and `Serialize` forms are redacted, and a password inside the database URL is
 //!   masked wherever the URL is shown.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -30,6 +31,7 @@ pub struct Config {
     pub callbacks: CallbacksConfig,
     pub scout: ScoutConfig,
     pub kafka: KafkaConfig,
+    pub adapter: AdapterConfig,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -151,6 +153,17 @@ pub struct JobsConfig {
     pub restage_interval_secs: u64,
     /// Seconds after which an unfinished job expires with code 10 (JOB_EXPIRY_TIME).
     pub expiry_secs: u64,
+    /// Seconds between sweeps for expired jobs and missed work. Completion does not wait
+    /// for it: the event that completes a job queues its callback at once.
+    pub sweep_interval_secs: u64,
+    /// First and longest wait (seconds) before retrying a failed Scout or lookup call.
+    pub retry_min_secs: u64,
+    pub retry_max_secs: u64,
+    /// Seconds a daemon holds a claimed job or callback before another daemon may take it
+    /// over (a killed daemon's work resumes after this).
+    pub lease_secs: u64,
+    /// Days a finished job stays in the history shown by the dashboard.
+    pub history_days: u64,
 }
 
 impl Default for JobsConfig {
@@ -158,44 +171,272 @@ impl Default for JobsConfig {
         Self {
             restage_interval_secs: 21_600,
             expiry_secs: 691_200,
+            sweep_interval_secs: 60,
+            retry_min_secs: 5,
+            retry_max_secs: 600,
+            lease_secs: 120,
+            history_days: 30,
         }
     }
 }
 
-#[derive(Debug, Default, Deserialize, Serialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CallbacksConfig {
     /// HTTP basic-auth user sent with every callback (RESULT_USERNAME).
     pub username: String,
     /// HTTP basic-auth password (RESULT_PASSWORD).
     pub password: Option<Secret>,
+    /// Most callbacks sent in any 60 seconds (the original's 200 a minute).
+    pub per_minute: u32,
+    /// Callbacks in flight at once; a slow endpoint holds one slot, not the queue.
+    pub concurrency: usize,
+    /// Seconds one attempt may take; only a 200 answer counts as delivered.
+    pub timeout_secs: u64,
+    /// Seconds to wait before an error callback (codes 100-199), so that ASVO has
+    /// recorded the job it just posted (the original waited ~2 s).
+    pub error_delay_secs: u64,
+    /// First and longest wait (seconds) between attempts; the original retried every 600 s.
+    pub retry_min_secs: u64,
+    pub retry_max_secs: u64,
+    /// Seconds an expired job's callback is retried before the job is removed anyway
+    /// (the removal is recorded in the history as undelivered).
+    pub expired_grace_secs: u64,
 }
 
-#[derive(Debug, Default, Deserialize, Serialize)]
+impl Default for CallbacksConfig {
+    fn default() -> Self {
+        Self {
+            username: String::new(),
+            password: None,
+            per_minute: 200,
+            concurrency: 16,
+            timeout_secs: 30,
+            error_delay_secs: 2,
+            retry_min_secs: 10,
+            retry_max_secs: 600,
+            expired_grace_secs: 86_400,
+        }
+    }
+}
+
+/// The tape system's Scout API. See `config/staged.example.toml` for every key.
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ScoutConfig {
-    /// Base URLs of the Scout API nodes, e.g. ["https://vss-1:8080"]. Empty: no tape system.
+    /// Base URLs of the Scout API nodes, e.g. ["https://vss-1:8080"], tried round-robin with
+    /// fail-over. Empty: no tape system.
     pub nodes: Vec<String>,
     /// Scout account (SCOUT_API_USER).
     pub username: String,
     /// Scout password (SCOUT_API_PASSWORD).
     pub password: Option<Secret>,
+    /// Path of the login endpoint on every node (SCOUT_LOGIN_URL).
+    pub login_path: String,
+    /// Path of the file status endpoint (SCOUT_QUERY_URL).
+    pub file_path: String,
+    /// Path of the batch stage endpoint (SCOUT_STAGE_URL).
+    pub stage_path: String,
+    /// Path of the batch cancel endpoint (SCOUT_CANCEL_URL); newer Scout versions moved it.
+    pub cancel_path: String,
+    /// Path of the cache state endpoint (SCOUT_CACHESTATE_URL).
+    pub cachestate_path: String,
+    /// Extra fields merged into every stage and cancel body, e.g. `{ fsid = 3 }`.
+    pub stage_extra: toml::Table,
+    /// Most paths in one stage or cancel request.
+    pub max_paths_per_request: usize,
+    /// Largest stage or cancel body, in bytes (Scout refuses bodies over 4 MB).
+    pub max_body_bytes: usize,
+    /// Seconds to establish a connection to a node.
+    pub connect_timeout_secs: f64,
+    /// Seconds one request may take, connection included.
+    pub request_timeout_secs: f64,
+    /// Retries of a call after transient failures (connect errors, timeouts, 5xx) once every
+    /// node has been tried; 0: each node is tried once.
+    pub retries: u32,
+    /// First back-off between retry rounds, in milliseconds; doubles each round, with jitter.
+    pub backoff_initial_ms: u64,
+    /// Largest back-off between retry rounds, in milliseconds.
+    pub backoff_max_ms: u64,
+    /// Seconds a node that failed is left out of the rotation before it is probed again.
+    pub eject_secs: f64,
+    /// PEM file of CA certificates trusted for the nodes' TLS (self-signed Scout certificates),
+    /// in addition to the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// Accept any TLS certificate. Dangerous: only for a test system; a warning is logged.
+    pub insecure_skip_tls_verify: bool,
 }
 
-#[derive(Debug, Default, Deserialize, Serialize)]
+impl Default for ScoutConfig {
+    fn default() -> Self {
+        Self {
+            nodes: Vec::new(),
+            username: String::new(),
+            password: None,
+            login_path: "/v1/security/login".into(),
+            file_path: "/v1/file".into(),
+            stage_path: "/v1/request/batchstage".into(),
+            cancel_path: "/v1/request/cancelbatchstage".into(),
+            cachestate_path: "/v1/fscache".into(),
+            stage_extra: toml::Table::new(),
+            max_paths_per_request: 10_000,
+            max_body_bytes: 4_000_000,
+            connect_timeout_secs: 5.0,
+            request_timeout_secs: 60.0,
+            retries: 3,
+            backoff_initial_ms: 500,
+            backoff_max_ms: 30_000,
+            eject_secs: 30.0,
+            ca_file: None,
+            insecure_skip_tls_verify: false,
+        }
+    }
+}
+
+/// The Kafka topic the tape system reports recalls on. See `config/staged.example.toml`.
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaConfig {
-    /// Bootstrap brokers, e.g. ["kafka.example.org:9093"]. Empty: no Kafka.
+    /// Bootstrap brokers, e.g. ["kafka.example.org:9093"] (KAFKA_SERVER). Empty: no Kafka.
     pub brokers: Vec<String>,
     /// Topic the tape system publishes recall messages on (KAFKA_TOPIC).
     pub topic: String,
-    /// Consumer group. Two deployments (dev and prod) must use different groups, or each
+    /// Consumer group; required when brokers are set. Two deployments (dev and prod) must use
+    /// different groups: members of one group split the partitions between them, so each
     /// would see only part of the messages.
     pub group_id: String,
+    /// Client id shown in the brokers' logs.
+    pub client_id: String,
+    /// PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.
+    pub security_protocol: KafkaSecurity,
+    /// PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (used with the SASL protocols).
+    pub sasl_mechanism: KafkaSaslMechanism,
     /// SASL user (KAFKA_USER).
     pub username: String,
     /// SASL password (KAFKA_PASSWORD).
     pub password: Option<Secret>,
+    /// PEM file of the CA that signed the brokers' certificates (self-signed in production).
+    pub ca_file: Option<PathBuf>,
+    /// Most messages applied in one database transaction.
+    pub batch_max_messages: usize,
+    /// Longest a batch waits to fill after its first message, in milliseconds.
+    pub batch_max_wait_ms: u64,
+    /// Larger messages are counted as malformed and skipped, in bytes.
+    pub max_message_bytes: usize,
+    /// Further librdkafka properties, e.g. `{ "session.timeout.ms" = "10000" }`; they override
+    /// the values derived from the keys above.
+    pub extra: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: Vec::new(),
+            topic: String::new(),
+            group_id: String::new(),
+            client_id: "staged".into(),
+            security_protocol: KafkaSecurity::Plaintext,
+            sasl_mechanism: KafkaSaslMechanism::ScramSha512,
+            username: String::new(),
+            password: None,
+            ca_file: None,
+            batch_max_messages: 5_000,
+            batch_max_wait_ms: 200,
+            max_message_bytes: 65_536,
+            extra: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum KafkaSecurity {
+    #[serde(rename = "PLAINTEXT")]
+    Plaintext,
+    #[serde(rename = "SSL")]
+    Ssl,
+    #[serde(rename = "SASL_PLAINTEXT")]
+    SaslPlaintext,
+    #[serde(rename = "SASL_SSL")]
+    SaslSsl,
+}
+
+impl KafkaSecurity {
+    /// The librdkafka `security.protocol` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KafkaSecurity::Plaintext => "PLAINTEXT",
+            KafkaSecurity::Ssl => "SSL",
+            KafkaSecurity::SaslPlaintext => "SASL_PLAINTEXT",
+            KafkaSecurity::SaslSsl => "SASL_SSL",
+        }
+    }
+
+    pub fn uses_sasl(self) -> bool {
+        matches!(self, KafkaSecurity::SaslPlaintext | KafkaSecurity::SaslSsl)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum KafkaSaslMechanism {
+    #[serde(rename = "PLAIN")]
+    Plain,
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl KafkaSaslMechanism {
+    /// The librdkafka `sasl.mechanism` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KafkaSaslMechanism::Plain => "PLAIN",
+            KafkaSaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            KafkaSaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+/// The telescope adapter (a WebAssembly component, see `wit/adapter.wit`) and the bounds
+/// every call into it runs under.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdapterConfig {
+    /// The adapter's `.wasm` file. None: no adapter; jobs must list their files.
+    pub wasm: Option<PathBuf>,
+    /// Wall time one call may take, host HTTP included, in milliseconds.
+    pub call_timeout_ms: u64,
+    /// Most bytes any one linear memory of a call's instance may grow to.
+    pub memory_limit_bytes: usize,
+    /// Most bytes of arguments handed to one call (strings and lists summed).
+    pub max_input_bytes: usize,
+    /// Most bytes one call may return (strings and lists summed).
+    pub max_output_bytes: usize,
+    /// Where the adapter may send HTTP GETs (see `staged::adapter::AllowList` for the
+    /// forms). Empty: nowhere.
+    pub http_allow: Vec<String>,
+    /// Time one GET may take, in milliseconds.
+    pub http_timeout_ms: u64,
+    /// Largest GET response body, in bytes.
+    pub http_max_response_bytes: usize,
+    /// The adapter's own settings, handed to it as a JSON object; the host does not read them.
+    pub settings: toml::Table,
+}
+
+impl Default for AdapterConfig {
+    fn default() -> Self {
+        Self {
+            wasm: None,
+            call_timeout_ms: 30_000,
+            memory_limit_bytes: 128 * 1024 * 1024,
+            max_input_bytes: 64 * 1024 * 1024,
+            max_output_bytes: 64 * 1024 * 1024,
+            http_allow: Vec::new(),
+            http_timeout_ms: 20_000,
+            http_max_response_bytes: 32 * 1024 * 1024,
+            settings: toml::Table::new(),
+        }
+    }
 }
 
 /// A secret value: inline in the TOML, or read from an environment variable or a file.
@@ -300,14 +541,85 @@ impl Config {
         if db.max_connections < 2 {
             bail!("database.max_connections: must be at least 2");
         }
+        if self.callbacks.per_minute == 0 || self.callbacks.concurrency == 0 {
+            bail!("callbacks.per_minute and callbacks.concurrency: must be at least 1");
+        }
+        if self.jobs.sweep_interval_secs == 0 || self.jobs.lease_secs == 0 {
+            bail!("jobs.sweep_interval_secs and jobs.lease_secs: must be at least 1");
+        }
         if self.server.max_files_per_job == 0 {
             bail!("server.max_files_per_job: must be at least 1");
         }
         if self.server.max_path_bytes == 0 {
             bail!("server.max_path_bytes: must be at least 1");
         }
+        crate::adapter::Limits::from_config(&self.adapter).context("adapter")?;
+        crate::adapter::AllowList::parse(&self.adapter.http_allow).context("adapter.http_allow")?;
         for node in &self.scout.nodes {
             check_http_url(node).with_context(|| format!("scout.nodes: {node:?}"))?;
+        }
+        self.check_scout()?;
+        self.check_kafka()?;
+        Ok(())
+    }
+
+    fn check_scout(&self) -> anyhow::Result<()> {
+        let s = &self.scout;
+        for (key, path) in [
+            ("login_path", &s.login_path),
+            ("file_path", &s.file_path),
+            ("stage_path", &s.stage_path),
+            ("cancel_path", &s.cancel_path),
+            ("cachestate_path", &s.cachestate_path),
+        ] {
+            if !path.starts_with('/') {
+                bail!("scout.{key}: {path:?} must start with '/'");
+            }
+        }
+        if s.max_paths_per_request == 0 {
+            bail!("scout.max_paths_per_request: must be at least 1");
+        }
+        if s.max_body_bytes < 1024 {
+            bail!("scout.max_body_bytes: must be at least 1024");
+        }
+        for (key, v) in [
+            ("connect_timeout_secs", s.connect_timeout_secs),
+            ("request_timeout_secs", s.request_timeout_secs),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                bail!("scout.{key}: must be a positive number of seconds");
+            }
+        }
+        if !(s.eject_secs.is_finite() && s.eject_secs >= 0.0) {
+            bail!("scout.eject_secs: must be zero or more seconds");
+        }
+        if s.ca_file.is_some() && s.insecure_skip_tls_verify {
+            bail!("scout.ca_file and scout.insecure_skip_tls_verify exclude each other");
+        }
+        Ok(())
+    }
+
+    fn check_kafka(&self) -> anyhow::Result<()> {
+        let k = &self.kafka;
+        if k.brokers.is_empty() {
+            return Ok(());
+        }
+        if k.topic.is_empty() {
+            bail!("kafka.topic: required when kafka.brokers is set");
+        }
+        if k.group_id.is_empty() {
+            bail!(
+                "kafka.group_id: required when kafka.brokers is set (each deployment needs its own)"
+            );
+        }
+        if k.batch_max_messages == 0 {
+            bail!("kafka.batch_max_messages: must be at least 1");
+        }
+        if k.security_protocol.uses_sasl() && k.username.is_empty() {
+            bail!(
+                "kafka.username: required with security_protocol {}",
+                k.security_protocol.as_str()
+            );
         }
         Ok(())
     }

@@ -4,11 +4,19 @@
 //! The crate is the daemon. Its modules, in the order a request meets them:
 //! [`config`] (the TOML file), [`telemetry`] (logs), [`app`] (wiring and lifecycle),
 //! [`api`] (the ASVO-compatible HTTP API), [`store`] (SQLite or PostgreSQL, all SQL lives
-//! there) and [`reports`] (failure report files).
+//! there) and [`reports`] (failure report files). The tape system's two peers have their own
+//! modules: [`scout`] (the Scout API client) and [`kafka`] (recall messages into the store);
+//! [`sim`] simulates both for tests, benchmarks and the demo.
 
+pub mod adapter;
 pub mod api;
 pub mod app;
 pub mod config;
+pub mod demo;
+pub mod engine;
+pub mod kafka;
 pub mod reports;
+pub mod scout;
+pub mod sim;
 pub mod store;
 pub mod telemetry;

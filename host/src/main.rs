@@ -25,6 +25,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the whole pipeline on this machine with simulators (SQLite, Scout simulator,
+    /// mock Kafka broker, metadata service, callback receiver) and sample jobs.
+    Demo {
+        /// Where the daemon's API listens.
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        listen: SocketAddr,
+    },
     /// Run the daemon.
     Serve {
         #[command(flatten)]
@@ -42,6 +49,22 @@ enum Command {
     CheckConfig {
         #[command(flatten)]
         common: Common,
+    },
+    /// Work with telescope adapters (WebAssembly components).
+    #[command(subcommand)]
+    Adapter(AdapterCommand),
+}
+
+#[derive(Subcommand)]
+enum AdapterCommand {
+    /// Load an adapter, print its info and observation schema, and run a self-test that
+    /// needs no network. Exits non-zero if the file is not a working adapter.
+    Inspect {
+        /// The adapter's `.wasm` file.
+        file: PathBuf,
+        /// Take limits and `[adapter.settings]` from this config file.
+        #[arg(long, short, env = "STAGED_CONFIG")]
+        config: Option<PathBuf>,
     },
 }
 
@@ -94,6 +117,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Demo { listen } => staged::demo::run(listen).await,
         Command::Serve { common, listen } => {
             let mut config = common.load()?;
             if let Some(listen) = listen {
@@ -123,6 +147,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("migrating {}", redact_url(&config.database.url)))?;
             println!("migrations applied ({backend})");
+            Ok(())
+        }
+        Command::Adapter(AdapterCommand::Inspect { file, config }) => {
+            let config = match config {
+                Some(path) => Config::load(&path)?,
+                None => Config::default(),
+            };
+            let lines = staged::adapter::inspect(&file, &config.adapter).await?;
+            for line in lines {
+                println!("{line}");
+            }
             Ok(())
         }
         Command::CheckConfig { common } => {

@@ -153,6 +153,33 @@ pub fn write(reports_dir: &Path, job_id: i64, text: &str) -> std::io::Result<Pat
     Ok(path)
 }
 
+/// Removes reports older than `expire_days`, never touching the newest `keep_newest`
+/// (by modification time). Returns how many were removed.
+pub fn prune(reports_dir: &Path, expire_days: u64, keep_newest: usize) -> std::io::Result<usize> {
+    let mut reports = list(reports_dir)?;
+    if reports.len() <= keep_newest {
+        return Ok(0);
+    }
+    // Newest first; the original sorted by name assuming growing job ids, mtime is safer.
+    reports.sort_by_key(|&(id, mtime)| std::cmp::Reverse((mtime, id)));
+    let cutoff = std::time::SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+        - (expire_days as i64) * 86_400;
+    let mut removed = 0;
+    for &(id, mtime) in &reports[keep_newest..] {
+        if mtime < cutoff {
+            match std::fs::remove_file(report_path(reports_dir, id)) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(removed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,6 +196,24 @@ mod tests {
         assert_eq!(p.total_files, 5);
         assert_eq!(p.files, vec!["mwa/a/f1", "mwa/a/f2", "mwa/a/f3"]);
         assert_eq!(p.mtime, 99);
+    }
+
+    #[test]
+    fn prune_keeps_the_newest_and_the_young() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(40 * 86_400);
+        for id in 0..5 {
+            let path = write(dir.path(), id, "Job failure report\n").unwrap();
+            if id < 4 {
+                std::fs::File::options().write(true).open(&path).unwrap().set_modified(old).unwrap();
+            }
+        }
+        // Five reports, four of them 40 days old; keep the newest 2, expire after 30 days.
+        assert_eq!(prune(dir.path(), 30, 2).unwrap(), 3);
+        let left: Vec<i64> = list(dir.path()).unwrap().into_iter().map(|r| r.0).collect();
+        assert_eq!(left.len(), 2);
+        assert!(left.contains(&4), "the young one stays");
+        assert_eq!(prune(dir.path(), 30, 2).unwrap(), 0);
     }
 
     #[test]

@@ -12,11 +12,13 @@ CREATE TABLE jobs (
     next_stage_ms   INTEGER,                    -- next (re)stage call to Scout; NULL: none due
     expires_ms      INTEGER NOT NULL,
     return_code     INTEGER,                    -- set when the job's result is decided
+    stage_attempts  INTEGER NOT NULL DEFAULT 0, -- consecutive failed Scout calls, for backoff
+    last_error      TEXT,                       -- why the last stage or resolve attempt failed
     lease_owner     TEXT,                       -- daemon currently working on the job
     lease_until_ms  INTEGER
 );
 CREATE INDEX jobs_next_stage ON jobs (next_stage_ms) WHERE next_stage_ms IS NOT NULL;
-CREATE INDEX jobs_expires ON jobs (expires_ms);
+CREATE INDEX jobs_expires ON jobs (expires_ms) WHERE state <> 'done';
 
 -- A path may belong to many jobs; Kafka events are applied by path.
 CREATE TABLE job_files (
@@ -38,7 +40,7 @@ CREATE TABLE notify_outbox (
     total_files     INTEGER NOT NULL,
     ready_files     INTEGER NOT NULL,
     error_files     INTEGER NOT NULL,
-    comment         TEXT    NOT NULL,
+    comment         TEXT    NOT NULL DEFAULT '', -- empty: worded at delivery from the counts
     attempts        INTEGER NOT NULL DEFAULT 0,
     next_attempt_ms INTEGER NOT NULL,
     give_up_ms      INTEGER,                    -- expired jobs: remove even if undelivered after this

@@ -7,6 +7,8 @@
 //! test: it is never skipped.
 #![allow(dead_code)]
 
+pub mod pipeline;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use staged::app::{self, Server};

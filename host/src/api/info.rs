@@ -1,17 +1,21 @@
-//! Read-only endpoints: liveness, totals, the job list and failure reports.
+//! Read-only endpoints: liveness, totals, the job list, failure reports and file status.
 
 use std::collections::BTreeMap;
 
 use axum::Json;
+use axum::body::Body;
 use axum::extract::{RawQuery, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
+use futures::StreamExt;
+use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::Span;
+use utoipa::ToSchema;
 
 use super::AppState;
 use super::error::ApiError;
-use super::input::{QueryParams, null_body};
+use super::input::{QueryParams, json_body, null_body};
 use super::models::{ErrorResult, FilesMap, GlobalStatistics, JobList, JobStatus};
 use crate::reports;
 
@@ -32,16 +36,101 @@ pub async fn stats(State(app): State<AppState>) -> Result<Json<GlobalStatistics>
         .stats()
         .await
         .map_err(|e| ApiError::internal("Exception getting staging system status", e))?;
-    // Kafka liveness and the Scout cache figures stay null/false until those
-    // integrations are configured and report them.
-    Ok(Json(GlobalStatistics {
+    let mut out = GlobalStatistics {
         completed_jobs: s.completed_jobs,
         incomplete_jobs: s.incomplete_jobs,
         ready_files: s.ready_files,
         error_files: s.error_files,
         waiting_files: s.waiting_files,
         ..GlobalStatistics::default()
-    }))
+    };
+    if let Some(k) = &app.kafka {
+        let secs = |ms: i64| ms as f64 / 1000.0;
+        out.kafka_alive = k.alive();
+        out.kafkad_heartbeat = k.heartbeat_ms().map(secs);
+        out.last_message = k.last_message_ms().map(secs);
+    }
+    // The cache figures stay null when Scout is not configured or does not answer in time:
+    // the rest of the statistics must not wait on the tape system.
+    if let Some(scout) = &app.scout {
+        match tokio::time::timeout(SCOUT_STATS_TIMEOUT, scout.cache_state()).await {
+            Ok(Ok(c)) => {
+                out.availdatasz = c.availdatasz;
+                out.health = c.health;
+                out.healthstatus = c.healthstatus;
+                out.releaseable = c.releaseable;
+                out.totdatasz = c.totdatasz;
+                out.nonreleaseable = c.nonreleaseable;
+                out.pending = c.pending;
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "Scout cache state unavailable"),
+            Err(_) => tracing::warn!("Scout cache state: no answer in time"),
+        }
+    }
+    Ok(Json(out))
+}
+
+/// Longest `/get_stats/` waits for Scout's cache figures.
+const SCOUT_STATS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Files whose on-disk state is asked of Scout at once by `/filestatus/`.
+const FILE_STATUS_CONCURRENCY: usize = 16;
+
+/// The body of `POST /filestatus/`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct FileStatusRequest {
+    pub files: Vec<String>,
+}
+
+/// Whether each file is on disk (no offline blocks), as Scout says.
+#[utoipa::path(
+    post, path = "/filestatus/", tag = "staging",
+    request_body = FileStatusRequest,
+    responses(
+        (status = 200, description = "path -> true when the file has no offline blocks", body = Object),
+        (status = 404, description = "Scout failed for a file", body = ErrorResult),
+        (status = 422, body = ErrorResult),
+    )
+)]
+pub async fn file_status(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<BTreeMap<String, bool>>, ApiError> {
+    let req: FileStatusRequest = json_body(&headers, body, app.limits.max_body_bytes).await?;
+    let Some(scout) = app.scout.clone() else {
+        return Err(ApiError::not_found("Scout is not configured"));
+    };
+    let answers: Vec<(String, Result<bool, String>)> = futures::stream::iter(req.files)
+        .map(|path| {
+            let scout = scout.clone();
+            async move {
+                let r = scout
+                    .file_status(&path)
+                    .await
+                    .map(|s| s.offlineblocks == 0)
+                    .map_err(|e| e.to_string());
+                (path, r)
+            }
+        })
+        .buffered(FILE_STATUS_CONCURRENCY)
+        .collect()
+        .await;
+    let mut out = BTreeMap::new();
+    for (path, r) in answers {
+        match r {
+            Ok(online) => {
+                out.insert(path, online);
+            }
+            Err(e) => {
+                tracing::warn!(path, error = %e, "Scout file status failed");
+                return Err(ApiError::not_found(format!(
+                    "Error getting file status for {path}: {e}"
+                )));
+            }
+        }
+    }
+    Ok(Json(out))
 }
 
 /// Every job: id -> [job_id, created, ready_files, total_files, completed, last_readytime,

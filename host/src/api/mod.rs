@@ -4,6 +4,7 @@
 //! Invariant: whatever the input, the answer is a JSON body with a status code; errors carry
 //! `errormsg`. Unknown paths, wrong methods and even a panicking handler end that way.
 
+mod admin;
 mod error;
 mod info;
 mod input;
@@ -27,7 +28,10 @@ use utoipa_swagger_ui::SwaggerUi;
 
 pub use error::ApiError;
 
+use crate::adapter::Adapters;
 use crate::config::Config;
+use crate::kafka::IngestStatus;
+use crate::scout::ScoutClient;
 use crate::store::Store;
 
 /// Input limits, from `[server]`.
@@ -44,6 +48,12 @@ pub struct AppState {
     pub store: Store,
     pub limits: Arc<Limits>,
     pub reports_dir: Arc<PathBuf>,
+    /// The telescope adapter in service, if one is configured.
+    pub adapters: Adapters,
+    /// The tape system's API, when `[scout]` names nodes.
+    pub scout: Option<ScoutClient>,
+    /// The Kafka consumer's state, when `[kafka]` names brokers.
+    pub kafka: Option<IngestStatus>,
 }
 
 impl AppState {
@@ -56,6 +66,9 @@ impl AppState {
                 max_path_bytes: config.server.max_path_bytes,
             }),
             reports_dir: Arc::new(config.reports.dir.clone()),
+            adapters: Adapters::none(),
+            scout: None,
+            kafka: None,
         }
     }
 }
@@ -75,13 +88,16 @@ impl AppState {
         info::job_list,
         info::failed_list,
         info::failed_job,
+        admin::reload_adapter,
+        info::file_status,
     ),
     components(schemas(
         models::NewJob,
         models::JobStatus,
         models::JobList,
         models::GlobalStatistics,
-        models::ErrorResult
+        models::ErrorResult,
+        info::FileStatusRequest
     ))
 )]
 struct ApiDoc;
@@ -111,9 +127,13 @@ pub fn router(state: AppState) -> Router {
     r = both(r, "/get_joblist/", get(info::job_list));
     r = both(r, "/get_failed_joblist/", get(info::failed_list));
     r = both(r, "/get_failed_job/", get(info::failed_job));
+    r = both(r, "/filestatus/", post(info::file_status));
 
+    r = r.route("/admin/adapter/reload", post(admin::reload_adapter));
+    // Served by our handler, not SwaggerUi's, because the adapter's schema is part of it.
+    r = r.route("/openapi.json", get(admin::openapi_json));
     let docs: Router<AppState> = SwaggerUi::new("/docs")
-        .url("/openapi.json", openapi())
+        .config(utoipa_swagger_ui::Config::new(["/openapi.json"]))
         .into();
     r.merge(docs)
         .fallback(not_found)

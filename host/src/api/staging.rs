@@ -7,12 +7,14 @@ use axum::body::Body;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
+use serde_json::json;
 use tracing::Span;
 
 use super::error::ApiError;
 use super::input::{QueryParams, json_body, null_body};
 use super::models::{ErrorResult, FilesMap, JobStatus, NewJob};
 use super::{AppState, Limits};
+use crate::adapter::Adapters;
 use crate::config::check_http_url;
 use crate::store::{self, Intake};
 
@@ -25,10 +27,10 @@ use crate::store::{self, Intake};
     request_body = NewJob,
     responses(
         (status = 202, description = "Accepted and stored; the body is `null`"),
-        (status = 400, description = "Neither files nor obs, or a bad path or notify_url", body = ErrorResult),
+        (status = 400, description = "Neither files nor obs, obs without a telescope adapter, or a bad path or notify_url", body = ErrorResult),
         (status = 403, description = "The job id already exists", body = ErrorResult),
         (status = 413, description = "Body over the configured limit", body = ErrorResult),
-        (status = 422, description = "Body is not a valid NewJob", body = ErrorResult),
+        (status = 422, description = "Body is not a valid NewJob, or `obs` does not match the adapter's observation schema", body = ErrorResult),
         (status = 500, description = "Internal error", body = ErrorResult),
     )
 )]
@@ -40,7 +42,7 @@ pub async fn create(
     let req: NewJob = json_body(&headers, body, app.limits.max_body_bytes).await?;
     Span::current().record("job_id", req.job_id);
     let job_id = req.job_id;
-    let Some(job) = validate(req, &app.limits)? else {
+    let Some(job) = validate(req, &app.limits, &app.adapters)? else {
         // The original answers 403 before 400 when the id exists.
         if app
             .store
@@ -78,7 +80,11 @@ fn duplicate(job_id: i64) -> ApiError {
 
 /// Checks a request and turns it into a job to store; `Ok(None)` when it names neither
 /// files nor an observation.
-fn validate(req: NewJob, limits: &Limits) -> Result<Option<store::NewJob>, ApiError> {
+fn validate(
+    req: NewJob,
+    limits: &Limits,
+    adapters: &Adapters,
+) -> Result<Option<store::NewJob>, ApiError> {
     let job_id = req.job_id;
     if req.notify_url.contains(|c: char| c.is_control()) {
         return Err(ApiError::bad_request(format!(
@@ -129,12 +135,32 @@ fn validate(req: NewJob, limits: &Limits) -> Result<Option<store::NewJob>, ApiEr
         }));
     }
     match req.obs {
-        Some(obs) if !obs.is_empty() => Ok(Some(store::NewJob {
-            job_id,
-            notify_url: req.notify_url,
-            files: Vec::new(),
-            obs: Some(serde_json::Value::Object(obs).to_string()),
-        })),
+        Some(obs) if !obs.is_empty() => {
+            let obs = serde_json::Value::Object(obs);
+            // Checked against the schema now, so that a job the adapter cannot look up is
+            // refused to the client rather than failed later by callback.
+            let Some(adapter) = adapters.current() else {
+                return Err(ApiError::bad_request(format!(
+                    "Error for job {job_id}: this server has no telescope adapter configured, so it cannot look up an observation; send a list of files instead"
+                )));
+            };
+            adapter.validate_observation(&obs).map_err(|reason| {
+                ApiError::unprocessable(
+                    "obs_invalid",
+                    vec![json!("body"), json!("obs")],
+                    format!(
+                        "not a valid observation for the {} adapter: {reason}",
+                        adapter.info().name
+                    ),
+                )
+            })?;
+            Ok(Some(store::NewJob {
+                job_id,
+                notify_url: req.notify_url,
+                files: Vec::new(),
+                obs: Some(obs.to_string()),
+            }))
+        }
         _ => Ok(None),
     }
 }
@@ -202,6 +228,9 @@ pub async fn delete(
 ) -> Result<impl IntoResponse, ApiError> {
     let job_id = QueryParams::parse(query.as_deref()).required_i64("job_id")?;
     Span::current().record("job_id", job_id);
+    if let Some(scout) = &app.scout {
+        cancel_unshared(&app, scout, job_id).await;
+    }
     let existed = app
         .store
         .delete_job(job_id)
@@ -213,3 +242,29 @@ pub async fn delete(
     tracing::info!("job deleted");
     Ok(null_body(StatusCode::OK))
 }
+
+/// Cancels at Scout the recalls of this job's paths that no other unfinished job wants.
+/// Best effort and bounded in time: a slow Scout must not hold the DELETE, and a recall
+/// left running only costs tape time.
+async fn cancel_unshared(app: &AppState, scout: &crate::scout::ScoutClient, job_id: i64) {
+    use crate::engine::Stager;
+    let paths = match app.store.exclusive_paths(job_id).await {
+        Ok(p) if p.is_empty() => return,
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "listing paths to cancel failed; deleting without cancel");
+            return;
+        }
+    };
+    let stager = crate::engine::peers::ScoutStager {
+        scout: scout.clone(),
+        adapters: app.adapters.clone(),
+    };
+    match tokio::time::timeout(CANCEL_TIMEOUT, stager.cancel(job_id, &paths)).await {
+        Ok(Ok(())) => tracing::info!(files = paths.len(), "recalls cancelled"),
+        Ok(Err(e)) => tracing::warn!(error = %e, files = paths.len(), "cancel at Scout failed"),
+        Err(_) => tracing::warn!(files = paths.len(), "cancel at Scout timed out"),
+    }
+}
+
+const CANCEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);

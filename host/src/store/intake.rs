@@ -20,7 +20,7 @@ use sqlx::{PgPool, SqlitePool};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::{Backend, NewJob, StoreError, StoreOptions, now_ms};
+use super::{Backend, NewJob, Signals, StoreError, StoreOptions, now_ms};
 
 /// Files per batch beyond which a writer stops taking more jobs into the batch.
 const BATCH_FILES_SOFT_MAX: usize = 200_000;
@@ -45,7 +45,7 @@ pub(crate) struct IntakeQueue {
 }
 
 impl IntakeQueue {
-    pub(crate) fn start(backend: Backend, opts: &StoreOptions) -> IntakeQueue {
+    pub(crate) fn start(backend: Backend, opts: &StoreOptions, signals: Arc<Signals>) -> IntakeQueue {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let rx = Arc::new(Mutex::new(rx));
         // SQLite has one writer at a time anyway; PostgreSQL overlaps several batches.
@@ -60,6 +60,7 @@ impl IntakeQueue {
                     rx: rx.clone(),
                     batch_max: opts.intake_batch_max,
                     expiry_ms: opts.expiry.as_millis() as i64,
+                    signals: signals.clone(),
                 };
                 tokio::spawn(writer.run())
             })
@@ -100,12 +101,15 @@ struct Writer {
     rx: Arc<Mutex<mpsc::Receiver<Request>>>,
     batch_max: usize,
     expiry_ms: i64,
+    signals: Arc<Signals>,
 }
 
 impl Writer {
     async fn run(self) {
         while let Some(batch) = self.next_batch().await {
             self.write(batch).await;
+            // New jobs are due for resolving or staging at once.
+            self.signals.work.notify_one();
         }
     }
 

@@ -13,6 +13,8 @@
 //!   concurrent posts and several daemons.
 //! - File events are applied by path to every job holding that path; `ready` is sticky.
 
+mod engine;
+mod ingest;
 mod intake;
 
 use std::str::FromStr;
@@ -26,6 +28,8 @@ use sqlx::sqlite::{
 use thiserror::Error;
 
 use crate::config::{DatabaseConfig, SqliteSync, redact_url};
+pub use engine::{HistoryRow, OutboxRow, StageWork, codes};
+pub use ingest::IngestOutcome;
 pub use intake::Intake;
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
@@ -144,12 +148,24 @@ macro_rules! with_pool {
         }
     };
 }
+pub(crate) use with_pool;
 
 /// Handle to the store; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
     backend: Backend,
     intake: Arc<intake::IntakeQueue>,
+    signals: Arc<Signals>,
+}
+
+/// Wake-ups for the engine's loops within this process; other daemons sharing the
+/// database find the same work by polling.
+#[derive(Default)]
+pub struct Signals {
+    /// A callback was queued.
+    pub outbox: tokio::sync::Notify,
+    /// A job became due for resolving or staging.
+    pub work: tokio::sync::Notify,
 }
 
 impl Store {
@@ -157,10 +173,12 @@ impl Store {
     pub async fn open(opts: &StoreOptions) -> Result<Store, StoreError> {
         let backend = connect(opts).await?;
         migrate(&backend).await?;
-        let intake = intake::IntakeQueue::start(backend.clone(), opts);
+        let signals = Arc::new(Signals::default());
+        let intake = intake::IntakeQueue::start(backend.clone(), opts, signals.clone());
         Ok(Store {
             backend,
             intake: Arc::new(intake),
+            signals,
         })
     }
 
@@ -171,6 +189,10 @@ impl Store {
         let name = backend.name();
         with_pool!(&backend, p => p.close().await);
         Ok(name)
+    }
+
+    pub fn signals(&self) -> &Signals {
+        &self.signals
     }
 
     pub fn backend_name(&self) -> &'static str {
@@ -290,11 +312,16 @@ impl Store {
     /// Applies a batch of tape-system events in one transaction, to every job holding each
     /// path. A staged event makes the file ready (once: the first ready time stays); an
     /// error marks it failed unless it is already ready. Re-applying a batch changes nothing.
-    /// Returns the number of job files whose state changed.
+    ///
+    /// In the same transaction, every job the batch made complete (all files ready or
+    /// failed) gets its callback queued (code 0, or 5 when a file failed), so completion
+    /// never waits for a periodic sweep. Returns the number of job files whose state changed.
     pub async fn apply_file_events(&self, events: &[FileEvent]) -> Result<u64, StoreError> {
         let (ready, failed): (Vec<&FileEvent>, Vec<&FileEvent>) =
             events.iter().partition(|e| e.error.is_none());
-        let changed = match &self.backend {
+        let now = now_ms();
+        let mut touched: Vec<i64> = Vec::new();
+        let completed: Vec<i64> = match &self.backend {
             Backend::Sqlite(p) => {
                 // Each statement reads the batch as a JSON array of [path, time, message].
                 const READY: &str = "UPDATE job_files SET ready = 1, error = 0, \
@@ -302,12 +329,27 @@ impl Store {
                      FROM (SELECT json_extract(value, '$[0]') AS p, \
                                   min(json_extract(value, '$[1]')) AS t \
                            FROM json_each($1) GROUP BY 1) AS e \
-                     WHERE job_files.path = e.p AND job_files.ready = 0";
+                     WHERE job_files.path = e.p AND job_files.ready = 0 \
+                     RETURNING job_files.job_id";
                 const FAILED: &str = "UPDATE job_files SET error = 1, error_msg = e.m \
                      FROM (SELECT json_extract(value, '$[0]') AS p, \
                                   max(json_extract(value, '$[2]')) AS m \
                            FROM json_each($1) GROUP BY 1) AS e \
-                     WHERE job_files.path = e.p AND job_files.ready = 0 AND job_files.error = 0";
+                     WHERE job_files.path = e.p AND job_files.ready = 0 AND job_files.error = 0 \
+                     RETURNING job_files.job_id";
+                let complete = format!(
+                    "INSERT INTO notify_outbox (job_id, notify_url, return_code, total_files, \
+                         ready_files, error_files, comment, attempts, next_attempt_ms, created_ms) \
+                     SELECT job_id, notify_url, CASE WHEN e > 0 THEN {} ELSE {} END, \
+                            total_files, r, e, '', 0, $2, $2 \
+                     FROM (SELECT j.job_id, j.notify_url, j.total_files, {COUNTS_RE} FROM jobs j \
+                           WHERE j.job_id IN (SELECT value FROM json_each($1)) \
+                             AND j.state <> 'done' AND j.total_files > 0) \
+                     WHERE r + e >= total_files \
+                     ON CONFLICT (job_id) DO NOTHING RETURNING job_id, return_code",
+                    codes::FILE_ERRORS,
+                    codes::SUCCESS
+                );
                 let as_json = |evs: &[&FileEvent]| {
                     serde_json::to_string(
                         &evs.iter()
@@ -317,45 +359,80 @@ impl Store {
                     .expect("strings and integers always serialize")
                 };
                 let mut tx = p.begin().await?;
-                let mut n = 0;
                 if !ready.is_empty() {
-                    n += sqlx::query(READY)
-                        .bind(as_json(&ready))
-                        .execute(&mut *tx)
-                        .await?
-                        .rows_affected();
+                    touched.extend(
+                        sqlx::query_scalar::<_, i64>(READY)
+                            .bind(as_json(&ready))
+                            .fetch_all(&mut *tx)
+                            .await?,
+                    );
                 }
                 if !failed.is_empty() {
-                    n += sqlx::query(FAILED)
-                        .bind(as_json(&failed))
-                        .execute(&mut *tx)
-                        .await?
-                        .rows_affected();
+                    touched.extend(
+                        sqlx::query_scalar::<_, i64>(FAILED)
+                            .bind(as_json(&failed))
+                            .fetch_all(&mut *tx)
+                            .await?,
+                    );
+                }
+                let mut done = Vec::new();
+                if !touched.is_empty() {
+                    let mut ids = touched.clone();
+                    ids.sort_unstable();
+                    ids.dedup();
+                    let ids = serde_json::to_string(&ids).expect("integers serialize");
+                    let decided: Vec<(i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(complete))
+                        .bind(ids)
+                        .bind(now)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                    for (job_id, code) in decided {
+                        sqlx::query(MARK_DONE)
+                            .bind(job_id)
+                            .bind(code)
+                            .bind(now)
+                            .execute(&mut *tx)
+                            .await?;
+                        done.push(job_id);
+                    }
                 }
                 tx.commit().await?;
-                n
+                done
             }
             Backend::Postgres(p) => {
                 const READY: &str = "UPDATE job_files f SET ready = TRUE, error = FALSE, \
                          ready_ms = coalesce(f.ready_ms, e.t) \
                      FROM (SELECT p, min(t) AS t FROM UNNEST($1::text[], $2::bigint[]) AS u(p, t) \
                            GROUP BY p) AS e \
-                     WHERE f.path = e.p AND NOT f.ready";
+                     WHERE f.path = e.p AND NOT f.ready RETURNING f.job_id";
                 const FAILED: &str = "UPDATE job_files f SET error = TRUE, error_msg = e.m \
                      FROM (SELECT p, max(m) AS m FROM UNNEST($1::text[], $2::text[]) AS u(p, m) \
                            GROUP BY p) AS e \
-                     WHERE f.path = e.p AND NOT f.ready AND NOT f.error";
+                     WHERE f.path = e.p AND NOT f.ready AND NOT f.error RETURNING f.job_id";
+                let complete = format!(
+                    "INSERT INTO notify_outbox (job_id, notify_url, return_code, total_files, \
+                         ready_files, error_files, comment, attempts, next_attempt_ms, created_ms) \
+                     SELECT job_id, notify_url, CASE WHEN e > 0 THEN {} ELSE {} END, \
+                            total_files, r, e, '', 0, $2, $2 \
+                     FROM (SELECT j.job_id, j.notify_url, j.total_files, {COUNTS_RE} FROM jobs j \
+                           WHERE j.job_id = ANY($1::bigint[]) \
+                             AND j.state <> 'done' AND j.total_files > 0) AS c \
+                     WHERE r + e >= total_files \
+                     ON CONFLICT (job_id) DO NOTHING RETURNING job_id, return_code",
+                    codes::FILE_ERRORS,
+                    codes::SUCCESS
+                );
                 let mut tx = p.begin().await?;
-                let mut n = 0;
                 if !ready.is_empty() {
                     let paths: Vec<&str> = ready.iter().map(|e| e.path.as_str()).collect();
                     let times: Vec<i64> = ready.iter().map(|e| e.at_ms).collect();
-                    n += sqlx::query(READY)
-                        .bind(paths)
-                        .bind(times)
-                        .execute(&mut *tx)
-                        .await?
-                        .rows_affected();
+                    touched.extend(
+                        sqlx::query_scalar::<_, i64>(READY)
+                            .bind(paths)
+                            .bind(times)
+                            .fetch_all(&mut *tx)
+                            .await?,
+                    );
                 }
                 if !failed.is_empty() {
                     let paths: Vec<&str> = failed.iter().map(|e| e.path.as_str()).collect();
@@ -363,20 +440,54 @@ impl Store {
                         .iter()
                         .map(|e| e.error.as_deref().unwrap_or(""))
                         .collect();
-                    n += sqlx::query(FAILED)
-                        .bind(paths)
-                        .bind(msgs)
-                        .execute(&mut *tx)
-                        .await?
-                        .rows_affected();
+                    touched.extend(
+                        sqlx::query_scalar::<_, i64>(FAILED)
+                            .bind(paths)
+                            .bind(msgs)
+                            .fetch_all(&mut *tx)
+                            .await?,
+                    );
+                }
+                let mut done = Vec::new();
+                if !touched.is_empty() {
+                    let mut ids = touched.clone();
+                    ids.sort_unstable();
+                    ids.dedup();
+                    let decided: Vec<(i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(complete))
+                        .bind(ids)
+                        .bind(now)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                    for (job_id, code) in decided {
+                        sqlx::query(MARK_DONE)
+                            .bind(job_id)
+                            .bind(code)
+                            .bind(now)
+                            .execute(&mut *tx)
+                            .await?;
+                        done.push(job_id);
+                    }
                 }
                 tx.commit().await?;
-                n
+                done
             }
         };
-        Ok(changed)
+        if !completed.is_empty() {
+            self.signals.outbox.notify_one();
+        }
+        Ok(touched.len() as u64)
     }
 }
+
+/// Ready and failed counts of `jobs j`, named `r` and `e`.
+const COUNTS_RE: &str =
+    "(SELECT count(*) FROM job_files f WHERE f.job_id = j.job_id AND f.ready) AS r, \
+     (SELECT count(*) FROM job_files f WHERE f.job_id = j.job_id AND f.error AND NOT f.ready) AS e";
+
+/// Marks a job decided ($1 job, $2 code, $3 now).
+const MARK_DONE: &str = "UPDATE jobs SET state = 'done', return_code = $2, next_stage_ms = NULL, \
+         updated_ms = $3, lease_owner = NULL, lease_until_ms = NULL \
+     WHERE job_id = $1 AND state <> 'done'";
 
 #[derive(sqlx::FromRow)]
 struct SummaryRow(i64, i64, i64, i64, i64, Option<i64>, Option<String>);

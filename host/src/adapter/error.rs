@@ -1,0 +1,100 @@
+//! What can go wrong with an adapter, typed so that the job engine can map each case to a
+//! job outcome without parsing messages. Every message names the adapter.
+
+use std::time::Duration;
+
+/// A call into a loaded adapter failed. The store it ran in is gone; the adapter itself
+/// stays loaded and the next call gets a fresh instance.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AdapterError {
+    #[error("adapter {adapter}: {export} did not finish within {limit:?}")]
+    Timeout {
+        adapter: String,
+        export: &'static str,
+        limit: Duration,
+    },
+    #[error(
+        "adapter {adapter}: {export} tried to grow its memory to {requested} bytes, over the limit of {limit}"
+    )]
+    MemoryExceeded {
+        adapter: String,
+        export: &'static str,
+        requested: usize,
+        limit: usize,
+    },
+    #[error("adapter {adapter}: {export} trapped: {message}")]
+    Trap {
+        adapter: String,
+        export: &'static str,
+        message: String,
+    },
+    #[error("adapter {adapter}: {export} was given {bytes} bytes, over the limit of {limit}")]
+    InputTooLarge {
+        adapter: String,
+        export: &'static str,
+        bytes: usize,
+        limit: usize,
+    },
+    #[error("adapter {adapter}: {export} returned {bytes} bytes, over the limit of {limit}")]
+    OutputTooLarge {
+        adapter: String,
+        export: &'static str,
+        bytes: usize,
+        limit: usize,
+    },
+    #[error("adapter {adapter}: {export} returned a malformed result: {reason}")]
+    BadOutput {
+        adapter: String,
+        export: &'static str,
+        reason: String,
+    },
+    #[error("adapter {adapter}: cannot instantiate for {export}: {message}")]
+    Instantiate {
+        adapter: String,
+        export: &'static str,
+        message: String,
+    },
+}
+
+/// `resolve-observation` gave no files. The first three are the adapter's answers; the
+/// job engine turns them into HTTP 400, callback 101 and callback 100.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ResolveError {
+    #[error("invalid observation: {0}")]
+    Invalid(String),
+    #[error("observation not found: {0}")]
+    NotFound(String),
+    #[error("observation lookup failed: {0}")]
+    LookupFailed(String),
+    #[error(transparent)]
+    Adapter(#[from] AdapterError),
+}
+
+/// A `.wasm` file could not become the adapter.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read adapter file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a WebAssembly component: {message}")]
+    Compile { path: String, message: String },
+    #[error("{path} is not a staging:adapter@1.0.0 component: {message}")]
+    NotAnAdapter { path: String, message: String },
+    #[error("{path}: the adapter failed its load check: {source}")]
+    Check { path: String, source: AdapterError },
+    #[error("{path}: the adapter's observation schema is unusable: {message}")]
+    Schema { path: String, message: String },
+    #[error("the adapter engine cannot be set up: {0}")]
+    Engine(String),
+}
+
+/// `POST /admin/adapter/reload` or SIGHUP could not swap in a new adapter.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("no adapter is configured (adapter.wasm is not set)")]
+    NotConfigured,
+    #[error("{0}; the previous adapter stays in service")]
+    Load(#[from] LoadError),
+}

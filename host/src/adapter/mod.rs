@@ -1,0 +1,586 @@
+//! Telescope adapters: WebAssembly components implementing `wit/adapter.wit`, run in a
+//! sandbox so that a buggy or hostile adapter can cost a job but never the daemon.
+//!
+//! This module narrows wasmtime to what `staged` needs: one engine per daemon
+//! ([`policy`] owns every knob), each adapter compiled once into an `InstancePre`, and a
+//! fresh store per call (`runtime`). The rest of the daemon sees [`Adapters`] (what is in
+//! service, hot-swappable) and [`LoadedAdapter`] (typed, bounded calls).
+//!
+//! Invariants:
+//! - Every call is bounded (time, memory, stack, bytes in and out, HTTP); a failure is an
+//!   [`AdapterError`] for that call alone, logged with the adapter's name.
+//! - An adapter is in service only after it compiled, linked against exactly the imports we
+//!   grant (the `host` interface and an empty WASI), answered `info` and gave a usable
+//!   observation schema.
+//! - A swap is one atomic pointer store: a call holds the `Arc<LoadedAdapter>` it started
+//!   with and finishes on it; a new file that fails its checks never replaces the old one.
+
+mod allow;
+mod error;
+pub mod policy;
+mod runtime;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use serde_json::Value;
+use wasmtime::Engine;
+use wasmtime::component::{Component, HasSelf, Linker};
+
+pub use allow::{AllowList, AllowListError};
+pub use error::{AdapterError, LoadError, ReloadError, ResolveError};
+pub use policy::Limits;
+
+use crate::config::AdapterConfig;
+use runtime::{Adapter, AdapterPre, CallState, Shared};
+
+/// Who an adapter says it is.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AdapterInfo {
+    pub name: String,
+    pub version: String,
+    pub telescope: String,
+}
+
+/// The facts of a finished job that the adapter words its report and comment from.
+#[derive(Debug, Clone, Default)]
+pub struct JobSummaryForAdapter {
+    pub job_id: i64,
+    pub return_code: u32,
+    pub total_files: u64,
+    pub ready_files: u64,
+    /// Files the tape system reported an error for, in job order.
+    pub error_files: Vec<String>,
+    /// Files that never arrived, in job order.
+    pub missing_files: Vec<String>,
+}
+
+impl JobSummaryForAdapter {
+    fn to_wit(&self) -> runtime::JobSummary {
+        runtime::JobSummary {
+            job_id: self.job_id,
+            return_code: self.return_code,
+            total_files: self.total_files,
+            ready_files: self.ready_files,
+            error_files: self.error_files.clone(),
+            missing_files: self.missing_files.clone(),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        strings_bytes(&self.error_files) + strings_bytes(&self.missing_files) + 32
+    }
+}
+
+fn strings_bytes(list: &[String]) -> usize {
+    // Each string also costs its (pointer, length) pair in the guest.
+    list.iter().map(|s| s.len() + 8).sum()
+}
+
+/// The adapter in service, swappable while calls run. Cheap to clone.
+#[derive(Clone)]
+pub struct Adapters {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// `None` when no adapter is configured.
+    source: Option<Source>,
+    current: ArcSwapOption<LoadedAdapter>,
+    /// One reload at a time, so two racing reloads cannot swap in the older file last.
+    reloading: tokio::sync::Mutex<()>,
+}
+
+/// Everything needed to (re)load the configured file.
+struct Source {
+    path: PathBuf,
+    engine: Engine,
+    linker: Linker<CallState>,
+    limits: Limits,
+    allow: AllowList,
+    settings_json: String,
+    allocator: &'static str,
+}
+
+impl Adapters {
+    /// No adapter: jobs must list their files.
+    pub fn none() -> Adapters {
+        Adapters {
+            inner: Arc::new(Inner {
+                source: None,
+                current: ArcSwapOption::empty(),
+                reloading: tokio::sync::Mutex::new(()),
+            }),
+        }
+    }
+
+    /// Sets up the engine and loads `config.wasm`, if any. A configured file that does not
+    /// load is an error: the daemon should not start without the adapter it was told to use.
+    pub async fn from_config(config: &AdapterConfig) -> Result<Adapters, LoadError> {
+        let Some(path) = config.wasm.clone() else {
+            return Ok(Adapters::none());
+        };
+        let source = Source::new(path, config)?;
+        let loaded = source.load().await?;
+        tracing::info!(
+            adapter = %loaded.info.name,
+            version = %loaded.info.version,
+            telescope = %loaded.info.telescope,
+            path = %source.path.display(),
+            allocator = loaded.allocator,
+            "adapter loaded"
+        );
+        Ok(Adapters {
+            inner: Arc::new(Inner {
+                source: Some(source),
+                current: ArcSwapOption::from_pointee(loaded),
+                reloading: tokio::sync::Mutex::new(()),
+            }),
+        })
+    }
+
+    /// The adapter in service now. Hold the `Arc` for the duration of one piece of work
+    /// (a request, a batch): a reload meanwhile does not change what that work talks to.
+    pub fn current(&self) -> Option<Arc<LoadedAdapter>> {
+        self.inner.current.load_full()
+    }
+
+    /// Whether an adapter is configured at all.
+    pub fn is_configured(&self) -> bool {
+        self.inner.source.is_some()
+    }
+
+    /// Loads the configured file again and swaps it in if it passes the load checks;
+    /// otherwise the adapter in service stays.
+    pub async fn reload(&self) -> Result<Arc<LoadedAdapter>, ReloadError> {
+        let source = self
+            .inner
+            .source
+            .as_ref()
+            .ok_or(ReloadError::NotConfigured)?;
+        let _one_at_a_time = self.inner.reloading.lock().await;
+        match source.load().await {
+            Ok(loaded) => {
+                let loaded = Arc::new(loaded);
+                self.inner.current.store(Some(loaded.clone()));
+                tracing::info!(adapter = %loaded.info.name, version = %loaded.info.version, "adapter reloaded");
+                Ok(loaded)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "adapter reload failed; the previous adapter stays");
+                Err(e.into())
+            }
+        }
+    }
+}
+
+impl Source {
+    fn new(path: PathBuf, config: &AdapterConfig) -> Result<Source, LoadError> {
+        let engine_err = |e: anyhow::Error| LoadError::Engine(format!("{e:#}"));
+        let limits = Limits::from_config(config).map_err(engine_err)?;
+        let allow = AllowList::parse(&config.http_allow)
+            .map_err(|e| LoadError::Engine(format!("adapter.http_allow: {e}")))?;
+        let settings_json = serde_json::to_string(&config.settings)
+            .map_err(|e| LoadError::Engine(format!("adapter.settings: {e}")))?;
+        let (engine, allocator) = policy::engine(&limits).map_err(engine_err)?;
+        policy::start_epoch_ticker(&engine);
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
+        Adapter::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
+            .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
+        Ok(Source {
+            path,
+            engine,
+            linker,
+            limits,
+            allow,
+            settings_json,
+            allocator,
+        })
+    }
+
+    async fn load(&self) -> Result<LoadedAdapter, LoadError> {
+        let path = self.path.clone();
+        let bytes = tokio::fs::read(&path)
+            .await
+            .map_err(|source| LoadError::Read {
+                path: path.display().to_string(),
+                source,
+            })?;
+        let engine = self.engine.clone();
+        // Compiling takes a CPU for a while: keep it off the async workers.
+        let component = tokio::task::spawn_blocking(move || Component::new(&engine, &bytes))
+            .await
+            .map_err(|e| LoadError::Engine(format!("compiler task: {e}")))?
+            .map_err(|e| LoadError::Compile {
+                path: path.display().to_string(),
+                message: format!("{e:#}"),
+            })?;
+        let not_adapter = |e: wasmtime::Error| LoadError::NotAnAdapter {
+            path: path.display().to_string(),
+            message: format!("{e:#}"),
+        };
+        let instance_pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(not_adapter)?;
+        let pre = AdapterPre::new(instance_pre).map_err(not_adapter)?;
+        let shared = Arc::new(Shared {
+            // Until `info` answers, errors name the file.
+            name: file_name(&path),
+            limits: self.limits.clone(),
+            allow: self.allow.clone(),
+            settings_json: self.settings_json.clone(),
+            http: http_client(&self.limits).map_err(|e| LoadError::Engine(format!("{e:#}")))?,
+        });
+        LoadedAdapter::check(pre, shared, &path, self.allocator).await
+    }
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
+}
+
+fn http_client(limits: &Limits) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(limits.http_timeout)
+        .user_agent(concat!("staged/", env!("CARGO_PKG_VERSION"), " adapter"))
+        .build()
+}
+
+/// One compiled, checked adapter. Every method is one bounded call in a fresh instance.
+pub struct LoadedAdapter {
+    info: AdapterInfo,
+    schema: Value,
+    validator: jsonschema::Validator,
+    pre: AdapterPre<CallState>,
+    shared: Arc<Shared>,
+    allocator: &'static str,
+}
+
+impl LoadedAdapter {
+    async fn check(
+        pre: AdapterPre<CallState>,
+        mut shared: Arc<Shared>,
+        path: &Path,
+        allocator: &'static str,
+    ) -> Result<LoadedAdapter, LoadError> {
+        let failed = |source| LoadError::Check {
+            path: path.display().to_string(),
+            source,
+        };
+        let info = runtime::call(&pre, &shared, "info", |a, s| Box::pin(a.call_info(s)))
+            .await
+            .map_err(failed)?;
+        let info = AdapterInfo {
+            name: info.name,
+            version: info.version,
+            telescope: info.telescope,
+        };
+        if info.name.is_empty() || info.name.len() > 64 {
+            return Err(failed(AdapterError::BadOutput {
+                adapter: shared.name.clone(),
+                export: "info",
+                reason: "the name must be 1 to 64 bytes".into(),
+            }));
+        }
+        if let Some(s) = Arc::get_mut(&mut shared) {
+            s.name = info.name.clone();
+        }
+        let schema_text = runtime::call(&pre, &shared, "observation-schema", |a, s| {
+            Box::pin(a.call_observation_schema(s))
+        })
+        .await
+        .map_err(failed)?;
+        let schema_err = |message: String| LoadError::Schema {
+            path: path.display().to_string(),
+            message,
+        };
+        let schema: Value =
+            serde_json::from_str(&schema_text).map_err(|e| schema_err(format!("not JSON: {e}")))?;
+        // The default options resolve no remote or file references (the crate is built
+        // without those features): a schema must stand alone.
+        let validator =
+            jsonschema::validator_for(&schema).map_err(|e| schema_err(e.to_string()))?;
+        Ok(LoadedAdapter {
+            info,
+            schema,
+            validator,
+            pre,
+            shared,
+            allocator,
+        })
+    }
+
+    /// Name, version and telescope, as answered at load.
+    pub fn info(&self) -> &AdapterInfo {
+        &self.info
+    }
+
+    /// The JSON Schema of `obs`, as answered at load (for `/openapi.json`).
+    pub fn observation_schema(&self) -> &Value {
+        &self.schema
+    }
+
+    /// Checks a request's `obs` against the schema: `Err` holds every reason, for a 422.
+    /// No adapter call: this runs on every `POST /staging/` with an observation.
+    pub fn validate_observation(&self, obs: &Value) -> Result<(), String> {
+        let reasons: Vec<String> = self
+            .validator
+            .iter_errors(obs)
+            .take(10)
+            .map(|e| {
+                let at = e.instance_path().to_string();
+                if at.is_empty() {
+                    e.to_string()
+                } else {
+                    format!("{at}: {e}")
+                }
+            })
+            .collect();
+        if reasons.is_empty() {
+            Ok(())
+        } else {
+            Err(reasons.join("; "))
+        }
+    }
+
+    fn check_input(&self, export: &'static str, bytes: usize) -> Result<(), AdapterError> {
+        let limit = self.shared.limits.max_input_bytes;
+        if bytes > limit {
+            return Err(AdapterError::InputTooLarge {
+                adapter: self.info.name.clone(),
+                export,
+                bytes,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_output(&self, export: &'static str, bytes: usize) -> Result<(), AdapterError> {
+        let limit = self.shared.limits.max_output_bytes;
+        if bytes > limit {
+            return Err(AdapterError::OutputTooLarge {
+                adapter: self.info.name.clone(),
+                export,
+                bytes,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    fn bad_output(&self, export: &'static str, reason: String) -> AdapterError {
+        AdapterError::BadOutput {
+            adapter: self.info.name.clone(),
+            export,
+            reason,
+        }
+    }
+
+    fn logged<T>(&self, r: Result<T, AdapterError>) -> Result<T, AdapterError> {
+        if let Err(e) = &r {
+            tracing::warn!(adapter = %self.info.name, error = %e, "adapter call failed");
+        }
+        r
+    }
+
+    /// The files of an observation (already valid against the schema). The job engine
+    /// calls it once when it takes up a job created with `obs`; `Invalid` becomes the
+    /// job's 400 (or callback 100 if the job was already acknowledged), `NotFound` callback
+    /// 101, `LookupFailed` and `Adapter` callback 100.
+    pub async fn resolve_observation(&self, obs: &Value) -> Result<Vec<String>, ResolveError> {
+        const EXPORT: &str = "resolve-observation";
+        let text = obs.to_string();
+        self.logged(self.check_input(EXPORT, text.len()))?;
+        let out = runtime::call(&self.pre, &self.shared, EXPORT, move |a, s| {
+            Box::pin(async move { a.call_resolve_observation(s, &text).await })
+        })
+        .await;
+        let out = self.logged(out)?;
+        let bytes = match &out {
+            Ok(paths) => strings_bytes(paths),
+            Err(
+                runtime::WitResolveError::Invalid(m)
+                | runtime::WitResolveError::NotFound(m)
+                | runtime::WitResolveError::LookupFailed(m),
+            ) => m.len(),
+        };
+        self.logged(self.check_output(EXPORT, bytes))?;
+        match out {
+            Ok(paths) => {
+                if let Some(bad) = paths.iter().find(|p| p.is_empty() || p.contains('\0')) {
+                    let e = self.bad_output(EXPORT, format!("path {bad:?}"));
+                    return Err(self.logged::<()>(Err(e)).unwrap_err().into());
+                }
+                Ok(paths)
+            }
+            Err(runtime::WitResolveError::Invalid(m)) => Err(ResolveError::Invalid(m)),
+            Err(runtime::WitResolveError::NotFound(m)) => Err(ResolveError::NotFound(m)),
+            Err(runtime::WitResolveError::LookupFailed(m)) => Err(ResolveError::LookupFailed(m)),
+        }
+    }
+
+    /// Kafka `Filename`s to job paths (`None`: not this telescope's file). The Kafka
+    /// consumer calls it once per polled batch, before touching the database, and drops
+    /// the `None`s; an error fails the batch, which is then retried (not committed).
+    pub async fn map_event_paths(
+        &self,
+        names: &[String],
+    ) -> Result<Vec<Option<String>>, AdapterError> {
+        const EXPORT: &str = "map-event-paths";
+        self.check_input(EXPORT, strings_bytes(names))?;
+        let names = names.to_vec();
+        let expected = names.len();
+        let out = runtime::call(&self.pre, &self.shared, EXPORT, move |a, s| {
+            Box::pin(async move { a.call_map_event_paths(s, &names).await })
+        })
+        .await;
+        let out = self.logged(out)?;
+        let bytes = out
+            .iter()
+            .map(|p| p.as_ref().map_or(1, |p| p.len() + 8))
+            .sum();
+        self.logged(self.check_output(EXPORT, bytes))?;
+        if out.len() != expected {
+            return self.logged(Err(self.bad_output(
+                EXPORT,
+                format!("{} entries for {expected} names", out.len()),
+            )));
+        }
+        Ok(out)
+    }
+
+    /// Job paths to the paths Scout is asked to stage, in order. The stager calls it once
+    /// per stage request (≤ 10,000 paths) and sends the answer as the request's `path` list.
+    pub async fn stage_paths(&self, paths: &[String]) -> Result<Vec<String>, AdapterError> {
+        const EXPORT: &str = "stage-paths";
+        self.check_input(EXPORT, strings_bytes(paths))?;
+        let paths = paths.to_vec();
+        let expected = paths.len();
+        let out = runtime::call(&self.pre, &self.shared, EXPORT, move |a, s| {
+            Box::pin(async move { a.call_stage_paths(s, &paths).await })
+        })
+        .await;
+        let out = self.logged(out)?;
+        self.logged(self.check_output(EXPORT, strings_bytes(&out)))?;
+        if out.len() != expected {
+            return self.logged(Err(self.bad_output(
+                EXPORT,
+                format!("{} entries for {expected} paths", out.len()),
+            )));
+        }
+        Ok(out)
+    }
+
+    /// The failure report's text for a job that did not end with code 0. The job engine
+    /// writes it with `reports::write`; if the adapter fails, it falls back to
+    /// `reports::render`, so a report is never lost to an adapter bug.
+    pub async fn failure_report(&self, job: &JobSummaryForAdapter) -> Result<String, AdapterError> {
+        self.wording("failure-report", job).await
+    }
+
+    /// The callback's `comment`. The callback sender asks for it just before sending; on
+    /// an error it sends a plain comment of its own rather than holding the callback back.
+    pub async fn callback_comment(
+        &self,
+        job: &JobSummaryForAdapter,
+    ) -> Result<String, AdapterError> {
+        self.wording("callback-comment", job).await
+    }
+
+    async fn wording(
+        &self,
+        export: &'static str,
+        job: &JobSummaryForAdapter,
+    ) -> Result<String, AdapterError> {
+        self.check_input(export, job.bytes())?;
+        let summary = job.to_wit();
+        let report = export == "failure-report";
+        let out = runtime::call(&self.pre, &self.shared, export, move |a, s| {
+            Box::pin(async move {
+                if report {
+                    a.call_failure_report(s, &summary).await
+                } else {
+                    a.call_callback_comment(s, &summary).await
+                }
+            })
+        })
+        .await;
+        let out = self.logged(out)?;
+        self.logged(self.check_output(export, out.len()))?;
+        Ok(out)
+    }
+
+    /// The bounds this adapter's calls run under.
+    pub fn limits(&self) -> &Limits {
+        &self.shared.limits
+    }
+}
+
+/// `staged adapter inspect`: loads `path` with `config`'s limits and settings and runs a
+/// self-test that needs no network (`resolve-observation` is asked about `{}`, which every
+/// adapter must refuse or answer without trapping). Returns the lines to print.
+pub async fn inspect(path: &Path, config: &AdapterConfig) -> Result<Vec<String>, LoadError> {
+    // No HTTP: a self-test must not depend on, or reach, the network.
+    let config = AdapterConfig {
+        wasm: Some(path.to_path_buf()),
+        call_timeout_ms: config.call_timeout_ms,
+        memory_limit_bytes: config.memory_limit_bytes,
+        max_input_bytes: config.max_input_bytes,
+        max_output_bytes: config.max_output_bytes,
+        http_allow: Vec::new(),
+        http_timeout_ms: config.http_timeout_ms,
+        http_max_response_bytes: config.http_max_response_bytes,
+        settings: config.settings.clone(),
+    };
+    let adapters = Adapters::from_config(&config).await?;
+    let a = adapters.current().expect("a configured adapter is loaded");
+    let mut out = vec![
+        format!("file:      {}", path.display()),
+        format!("name:      {}", a.info.name),
+        format!("version:   {}", a.info.version),
+        format!("telescope: {}", a.info.telescope),
+        "observation schema:".to_string(),
+        serde_json::to_string_pretty(&a.schema).unwrap_or_default(),
+        "self-test:".to_string(),
+    ];
+    let fail = |e: AdapterError| LoadError::Check {
+        path: path.display().to_string(),
+        source: e,
+    };
+    let names = vec!["mwa/1/1_ch001.fits".to_string(), "other/file".to_string()];
+    let mapped = a.map_event_paths(&names).await.map_err(fail)?;
+    out.push(format!("  map-event-paths {names:?} -> {mapped:?}"));
+    let staged = a.stage_paths(&names[..1]).await.map_err(fail)?;
+    out.push(format!("  stage-paths {:?} -> {staged:?}", &names[..1]));
+    let job = JobSummaryForAdapter {
+        job_id: 1,
+        return_code: 5,
+        total_files: 2,
+        ready_files: 1,
+        error_files: vec![names[0].clone()],
+        missing_files: Vec::new(),
+    };
+    let report = a.failure_report(&job).await.map_err(fail)?;
+    out.push(format!(
+        "  failure-report: {} lines",
+        report.lines().count()
+    ));
+    let comment = a.callback_comment(&job).await.map_err(fail)?;
+    out.push(format!("  callback-comment: {comment:?}"));
+    let resolved = match a.resolve_observation(&serde_json::json!({})).await {
+        Ok(paths) => format!("{} paths", paths.len()),
+        Err(ResolveError::Adapter(e)) => return Err(fail(e)),
+        Err(e) => e.to_string(),
+    };
+    out.push(format!("  resolve-observation {{}} -> {resolved}"));
+    out.push("ok".to_string());
+    Ok(out)
+}

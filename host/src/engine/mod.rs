@@ -1,0 +1,427 @@
+//! The job engine: takes each stored job from accepted to notified.
+//!
+//! ```text
+//!  resolving --(adapter: observation -> paths)--> staging --(Scout accepts)--> waiting
+//!      |                                              |                          |
+//!      +-- lookup failed / no files (100/101) ---+    +-- refused (102) -------+  +-- every file ready
+//!                                               v                           v  v   or failed (0/5),
+//!                                                         done: callback queued       or expired (10)
+//! ```
+//!
+//! Invariants:
+//! - Every timer lives in the store (`next_stage_ms`, `expires_ms`, `next_attempt_ms`), never
+//!   only in memory: a restarted daemon resumes exactly where the last one stopped.
+//! - Work is claimed with leases (see `store::engine`), so several daemons sharing one
+//!   PostgreSQL split the work, and a killed daemon's jobs are taken over when its lease
+//!   lapses.
+//! - A transient failure (Scout or the metadata service down) delays a job with backoff; only
+//!   a refusal or a definite answer ends it early, always with a callback.
+//! - Completion is event-driven: the ingest transaction that completes a job queues its
+//!   callback and wakes the notifier. The periodic sweep only expires jobs and catches what a
+//!   crashed daemon left behind.
+//!
+//! The engine talks to its peers through the small traits below, so that tests and
+//! `staged demo` can point it at simulators over real sockets.
+
+mod notify;
+pub mod peers;
+pub mod wording;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::{Config, JobsConfig};
+use crate::store::{Store, StoreError, codes, now_ms};
+pub use wording::{BuiltinWording, JobFacts, Wording};
+
+/// Why staging a job's paths did not succeed.
+#[derive(Debug, Clone)]
+pub enum StageError {
+    /// Worth retrying later (connection refused, timeout, 5xx, every node down).
+    Transient(String),
+    /// Scout said no (a 4xx other than 403): the job ends with code 102.
+    Refused(String),
+}
+
+/// Asks the tape system to recall files (the Scout API).
+pub trait Stager: Send + Sync {
+    /// Requests recall of `paths` for `job_id`; `Ok` once Scout accepted all of them.
+    fn stage<'a>(&'a self, job_id: i64, paths: &'a [String]) -> BoxFuture<'a, Result<(), StageError>>;
+    /// Best-effort cancel of recalls no job wants any more.
+    fn cancel<'a>(&'a self, job_id: i64, paths: &'a [String]) -> BoxFuture<'a, Result<(), String>>;
+}
+
+/// Why an observation could not be turned into files.
+#[derive(Debug, Clone)]
+pub enum ResolveError {
+    /// The lookup found no files: code 101.
+    NotFound,
+    /// The lookup failed definitively (bad request, bad answer): code 100.
+    LookupFailed(String),
+    /// The lookup could not be made now (service down): retried with backoff until expiry.
+    Unavailable(String),
+    /// The adapter itself failed (trap, timeout, bad output): code 199.
+    Internal(String),
+}
+
+/// Turns an observation into paths (the telescope adapter).
+pub trait Resolver: Send + Sync {
+    fn resolve<'a>(&'a self, obs: &'a serde_json::Value) -> BoxFuture<'a, Result<Vec<String>, ResolveError>>;
+}
+
+/// Counters for metrics; monotonic since start.
+#[derive(Debug, Default)]
+pub struct EngineCounters {
+    pub stage_calls_ok: AtomicU64,
+    pub stage_calls_failed: AtomicU64,
+    pub resolved: AtomicU64,
+    pub callbacks_delivered: AtomicU64,
+    pub callbacks_failed_attempts: AtomicU64,
+    pub callbacks_abandoned: AtomicU64,
+    pub expired: AtomicU64,
+}
+
+/// What the engine is built from.
+pub struct EngineParts {
+    pub stager: Option<Arc<dyn Stager>>,
+    pub resolver: Option<Arc<dyn Resolver>>,
+    pub wording: Arc<dyn Wording>,
+}
+
+/// Tunables in one place, from `[jobs]` and `[callbacks]`.
+#[derive(Debug, Clone)]
+pub struct EngineTimings {
+    pub restage_interval: Duration,
+    pub sweep_interval: Duration,
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+    pub lease: Duration,
+    pub history_keep: Duration,
+    /// How often each loop looks for due work that no in-process signal announced
+    /// (work left by another daemon or a crashed one, timers coming due).
+    pub poll: Duration,
+}
+
+impl EngineTimings {
+    pub fn from_config(jobs: &JobsConfig) -> Self {
+        Self {
+            restage_interval: Duration::from_secs(jobs.restage_interval_secs),
+            sweep_interval: Duration::from_secs(jobs.sweep_interval_secs),
+            retry_min: Duration::from_secs(jobs.retry_min_secs),
+            retry_max: Duration::from_secs(jobs.retry_max_secs),
+            lease: Duration::from_secs(jobs.lease_secs),
+            history_keep: Duration::from_secs(jobs.history_days * 86_400),
+            poll: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The running engine.
+pub struct Engine {
+    pub counters: Arc<EngineCounters>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Exponential backoff with ±20 % jitter: `min * 2^attempt`, capped at `max`.
+pub(crate) fn backoff(attempt: i64, min: Duration, max: Duration) -> Duration {
+    let exp = 2u32.saturating_pow(attempt.clamp(0, 20) as u32);
+    let base = min.saturating_mul(exp).min(max);
+    let jitter = 0.8 + rand::random::<f64>() * 0.4;
+    base.mul_f64(jitter).min(max)
+}
+
+impl Engine {
+    /// Starts the engine's loops on `store`.
+    pub fn start(store: Store, config: &Config, parts: EngineParts) -> Engine {
+        let owner = format!(
+            "{}-{}-{:08x}",
+            hostname(),
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        let timings = EngineTimings::from_config(&config.jobs);
+        let counters = Arc::new(EngineCounters::default());
+        let (stop, stopped) = watch::channel(false);
+        if parts.stager.is_none() {
+            tracing::warn!("no Scout nodes configured: jobs are stored but not staged");
+        }
+        let worker = StageWorker {
+            store: store.clone(),
+            owner: owner.clone(),
+            parts: EngineParts {
+                stager: parts.stager.clone(),
+                resolver: parts.resolver.clone(),
+                wording: parts.wording.clone(),
+            },
+            timings: timings.clone(),
+            error_delay: Duration::from_secs(config.callbacks.error_delay_secs),
+            counters: counters.clone(),
+        };
+        let sweeper = Sweeper {
+            store: store.clone(),
+            timings: timings.clone(),
+            expired_grace: Duration::from_secs(config.callbacks.expired_grace_secs),
+            reports_dir: config.reports.dir.clone(),
+            report_days: config.reports.expire_days,
+            report_keep: config.reports.keep_newest,
+            counters: counters.clone(),
+        };
+        let notifier = notify::Notifier::new(
+            store,
+            owner,
+            &config.callbacks,
+            config.jobs.expiry_secs,
+            config.reports.dir.clone(),
+            parts.wording,
+            timings,
+            counters.clone(),
+        );
+        let tasks = vec![
+            tokio::spawn(worker.run(stopped.clone())),
+            tokio::spawn(sweeper.run(stopped.clone())),
+            tokio::spawn(notifier.run(stopped)),
+        ];
+        Engine {
+            counters,
+            stop,
+            tasks,
+        }
+    }
+
+    /// Stops the loops; work in progress is abandoned to its lease, so nothing is lost.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "staged".into())
+}
+
+/// Waits for `signal`, the poll interval, or stop; returns false when stopping.
+async fn idle(signal: &tokio::sync::Notify, poll: Duration, stopped: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = signal.notified() => {},
+        _ = tokio::time::sleep(poll) => {},
+        _ = stopped.changed() => {},
+    }
+    !*stopped.borrow()
+}
+
+/// Resolves observations and (re)stages waiting files.
+struct StageWorker {
+    store: Store,
+    owner: String,
+    parts: EngineParts,
+    timings: EngineTimings,
+    error_delay: Duration,
+    counters: Arc<EngineCounters>,
+}
+
+const STAGE_CLAIM: i64 = 32;
+
+impl StageWorker {
+    async fn run(self, mut stopped: watch::Receiver<bool>) {
+        loop {
+            let claimed = match self
+                .store
+                .claim_stage_work(&self.owner, self.timings.lease.as_millis() as i64, STAGE_CLAIM)
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, "claiming stage work failed");
+                    Vec::new()
+                }
+            };
+            let full = claimed.len() as i64 == STAGE_CLAIM;
+            // Jobs are independent: one slow Scout call must not hold up the others.
+            let results = futures::future::join_all(claimed.into_iter().map(|w| self.work(w))).await;
+            for r in results {
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "recording stage work failed; its lease will lapse and it will be retried");
+                }
+            }
+            if full {
+                continue;
+            }
+            if !idle(&self.store.signals().work, self.timings.poll, &mut stopped).await {
+                return;
+            }
+        }
+    }
+
+    async fn work(&self, w: crate::store::StageWork) -> Result<(), StoreError> {
+        let job_id = w.job_id;
+        if w.state == "resolving" && !self.resolve(&w).await? {
+            return Ok(());
+        }
+        let Some(stager) = &self.parts.stager else {
+            // Nothing can stage: look again after the restage interval.
+            let next = now_ms() + self.timings.restage_interval.as_millis() as i64;
+            return self
+                .store
+                .mark_stage_retry(job_id, &self.owner, next, "no Scout nodes configured")
+                .await;
+        };
+        let paths = self.store.waiting_paths(job_id).await?;
+        if paths.is_empty() {
+            // Everything already arrived; completion was queued by the ingest.
+            return self.store.mark_staged(job_id, &self.owner, i64::MAX).await;
+        }
+        match stager.stage(job_id, &paths).await {
+            Ok(()) => {
+                self.counters.stage_calls_ok.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(job_id, files = paths.len(), "staging requested");
+                let next = now_ms() + self.timings.restage_interval.as_millis() as i64;
+                self.store.mark_staged(job_id, &self.owner, next).await
+            }
+            Err(StageError::Transient(reason)) => {
+                self.counters.stage_calls_failed.fetch_add(1, Ordering::Relaxed);
+                let wait = backoff(w.stage_attempts, self.timings.retry_min, self.timings.retry_max);
+                tracing::warn!(job_id, %reason, retry_in = ?wait, "staging failed; will retry");
+                let next = now_ms() + wait.as_millis() as i64;
+                self.store.mark_stage_retry(job_id, &self.owner, next, &reason).await
+            }
+            Err(StageError::Refused(reason)) => {
+                self.counters.stage_calls_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(job_id, %reason, "Scout refused the staging request");
+                self.decide_error(job_id, codes::SCOUT_FAILED, &format!("Scout refused to stage the files: {reason}"))
+                    .await
+            }
+        }
+    }
+
+    /// Resolves an observation job into files. Returns true when it now has files to stage.
+    async fn resolve(&self, w: &crate::store::StageWork) -> Result<bool, StoreError> {
+        let job_id = w.job_id;
+        let obs: serde_json::Value = match w.request_obs.as_deref().map(serde_json::from_str) {
+            Some(Ok(v)) => v,
+            other => {
+                let why = format!("stored observation is unreadable: {other:?}");
+                self.decide_error(job_id, codes::INTERNAL, &format!("Exception while trying to create job {job_id}: {why}"))
+                    .await?;
+                return Ok(false);
+            }
+        };
+        let Some(resolver) = &self.parts.resolver else {
+            self.decide_error(
+                job_id,
+                codes::LOOKUP_FAILED,
+                "Failed to get files associated with the given observation: no telescope adapter is configured.",
+            )
+            .await?;
+            return Ok(false);
+        };
+        match resolver.resolve(&obs).await {
+            Ok(paths) if paths.is_empty() => {
+                self.decide_error(job_id, codes::NO_FILES, "No files to stage.").await?;
+                Ok(false)
+            }
+            Ok(mut paths) => {
+                paths.sort();
+                paths.dedup();
+                self.counters.resolved.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(job_id, files = paths.len(), "observation resolved");
+                self.store.set_resolved_files(job_id, &self.owner, &paths).await
+            }
+            Err(ResolveError::NotFound) => {
+                self.decide_error(job_id, codes::NO_FILES, "No files to stage.").await?;
+                Ok(false)
+            }
+            Err(ResolveError::LookupFailed(why)) => {
+                tracing::warn!(job_id, %why, "observation lookup failed");
+                self.decide_error(
+                    job_id,
+                    codes::LOOKUP_FAILED,
+                    &format!("Failed to get files associated with the given observation: {why}"),
+                )
+                .await?;
+                Ok(false)
+            }
+            Err(ResolveError::Unavailable(why)) => {
+                let wait = backoff(w.stage_attempts, self.timings.retry_min, self.timings.retry_max);
+                tracing::warn!(job_id, %why, retry_in = ?wait, "observation lookup unavailable; will retry");
+                let next = now_ms() + wait.as_millis() as i64;
+                self.store.mark_stage_retry(job_id, &self.owner, next, &why).await?;
+                Ok(false)
+            }
+            Err(ResolveError::Internal(why)) => {
+                tracing::error!(job_id, %why, "adapter failed resolving the observation");
+                self.decide_error(
+                    job_id,
+                    codes::INTERNAL,
+                    &format!("Exception while trying to create job {job_id}: {why}"),
+                )
+                .await?;
+                Ok(false)
+            }
+        }
+    }
+
+    async fn decide_error(&self, job_id: i64, code: i64, comment: &str) -> Result<(), StoreError> {
+        let at = now_ms() + self.error_delay.as_millis() as i64;
+        self.store.decide(job_id, code, comment, at, None).await?;
+        Ok(())
+    }
+}
+
+/// Periodic housekeeping: expiry, history and report retention.
+struct Sweeper {
+    store: Store,
+    timings: EngineTimings,
+    expired_grace: Duration,
+    reports_dir: std::path::PathBuf,
+    report_days: u64,
+    report_keep: usize,
+    counters: Arc<EngineCounters>,
+}
+
+impl Sweeper {
+    async fn run(self, mut stopped: watch::Receiver<bool>) {
+        loop {
+            self.sweep().await;
+            tokio::select! {
+                _ = tokio::time::sleep(self.timings.sweep_interval) => {},
+                _ = stopped.changed() => {},
+            }
+            if *stopped.borrow() {
+                return;
+            }
+        }
+    }
+
+    async fn sweep(&self) {
+        match self.store.expire_due(self.expired_grace.as_millis() as i64).await {
+            Ok(0) => {}
+            Ok(n) => {
+                self.counters.expired.fetch_add(n, Ordering::Relaxed);
+                tracing::info!(jobs = n, "jobs expired");
+            }
+            Err(e) => tracing::error!(error = %e, "expiry sweep failed"),
+        }
+        let before = now_ms() - self.timings.history_keep.as_millis() as i64;
+        if let Err(e) = self.store.prune_history(before).await {
+            tracing::error!(error = %e, "pruning history failed");
+        }
+        let (dir, days, keep) = (self.reports_dir.clone(), self.report_days, self.report_keep);
+        match tokio::task::spawn_blocking(move || crate::reports::prune(&dir, days, keep)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(reports = n, "old failure reports removed"),
+            Ok(Err(e)) => tracing::error!(error = %e, "pruning failure reports failed"),
+            Err(e) => tracing::error!(error = %e, "pruning failure reports panicked"),
+        }
+    }
+}
+

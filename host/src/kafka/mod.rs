@@ -1,0 +1,574 @@
+//! Kafka ingest: the tape system's recall messages, applied to the store in batches.
+//!
+//! Invariants:
+//! - An offset is committed only after the transaction that applied its batch committed. A
+//!   crash or a store failure before that means the batch is read again, and re-applying a
+//!   batch changes nothing (the store's updates are idempotent): at-least-once delivery,
+//!   exactly-once effect.
+//! - One call to the [`PathMapper`] and one store transaction per batch, never per message.
+//! - No message stalls or stops the consumer: a malformed one (not JSON, no `Filename`, wrong
+//!   types, too large) is counted, logged at a bounded rate and skipped with its batch; one
+//!   about a file no job wants is counted, not logged.
+//! - A store failure is retried with back-off, the batch held in memory and uncommitted; a
+//!   lost broker is reconnected forever (librdkafka's own back-off), and the API keeps
+//!   serving meanwhile. [`IngestStatus`] reports what the consumer really sees.
+
+mod status;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Deserialize;
+use thiserror::Error;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::KafkaConfig;
+use crate::store::{FileEvent, Store, now_ms};
+use status::RateLimited;
+pub use status::{IngestCounters, IngestStatus};
+
+#[derive(Debug, Error)]
+pub enum IngestError {
+    #[error("Kafka client configuration: {0}")]
+    Config(#[source] KafkaError),
+    #[error("subscribing to topic {topic}: {source}")]
+    Subscribe {
+        topic: String,
+        #[source]
+        source: KafkaError,
+    },
+}
+
+/// Turns the tape system's file names into job paths, one batch at a time. `None`: the
+/// file is not one this deployment stages (so no job can want it). The result has one entry
+/// per name, in order.
+pub trait PathMapper: Send + Sync + 'static {
+    fn map_paths(&self, names: &[String]) -> Vec<Option<String>>;
+}
+
+/// Job paths are the tape system's file names (no adapter loaded).
+pub struct IdentityMapper;
+
+impl PathMapper for IdentityMapper {
+    fn map_paths(&self, names: &[String]) -> Vec<Option<String>> {
+        names.iter().cloned().map(Some).collect()
+    }
+}
+
+impl<F> PathMapper for F
+where
+    F: Fn(&[String]) -> Vec<Option<String>> + Send + Sync + 'static,
+{
+    fn map_paths(&self, names: &[String]) -> Vec<Option<String>> {
+        self(names)
+    }
+}
+
+/// The librdkafka settings for `[kafka]`: manual commits, earliest offset on a new group,
+/// statistics for liveness, then the `extra` table on top.
+pub fn client_config(c: &KafkaConfig) -> ClientConfig {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", c.brokers.join(","))
+        .set("group.id", &c.group_id)
+        .set("client.id", &c.client_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("statistics.interval.ms", STATS_INTERVAL_MS.to_string())
+        .set("reconnect.backoff.ms", "100")
+        .set("reconnect.backoff.max.ms", "10000")
+        .set("security.protocol", c.security_protocol.as_str());
+    if c.security_protocol.uses_sasl() {
+        cfg.set("sasl.mechanism", c.sasl_mechanism.as_str())
+            .set("sasl.username", &c.username)
+            .set(
+                "sasl.password",
+                c.password.as_ref().map(|p| p.expose()).unwrap_or(""),
+            );
+    }
+    if let Some(ca) = &c.ca_file {
+        cfg.set("ssl.ca.location", ca.display().to_string());
+    }
+    for (k, v) in &c.extra {
+        cfg.set(k, v);
+    }
+    cfg
+}
+
+/// librdkafka's `builtin.features` as built into this binary (e.g. `ssl,sasl_scram,...`).
+pub fn builtin_features() -> Result<String, KafkaError> {
+    ClientConfig::new()
+        .create_native_config()?
+        .get("builtin.features")
+}
+
+/// How often librdkafka reports broker states; the liveness heartbeat follows it.
+const STATS_INTERVAL_MS: u64 = 1000;
+
+/// Batch bounds and limits, from `[kafka]`.
+#[derive(Debug, Clone)]
+pub struct IngestSettings {
+    pub topic: String,
+    pub batch_max_messages: usize,
+    pub batch_max_wait: Duration,
+    pub max_message_bytes: usize,
+}
+
+impl IngestSettings {
+    pub fn from_config(c: &KafkaConfig) -> Self {
+        Self {
+            topic: c.topic.clone(),
+            batch_max_messages: c.batch_max_messages,
+            batch_max_wait: Duration::from_millis(c.batch_max_wait_ms),
+            max_message_bytes: c.max_message_bytes,
+        }
+    }
+}
+
+/// The running consumer.
+pub struct IngestHandle {
+    status: IngestStatus,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl IngestHandle {
+    pub fn status(&self) -> IngestStatus {
+        self.status.clone()
+    }
+
+    /// Stops after the batch in hand (applied and committed, or left for redelivery).
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Creates the consumer, subscribes and starts ingesting in a task of its own. Fails only
+/// on a configuration librdkafka refuses; an unreachable broker is waited for.
+pub fn start(
+    config: &KafkaConfig,
+    store: Store,
+    mapper: Arc<dyn PathMapper>,
+) -> Result<IngestHandle, IngestError> {
+    start_with(
+        client_config(config),
+        IngestSettings::from_config(config),
+        store,
+        mapper,
+    )
+}
+
+/// [`start`] with explicit librdkafka settings (tests and benchmarks shorten timeouts).
+pub fn start_with(
+    client: ClientConfig,
+    settings: IngestSettings,
+    store: Store,
+    mapper: Arc<dyn PathMapper>,
+) -> Result<IngestHandle, IngestError> {
+    let status = IngestStatus::new(Duration::from_millis(STATS_INTERVAL_MS * 5));
+    let consumer = create_consumer(&client, &settings.topic, &status)?;
+    let (stop, stopped) = watch::channel(false);
+    let ingest = Ingest {
+        client,
+        settings,
+        store,
+        mapper,
+        status: status.clone(),
+        malformed_log: RateLimited::new(Duration::from_secs(10)),
+        stopped,
+    };
+    status.set_running(true);
+    let task = tokio::spawn(ingest.run(consumer));
+    Ok(IngestHandle { status, stop, task })
+}
+
+fn create_consumer(
+    client: &ClientConfig,
+    topic: &str,
+    status: &IngestStatus,
+) -> Result<StreamConsumer<Context>, IngestError> {
+    let consumer: StreamConsumer<Context> = client
+        .create_with_context(Context {
+            status: status.clone(),
+            log_limit: RateLimited::new(Duration::from_secs(30)),
+        })
+        .map_err(IngestError::Config)?;
+    consumer
+        .subscribe(&[topic])
+        .map_err(|source| IngestError::Subscribe {
+            topic: topic.to_string(),
+            source,
+        })?;
+    Ok(consumer)
+}
+
+/// Sees librdkafka's broker states and errors: the source of the liveness figures.
+struct Context {
+    status: IngestStatus,
+    log_limit: RateLimited,
+}
+
+impl ClientContext for Context {
+    fn stats(&self, stats: Statistics) {
+        if stats.brokers.values().any(|b| b.state == "UP") {
+            self.status.heartbeat();
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.status.all_brokers_down();
+        }
+        self.log_limit.log(|suppressed| {
+            tracing::warn!(error = %error, reason, suppressed, "Kafka client error");
+        });
+    }
+
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        // A lost broker makes librdkafka repeat itself every reconnect: bound the noise.
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error
+            | RDKafkaLogLevel::Warning => self.log_limit.log(|suppressed| {
+                tracing::warn!(facility = fac, suppressed, "librdkafka: {message}");
+            }),
+            _ => tracing::debug!(facility = fac, "librdkafka: {message}"),
+        }
+    }
+}
+
+impl ConsumerContext for Context {}
+
+/// One message, read and checked; the broker's copy is not kept.
+enum Parsed {
+    Event {
+        name: String,
+        error: Option<String>,
+        at_ms: i64,
+    },
+    Malformed(String),
+}
+
+/// The production message: `{"Inode":..,"Filename":..,"RequestTime":..,"CompleteTime":..,"Error":""}`.
+#[derive(Deserialize)]
+struct Recall {
+    #[serde(rename = "Filename")]
+    filename: String,
+    #[serde(rename = "Error", default)]
+    error: Option<String>,
+    #[serde(rename = "CompleteTime", default)]
+    complete_time: Option<String>,
+}
+
+/// Parses the tape system's time, e.g. `2022-02-04 03:02:32 +0000 GMT`.
+fn parse_time_ms(s: &str) -> Option<i64> {
+    let s = s.trim();
+    let s = s
+        .strip_suffix(" GMT")
+        .or_else(|| s.strip_suffix(" UTC"))
+        .unwrap_or(s);
+    chrono::DateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f %z")
+        .ok()
+        .map(|t| t.timestamp_millis())
+}
+
+fn parse(payload: Option<&[u8]>, max_bytes: usize, fallback_ms: i64) -> Parsed {
+    let Some(bytes) = payload else {
+        return Parsed::Malformed("no payload".into());
+    };
+    if bytes.len() > max_bytes {
+        return Parsed::Malformed(format!("{} bytes, over the {max_bytes} limit", bytes.len()));
+    }
+    match serde_json::from_slice::<Recall>(bytes) {
+        Ok(r) if r.filename.is_empty() => Parsed::Malformed("empty Filename".into()),
+        Ok(r) => Parsed::Event {
+            at_ms: r
+                .complete_time
+                .as_deref()
+                .and_then(parse_time_ms)
+                .unwrap_or(fallback_ms),
+            name: r.filename,
+            error: r.error.filter(|e| !e.is_empty()),
+        },
+        Err(e) => Parsed::Malformed(e.to_string()),
+    }
+}
+
+struct Ingest {
+    client: ClientConfig,
+    settings: IngestSettings,
+    store: Store,
+    mapper: Arc<dyn PathMapper>,
+    status: IngestStatus,
+    malformed_log: RateLimited,
+    stopped: watch::Receiver<bool>,
+}
+
+/// A batch read from the consumer: parsed messages and the offsets to commit after it.
+#[derive(Default)]
+struct Batch {
+    messages: Vec<Parsed>,
+    /// partition -> next offset to read.
+    next_offsets: HashMap<i32, i64>,
+}
+
+impl Ingest {
+    async fn run(mut self, mut consumer: StreamConsumer<Context>) {
+        let mut recv_errors = 0u32;
+        loop {
+            let batch = match self.read_batch(&consumer).await {
+                Ok(Some(b)) => b,
+                Ok(None) => break,
+                Err(e) => {
+                    self.status.count_consumer_error();
+                    recv_errors += 1;
+                    let fatal = e.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal);
+                    tracing::warn!(error = %e, fatal, "Kafka consumer error");
+                    if fatal {
+                        // A fatal error ends this client: build a new one, forever, with back-off.
+                        consumer = match self.recreate(consumer).await {
+                            Some(c) => c,
+                            None => {
+                                self.status.set_running(false);
+                                return;
+                            }
+                        };
+                    } else if self.sleep_or_stop(backoff(recv_errors.min(8))).await {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            recv_errors = 0;
+            if !self.apply(&batch).await {
+                // Stopped before the batch was applied: it stays uncommitted, for redelivery.
+                break;
+            }
+            self.commit(&consumer, &batch);
+            self.status.batch_done(batch.messages.len() as u64);
+        }
+        self.status.set_running(false);
+        // Leaving the group blocks in librdkafka; keep it off the async workers.
+        let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+    }
+
+    async fn recreate(&mut self, old: StreamConsumer<Context>) -> Option<StreamConsumer<Context>> {
+        let _ = tokio::task::spawn_blocking(move || drop(old)).await;
+        let mut attempt = 0;
+        loop {
+            match create_consumer(&self.client, &self.settings.topic, &self.status) {
+                Ok(c) => return Some(c),
+                Err(e) => {
+                    attempt += 1;
+                    tracing::warn!(error = %e, attempt, "recreating the Kafka consumer failed");
+                    if self.sleep_or_stop(backoff(attempt.min(8))).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sleeps unless asked to stop first; returns whether to stop.
+    async fn sleep_or_stop(&mut self, d: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => *self.stopped.borrow(),
+            _ = self.stopped.changed() => true,
+        }
+    }
+
+    /// Waits for a first message, then takes more until the batch is full or its time is up.
+    /// `Ok(None)`: asked to stop.
+    async fn read_batch(
+        &mut self,
+        consumer: &StreamConsumer<Context>,
+    ) -> Result<Option<Batch>, KafkaError> {
+        let mut batch = Batch::default();
+        let first = tokio::select! {
+            m = consumer.recv() => m?,
+            _ = self.stopped.changed() => return Ok(None),
+        };
+        self.take(&mut batch, &first);
+        drop(first);
+        let deadline = tokio::time::Instant::now() + self.settings.batch_max_wait;
+        while batch.messages.len() < self.settings.batch_max_messages {
+            match tokio::time::timeout_at(deadline, consumer.recv()).await {
+                Ok(Ok(m)) => self.take(&mut batch, &m),
+                // The batch in hand is good: apply it, and meet the error on the next read.
+                Ok(Err(_)) | Err(_) => break,
+            }
+        }
+        Ok(Some(batch))
+    }
+
+    fn take(&self, batch: &mut Batch, m: &BorrowedMessage<'_>) {
+        self.status.message_received();
+        let fallback = m.timestamp().to_millis().unwrap_or_else(now_ms);
+        let parsed = parse(m.payload(), self.settings.max_message_bytes, fallback);
+        if let Parsed::Malformed(why) = &parsed {
+            self.status.count_malformed();
+            let (partition, offset) = (m.partition(), m.offset());
+            self.malformed_log.log(|suppressed| {
+                tracing::warn!(partition, offset, reason = %why, suppressed, "skipping a malformed Kafka message");
+            });
+        }
+        batch.messages.push(parsed);
+        let next = batch.next_offsets.entry(m.partition()).or_insert(0);
+        *next = (*next).max(m.offset() + 1);
+    }
+
+    /// Maps names and applies the batch, retrying store failures until it succeeds.
+    /// Returns false if asked to stop first.
+    async fn apply(&mut self, batch: &Batch) -> bool {
+        let mut names = Vec::with_capacity(batch.messages.len());
+        let mut which = Vec::with_capacity(batch.messages.len());
+        for (i, m) in batch.messages.iter().enumerate() {
+            if let Parsed::Event { name, .. } = m {
+                names.push(name.clone());
+                which.push(i);
+            }
+        }
+        let mut mapped = if names.is_empty() {
+            Vec::new()
+        } else {
+            self.mapper.map_paths(&names)
+        };
+        if mapped.len() != names.len() {
+            tracing::error!(
+                names = names.len(),
+                answers = mapped.len(),
+                "the path mapper answered for a different number of files; using the names as paths"
+            );
+            self.status.count_mapping_error();
+            mapped = names.into_iter().map(Some).collect();
+        }
+        let mut events = Vec::with_capacity(mapped.len());
+        let mut not_ours = 0u64;
+        for (i, path) in which.into_iter().zip(mapped) {
+            let Parsed::Event { error, at_ms, .. } = &batch.messages[i] else {
+                continue;
+            };
+            match path {
+                Some(path) => events.push(FileEvent {
+                    path,
+                    at_ms: *at_ms,
+                    error: error.clone(),
+                }),
+                None => not_ours += 1,
+            }
+        }
+        let mut failures = 0u32;
+        loop {
+            if events.is_empty() {
+                break;
+            }
+            match self.store.apply_ingest_batch(&events).await {
+                Ok(outcome) => {
+                    self.status.batch_applied(
+                        events.len() as u64,
+                        outcome.changed,
+                        outcome.unknown + not_ours,
+                        outcome.unknown < events.len() as u64,
+                    );
+                    return true;
+                }
+                Err(e) => {
+                    failures += 1;
+                    self.status.count_store_failure();
+                    tracing::error!(error = %e, failures, events = events.len(), "applying a Kafka batch failed; retrying (offsets not committed)");
+                    if self.sleep_or_stop(backoff(failures.min(7))).await {
+                        return false;
+                    }
+                }
+            }
+        }
+        self.status.batch_applied(0, 0, not_ours, false);
+        true
+    }
+
+    fn commit(&self, consumer: &StreamConsumer<Context>, batch: &Batch) {
+        let mut tpl = TopicPartitionList::new();
+        for (&partition, &next) in &batch.next_offsets {
+            if let Err(e) =
+                tpl.add_partition_offset(&self.settings.topic, partition, Offset::Offset(next))
+            {
+                tracing::warn!(error = %e, partition, "building the offset commit");
+            }
+        }
+        // Async: a lost commit only means a harmless redelivery.
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+            self.status.count_commit_failure();
+            tracing::warn!(error = %e, "committing Kafka offsets failed; the batch may be redelivered");
+        }
+    }
+}
+
+/// Exponential back-off with jitter from 100 ms, capped near 25 s.
+fn backoff(attempt: u32) -> Duration {
+    use rand::Rng;
+    let ms = 100u64 << attempt.min(8);
+    Duration::from_millis(rand::rng().random_range(ms / 2..=ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_production_format() {
+        let m = br#"{"Inode":45871,"Filename":"nfs/file1","RequestTime":"2022-02-04 03:01:38 +0000 GMT","CompleteTime":"2022-02-04 03:02:32 +0000 GMT","Error":""}"#;
+        match parse(Some(m), 1000, 0) {
+            Parsed::Event { name, error, at_ms } => {
+                assert_eq!(name, "nfs/file1");
+                assert_eq!(error, None);
+                assert_eq!(at_ms, 1_643_943_752_000);
+            }
+            Parsed::Malformed(w) => panic!("{w}"),
+        }
+        let m = br#"{"Filename":"f","Error":"tape error","CompleteTime":"garbage"}"#;
+        match parse(Some(m), 1000, 7) {
+            Parsed::Event { error, at_ms, .. } => {
+                assert_eq!(error.as_deref(), Some("tape error"));
+                assert_eq!(at_ms, 7, "an unreadable time falls back");
+            }
+            Parsed::Malformed(w) => panic!("{w}"),
+        }
+    }
+
+    #[test]
+    fn malformed_messages_are_recognised() {
+        for bad in [
+            &b"not json"[..],
+            br#"{"Inode":1}"#,
+            br#"{"Filename":12}"#,
+            br#"{"Filename":"x","Error":5}"#,
+            br#"{"Filename":""}"#,
+            br#"[1,2]"#,
+        ] {
+            assert!(
+                matches!(parse(Some(bad), 1000, 0), Parsed::Malformed(_)),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert!(matches!(parse(None, 1000, 0), Parsed::Malformed(_)));
+        let huge = format!(r#"{{"Filename":"{}"}}"#, "a".repeat(2000));
+        assert!(matches!(
+            parse(Some(huge.as_bytes()), 1000, 0),
+            Parsed::Malformed(_)
+        ));
+    }
+}

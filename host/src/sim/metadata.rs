@@ -1,0 +1,70 @@
+//! A stand-in for the MWA metadata service's `data_files` endpoint, for `staged demo` and
+//! benchmarks: it answers `GET /metadata/data_files?obs_id=N&...` with the files of the
+//! observations it was given, in the production shape (a JSON object keyed by file name,
+//! each with `bucket` and `folder`), and 404 for any other observation.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::{Map, Value, json};
+use tokio::net::TcpListener;
+
+/// One observation's files: (file name, bucket, folder).
+pub type ObsFiles = Vec<(String, Option<String>, Option<String>)>;
+
+pub struct MetadataSim {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MetadataSim {
+    pub async fn start(observations: HashMap<i64, ObsFiles>) -> std::io::Result<MetadataSim> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let app = Router::new()
+            .route("/metadata/data_files", get(data_files))
+            .with_state(Arc::new(observations));
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(MetadataSim { addr, task })
+    }
+
+    /// The URL to configure as the MWA adapter's `data_files_url`.
+    pub fn data_files_url(&self) -> String {
+        format!("http://{}/metadata/data_files", self.addr)
+    }
+}
+
+impl Drop for MetadataSim {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn data_files(
+    State(obs): State<Arc<HashMap<i64, ObsFiles>>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let Some(id) = q.get("obs_id").and_then(|v| v.parse::<i64>().ok()) else {
+        return (StatusCode::BAD_REQUEST, "obs_id is required").into_response();
+    };
+    match obs.get(&id) {
+        Some(files) => {
+            let body: Map<String, Value> = files
+                .iter()
+                .map(|(name, bucket, folder)| {
+                    (name.clone(), json!({"bucket": bucket, "folder": folder}))
+                })
+                .collect();
+            axum::Json(Value::Object(body)).into_response()
+        }
+        None => (StatusCode::NOT_FOUND, "no such observation").into_response(),
+    }
+}

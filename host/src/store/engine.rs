@@ -1,0 +1,429 @@
+//! What the job engine asks of the store: claiming work, recording results, the callback
+//! outbox and the history of finished jobs.
+//!
+//! Invariants:
+//! - Work is claimed with a lease (`lease_owner`, `lease_until_ms`) by one conditional
+//!   UPDATE; on PostgreSQL the candidate rows are picked `FOR UPDATE SKIP LOCKED`, so several
+//!   daemons never claim the same row, and a dead daemon's claims lapse when the lease does.
+//! - A job's result is decided once: the outbox row is keyed by job id and inserted with
+//!   `ON CONFLICT DO NOTHING`; the job moves to state `done` in the same transaction.
+//! - Finishing a delivery (history row, removal of the job and its files, removal of the
+//!   outbox row) happens in one transaction and only while the lease is still ours, so a
+//!   callback is finalized once even if two daemons raced to deliver it.
+
+use serde::Serialize;
+
+use super::{Backend, Store, StoreError, now_ms, with_pool};
+
+/// Return codes of the callback (compat.md).
+pub mod codes {
+    pub const SUCCESS: i64 = 0;
+    pub const FILE_ERRORS: i64 = 5;
+    pub const EXPIRED: i64 = 10;
+    pub const LOOKUP_FAILED: i64 = 100;
+    pub const NO_FILES: i64 = 101;
+    pub const SCOUT_FAILED: i64 = 102;
+    pub const INTERNAL: i64 = 199;
+}
+
+/// A job the engine must resolve or (re)stage now.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct StageWork {
+    pub job_id: i64,
+    pub state: String,
+    pub request_obs: Option<String>,
+    pub stage_attempts: i64,
+}
+
+/// A callback to deliver.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct OutboxRow {
+    pub job_id: i64,
+    pub notify_url: String,
+    pub return_code: i64,
+    pub total_files: i64,
+    pub ready_files: i64,
+    pub error_files: i64,
+    pub comment: String,
+    pub attempts: i64,
+    pub give_up_ms: Option<i64>,
+}
+
+/// A finished job, for the dashboard.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct HistoryRow {
+    pub job_id: i64,
+    pub created_ms: i64,
+    pub finished_ms: i64,
+    pub return_code: i64,
+    pub total_files: i64,
+    pub ready_files: i64,
+    pub error_files: i64,
+    pub delivered: bool,
+    pub comment: String,
+}
+
+// Counts of a job's files, as a SELECT list over `jobs j`.
+const COUNTS: &str = "(SELECT count(*) FROM job_files f WHERE f.job_id = j.job_id AND f.ready), \
+     (SELECT count(*) FROM job_files f WHERE f.job_id = j.job_id AND f.error AND NOT f.ready)";
+
+impl Store {
+    /// Claims up to `limit` jobs whose resolve or stage call is due.
+    pub async fn claim_stage_work(
+        &self,
+        owner: &str,
+        lease_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<StageWork>, StoreError> {
+        const PICK: &str = "SELECT job_id FROM jobs \
+             WHERE state IN ('resolving', 'staging', 'waiting') \
+               AND next_stage_ms IS NOT NULL AND next_stage_ms <= $3 \
+               AND (lease_until_ms IS NULL OR lease_until_ms < $3) \
+             ORDER BY next_stage_ms LIMIT $4";
+        let now = now_ms();
+        let rows = match &self.backend {
+            Backend::Sqlite(p) => {
+                sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "UPDATE jobs SET lease_owner = $1, lease_until_ms = $2 \
+                     WHERE job_id IN ({PICK}) \
+                     RETURNING job_id, state, request_obs, stage_attempts"
+                )))
+                .bind(owner)
+                .bind(now + lease_ms)
+                .bind(now)
+                .bind(limit)
+                .fetch_all(p)
+                .await?
+            }
+            Backend::Postgres(p) => {
+                sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "UPDATE jobs SET lease_owner = $1, lease_until_ms = $2 \
+                     WHERE job_id IN ({PICK} FOR UPDATE SKIP LOCKED) \
+                     RETURNING job_id, state, request_obs, stage_attempts"
+                )))
+                .bind(owner)
+                .bind(now + lease_ms)
+                .bind(now)
+                .bind(limit)
+                .fetch_all(p)
+                .await?
+            }
+        };
+        Ok(rows)
+    }
+
+    /// Paths of a job that are neither ready nor failed.
+    pub async fn waiting_paths(&self, job_id: i64) -> Result<Vec<String>, StoreError> {
+        const SQL: &str = "SELECT path FROM job_files \
+             WHERE job_id = $1 AND NOT ready AND NOT error ORDER BY path";
+        Ok(with_pool!(&self.backend, p =>
+            sqlx::query_scalar(SQL).bind(job_id).fetch_all(p).await?))
+    }
+
+    /// Paths of a job that no other unfinished job holds (what DELETE may cancel at Scout).
+    pub async fn exclusive_paths(&self, job_id: i64) -> Result<Vec<String>, StoreError> {
+        const SQL: &str = "SELECT f.path FROM job_files f WHERE f.job_id = $1 \
+             AND NOT EXISTS (SELECT 1 FROM job_files g JOIN jobs k ON k.job_id = g.job_id \
+                             WHERE g.path = f.path AND g.job_id <> f.job_id AND k.state <> 'done') \
+             ORDER BY f.path";
+        Ok(with_pool!(&self.backend, p =>
+            sqlx::query_scalar(SQL).bind(job_id).fetch_all(p).await?))
+    }
+
+    /// Stores the files an observation resolved to and makes the job due for staging.
+    /// Does nothing (returns false) if our lease on the job has lapsed.
+    pub async fn set_resolved_files(
+        &self,
+        job_id: i64,
+        owner: &str,
+        paths: &[String],
+    ) -> Result<bool, StoreError> {
+        let now = now_ms();
+        let ok = match &self.backend {
+            Backend::Sqlite(p) => {
+                let mut tx = p.begin().await?;
+                let n = sqlx::query(
+                    "UPDATE jobs SET state = 'staging', total_files = $3, next_stage_ms = $4, \
+                         updated_ms = $4, stage_attempts = 0, last_error = NULL \
+                     WHERE job_id = $1 AND lease_owner = $2 AND state = 'resolving'",
+                )
+                .bind(job_id)
+                .bind(owner)
+                .bind(paths.len() as i64)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if n == 1 {
+                    let files = serde_json::to_string(paths).expect("strings serialize");
+                    sqlx::query(
+                        "INSERT INTO job_files (job_id, path) \
+                         SELECT $1, value FROM json_each($2) WHERE true ON CONFLICT DO NOTHING",
+                    )
+                    .bind(job_id)
+                    .bind(files)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                n == 1
+            }
+            Backend::Postgres(p) => {
+                let mut tx = p.begin().await?;
+                let n = sqlx::query(
+                    "UPDATE jobs SET state = 'staging', total_files = $3, next_stage_ms = $4, \
+                         updated_ms = $4, stage_attempts = 0, last_error = NULL \
+                     WHERE job_id = $1 AND lease_owner = $2 AND state = 'resolving'",
+                )
+                .bind(job_id)
+                .bind(owner)
+                .bind(paths.len() as i64)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if n == 1 {
+                    sqlx::query(
+                        "INSERT INTO job_files (job_id, path) \
+                         SELECT $1, u FROM UNNEST($2::text[]) AS u ON CONFLICT DO NOTHING",
+                    )
+                    .bind(job_id)
+                    .bind(paths)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                n == 1
+            }
+        };
+        Ok(ok)
+    }
+
+    /// Scout accepted the job's waiting paths: wait for events, re-ask at `next_ms`.
+    pub async fn mark_staged(&self, job_id: i64, owner: &str, next_ms: i64) -> Result<(), StoreError> {
+        const SQL: &str = "UPDATE jobs SET state = 'waiting', next_stage_ms = $3, updated_ms = $4, \
+                 stage_attempts = 0, last_error = NULL, lease_owner = NULL, lease_until_ms = NULL \
+             WHERE job_id = $1 AND lease_owner = $2 AND state <> 'done'";
+        with_pool!(&self.backend, p => sqlx::query(SQL)
+            .bind(job_id).bind(owner).bind(next_ms).bind(now_ms())
+            .execute(p).await?.rows_affected());
+        Ok(())
+    }
+
+    /// A resolve or stage attempt failed transiently: try again at `next_ms`.
+    pub async fn mark_stage_retry(
+        &self,
+        job_id: i64,
+        owner: &str,
+        next_ms: i64,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        const SQL: &str = "UPDATE jobs SET next_stage_ms = $3, updated_ms = $4, \
+                 stage_attempts = stage_attempts + 1, last_error = $5, \
+                 lease_owner = NULL, lease_until_ms = NULL \
+             WHERE job_id = $1 AND lease_owner = $2 AND state <> 'done'";
+        with_pool!(&self.backend, p => sqlx::query(SQL)
+            .bind(job_id).bind(owner).bind(next_ms).bind(now_ms()).bind(error)
+            .execute(p).await?.rows_affected());
+        Ok(())
+    }
+
+    /// Decides a job's result and queues its callback, once. `comment` empty means "word it
+    /// from the counts at delivery". Returns false if the job is gone or already decided.
+    pub async fn decide(
+        &self,
+        job_id: i64,
+        code: i64,
+        comment: &str,
+        deliver_at_ms: i64,
+        give_up_ms: Option<i64>,
+    ) -> Result<bool, StoreError> {
+        let now = now_ms();
+        let insert = format!(
+            "INSERT INTO notify_outbox (job_id, notify_url, return_code, total_files, \
+                 ready_files, error_files, comment, attempts, next_attempt_ms, give_up_ms, created_ms) \
+             SELECT j.job_id, j.notify_url, $2, j.total_files, {COUNTS}, $3, 0, $4, $5, $6 \
+             FROM jobs j WHERE j.job_id = $1 AND j.state <> 'done' \
+             ON CONFLICT (job_id) DO NOTHING"
+        );
+        const DONE: &str = "UPDATE jobs SET state = 'done', return_code = $2, next_stage_ms = NULL, \
+                 updated_ms = $3, lease_owner = NULL, lease_until_ms = NULL \
+             WHERE job_id = $1 AND state <> 'done'";
+        let decided = with_pool!(&self.backend, p => {
+            let mut tx = p.begin().await?;
+            let n = sqlx::query(sqlx::AssertSqlSafe(insert))
+                .bind(job_id).bind(code).bind(comment).bind(deliver_at_ms).bind(give_up_ms).bind(now)
+                .execute(&mut *tx).await?.rows_affected();
+            if n == 1 {
+                sqlx::query(DONE).bind(job_id).bind(code).bind(now).execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            n == 1
+        });
+        if decided {
+            self.signals.outbox.notify_one();
+        }
+        Ok(decided)
+    }
+
+    /// Decides every unfinished job past its expiry (code 10); their callbacks may be
+    /// retried until `now + grace_ms`, then the job is removed anyway.
+    pub async fn expire_due(&self, grace_ms: i64) -> Result<u64, StoreError> {
+        let now = now_ms();
+        let insert = format!(
+            "INSERT INTO notify_outbox (job_id, notify_url, return_code, total_files, \
+                 ready_files, error_files, comment, attempts, next_attempt_ms, give_up_ms, created_ms) \
+             SELECT j.job_id, j.notify_url, {expired}, j.total_files, {COUNTS}, '', 0, $1, $2, $1 \
+             FROM jobs j WHERE j.state <> 'done' AND j.expires_ms <= $1 \
+             ON CONFLICT (job_id) DO NOTHING",
+            expired = codes::EXPIRED
+        );
+        let done = format!(
+            "UPDATE jobs SET state = 'done', return_code = {expired}, next_stage_ms = NULL, \
+                 updated_ms = $1, lease_owner = NULL, lease_until_ms = NULL \
+             WHERE state <> 'done' AND expires_ms <= $1",
+            expired = codes::EXPIRED
+        );
+        let n = with_pool!(&self.backend, p => {
+            let mut tx = p.begin().await?;
+            let n = sqlx::query(sqlx::AssertSqlSafe(insert))
+                .bind(now).bind(now + grace_ms)
+                .execute(&mut *tx).await?.rows_affected();
+            sqlx::query(sqlx::AssertSqlSafe(done)).bind(now).execute(&mut *tx).await?;
+            tx.commit().await?;
+            n
+        });
+        if n > 0 {
+            self.signals.outbox.notify_one();
+        }
+        Ok(n)
+    }
+
+    /// Claims up to `limit` callbacks that are due.
+    pub async fn claim_due_callbacks(
+        &self,
+        owner: &str,
+        lease_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        const PICK: &str = "SELECT job_id FROM notify_outbox \
+             WHERE next_attempt_ms <= $3 AND (lease_until_ms IS NULL OR lease_until_ms < $3) \
+             ORDER BY next_attempt_ms LIMIT $4";
+        const RETURNING: &str = "RETURNING job_id, notify_url, return_code, total_files, \
+             ready_files, error_files, comment, attempts, give_up_ms";
+        let now = now_ms();
+        let rows = match &self.backend {
+            Backend::Sqlite(p) => {
+                sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "UPDATE notify_outbox SET lease_owner = $1, lease_until_ms = $2 \
+                     WHERE job_id IN ({PICK}) {RETURNING}"
+                )))
+                .bind(owner)
+                .bind(now + lease_ms)
+                .bind(now)
+                .bind(limit)
+                .fetch_all(p)
+                .await?
+            }
+            Backend::Postgres(p) => {
+                sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "UPDATE notify_outbox SET lease_owner = $1, lease_until_ms = $2 \
+                     WHERE job_id IN ({PICK} FOR UPDATE SKIP LOCKED) {RETURNING}"
+                )))
+                .bind(owner)
+                .bind(now + lease_ms)
+                .bind(now)
+                .bind(limit)
+                .fetch_all(p)
+                .await?
+            }
+        };
+        Ok(rows)
+    }
+
+    /// A delivery attempt failed: try again at `next_ms`.
+    pub async fn callback_retry(
+        &self,
+        job_id: i64,
+        owner: &str,
+        next_ms: i64,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        const SQL: &str = "UPDATE notify_outbox SET attempts = attempts + 1, next_attempt_ms = $3, \
+                 last_error = $4, lease_owner = NULL, lease_until_ms = NULL \
+             WHERE job_id = $1 AND lease_owner = $2";
+        with_pool!(&self.backend, p => sqlx::query(SQL)
+            .bind(job_id).bind(owner).bind(next_ms).bind(error)
+            .execute(p).await?.rows_affected());
+        Ok(())
+    }
+
+    /// The files a failure report lists: (with errors, never arrived).
+    pub async fn report_lists(&self, job_id: i64) -> Result<(Vec<String>, Vec<String>), StoreError> {
+        const SQL: &str = "SELECT path, error FROM job_files \
+             WHERE job_id = $1 AND NOT ready ORDER BY path";
+        let rows: Vec<(String, bool)> = with_pool!(&self.backend, p =>
+            sqlx::query_as(SQL).bind(job_id).fetch_all(p).await?);
+        let (errors, missing): (Vec<_>, Vec<_>) = rows.into_iter().partition(|(_, e)| *e);
+        Ok((
+            errors.into_iter().map(|(p, _)| p).collect(),
+            missing.into_iter().map(|(p, _)| p).collect(),
+        ))
+    }
+
+    /// Ends a callback: records the history row and removes the job, its files and the
+    /// outbox row, in one transaction, if we still hold the lease. Returns whether it did.
+    pub async fn finish_callback(
+        &self,
+        row: &OutboxRow,
+        owner: &str,
+        delivered: bool,
+        comment: &str,
+    ) -> Result<bool, StoreError> {
+        let now = now_ms();
+        const CLAIM: &str = "DELETE FROM notify_outbox WHERE job_id = $1 AND lease_owner = $2";
+        const HISTORY: &str = "INSERT INTO job_history (job_id, created_ms, finished_ms, return_code, \
+                 total_files, ready_files, error_files, delivered, comment) \
+             SELECT $1, coalesce((SELECT created_ms FROM jobs WHERE job_id = $1), $2), $2, $3, $4, $5, $6, $7, $8";
+        let finished = with_pool!(&self.backend, p => {
+            let mut tx = p.begin().await?;
+            let n = sqlx::query(CLAIM).bind(row.job_id).bind(owner)
+                .execute(&mut *tx).await?.rows_affected();
+            if n == 1 {
+                sqlx::query(HISTORY)
+                    .bind(row.job_id).bind(now).bind(row.return_code).bind(row.total_files)
+                    .bind(row.ready_files).bind(row.error_files).bind(delivered).bind(comment)
+                    .execute(&mut *tx).await?;
+                sqlx::query("DELETE FROM job_files WHERE job_id = $1")
+                    .bind(row.job_id).execute(&mut *tx).await?;
+                sqlx::query("DELETE FROM jobs WHERE job_id = $1")
+                    .bind(row.job_id).execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            n == 1
+        });
+        Ok(finished)
+    }
+
+    /// Finished jobs, newest first.
+    pub async fn history(&self, limit: i64) -> Result<Vec<HistoryRow>, StoreError> {
+        const SQL: &str = "SELECT job_id, created_ms, finished_ms, return_code, total_files, \
+                 ready_files, error_files, delivered, comment \
+             FROM job_history ORDER BY finished_ms DESC, job_id DESC LIMIT $1";
+        Ok(with_pool!(&self.backend, p =>
+            sqlx::query_as(SQL).bind(limit).fetch_all(p).await?))
+    }
+
+    /// Removes history rows older than `before_ms`.
+    pub async fn prune_history(&self, before_ms: i64) -> Result<u64, StoreError> {
+        Ok(with_pool!(&self.backend, p =>
+            sqlx::query("DELETE FROM job_history WHERE finished_ms < $1")
+                .bind(before_ms).execute(p).await?.rows_affected()))
+    }
+
+    /// Outbox rows still to deliver (for tests, metrics and the dashboard).
+    pub async fn pending_callbacks(&self) -> Result<i64, StoreError> {
+        Ok(with_pool!(&self.backend, p =>
+            sqlx::query_scalar("SELECT count(*) FROM notify_outbox").fetch_one(p).await?))
+    }
+}

@@ -1,0 +1,359 @@
+//! Adapters in a running daemon, over real HTTP: both adapters loaded by config, `obs`
+//! validated against the adapter's schema, the schema in `/openapi.json`, hot swap under
+//! load (HTTP reload and SIGHUP), a hostile adapter that costs calls but not service, and
+//! `staged adapter inspect` on the real binary.
+
+mod adapter_support;
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use adapter_support::{MetadataSim, adapter_config, settings, wasm};
+use common::{Kind, TestApp};
+use serde_json::{Value, json};
+use staged::adapter::AdapterError;
+
+fn job(id: i64, obs: Value) -> Value {
+    json!({"job_id": id, "notify_url": "http://127.0.0.1:9/cb", "obs": obs})
+}
+
+async fn reload(app: &TestApp) -> (u16, Value) {
+    let r = app
+        .http
+        .post(app.url("/admin/adapter/reload"))
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+fn adapters(app: &TestApp) -> staged::adapter::Adapters {
+    app.server.as_ref().unwrap().adapters.clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mwa_in_the_daemon_validates_obs_and_documents_it() {
+    let sim = MetadataSim::start().await;
+    let app = TestApp::start_with(Kind::Sqlite, |c| {
+        c.adapter = adapter_config("mwa");
+        c.adapter.http_allow = vec![sim.allow()];
+        c.adapter.settings = settings(&[("data_files_url", &sim.base)]);
+    })
+    .await;
+    let (status, body) = app
+        .post_job(job(
+            1,
+            json!({"obs_id": 1000, "start_time": 0, "duration": 0}),
+        ))
+        .await;
+    assert_eq!((status, body), (202, Value::Null));
+    let (status, body) = app.post_job(job(2, json!({"obs_id": "tomorrow"}))).await;
+    assert_eq!(status, 422, "{body}");
+    let msg = body["errormsg"].as_str().unwrap();
+    assert!(
+        msg.contains("mwa adapter") && msg.contains("/obs_id"),
+        "{msg}"
+    );
+    assert_eq!(body["detail"][0]["loc"], json!(["body", "obs"]));
+    // files still win over obs, whatever the obs.
+    let (status, _) = app
+        .post_job(json!({"job_id": 3, "notify_url": "http://h/cb", "files": ["a"], "obs": {"obs_id": "x"}}))
+        .await;
+    assert_eq!(status, 202);
+
+    let (status, doc) = app.get("/openapi.json").await;
+    assert_eq!(status, 200);
+    let schema = &doc["components"]["schemas"]["Observation"];
+    assert_eq!(schema["required"], json!(["obs_id"]), "{schema}");
+    assert!(schema.get("$schema").is_none());
+    assert_eq!(
+        doc["components"]["schemas"]["NewJob"]["properties"]["obs"]["oneOf"][1]["$ref"],
+        "#/components/schemas/Observation"
+    );
+    assert!(doc["paths"]["/admin/adapter/reload"]["post"].is_object());
+
+    // The adapter the daemon loaded resolves through the simulator.
+    let a = adapters(&app).current().unwrap();
+    let paths = a
+        .resolve_observation(&json!({"obs_id": 1000}))
+        .await
+        .unwrap();
+    assert_eq!(paths.len(), 4);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filelist_in_the_daemon_refuses_obs_and_takes_files() {
+    let app = TestApp::start_with(Kind::Sqlite, |c| {
+        c.adapter = adapter_config("filelist");
+        c.adapter.settings = settings(&[("job_prefix", "ska/"), ("stage_prefix", "/t/")]);
+    })
+    .await;
+    let (status, body) = app.post_job(job(1, json!({"obs_id": 1}))).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["errormsg"]
+            .as_str()
+            .unwrap()
+            .contains("filelist adapter")
+    );
+    let (status, _) = app
+        .post_job(json!({"job_id": 2, "notify_url": "http://h/cb", "files": ["ska/a"]}))
+        .await;
+    assert_eq!(status, 202);
+    let a = adapters(&app).current().unwrap();
+    assert_eq!(
+        a.stage_paths(&["ska/a".into()]).await.unwrap(),
+        vec!["/t/a"]
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_adapter_obs_is_400_and_reload_is_409() {
+    let app = TestApp::start(Kind::Sqlite).await;
+    let (status, body) = app.post_job(job(1, json!({"obs_id": 1000}))).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["errormsg"]
+            .as_str()
+            .unwrap()
+            .contains("no telescope adapter configured"),
+        "{body}"
+    );
+    let (status, body) = reload(&app).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["errormsg"]
+            .as_str()
+            .unwrap()
+            .contains("no adapter is configured")
+    );
+    let (_, doc) = app.get("/openapi.json").await;
+    assert!(doc["components"]["schemas"].get("Observation").is_none());
+    app.stop().await;
+}
+
+/// Swaps mwa -> filelist -> mwa while requests and adapter calls run: nothing fails, each
+/// call completes on the adapter it started with, and a broken file keeps the old adapter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_swap_under_load_fails_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("adapter.wasm");
+    std::fs::copy(wasm("mwa"), &path).unwrap();
+    let app = TestApp::start_with(Kind::Sqlite, |c| {
+        c.adapter = adapter_config("mwa");
+        c.adapter.wasm = Some(path.clone());
+    })
+    .await;
+    let app = Arc::new(app);
+    let stop = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut load = Vec::new();
+    for w in 0..4i64 {
+        let (app, stop, calls) = (app.clone(), stop.clone(), calls.clone());
+        load.push(tokio::spawn(async move {
+            let names: Vec<String> = (0..200).map(|i| format!("mwa/b/f{i}")).collect();
+            let mut seen = std::collections::BTreeSet::new();
+            let mut n = 0i64;
+            while !stop.load(Ordering::Relaxed) {
+                let a = adapters(&app).current().unwrap();
+                seen.insert(a.info().name.clone());
+                let mapped = a.map_event_paths(&names).await.expect("no call fails");
+                assert_eq!(mapped.len(), names.len());
+                let id = 1_000_000 * (w + 1) + n;
+                n += 1;
+                let (status, body) = app
+                    .post_job(
+                        json!({"job_id": id, "notify_url": "http://h/cb", "files": ["mwa/x"]}),
+                    )
+                    .await;
+                assert_eq!(status, 202, "{body}");
+                calls.fetch_add(1, Ordering::Relaxed);
+            }
+            seen
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (next, expect) in [
+        ("filelist", "filelist"),
+        ("mwa", "mwa"),
+        ("filelist", "filelist"),
+    ] {
+        std::fs::copy(wasm(next), &path).unwrap();
+        let (status, body) = reload(&app).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["adapter"]["name"], expect);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // A file that is not an adapter: 422 with the reason, and filelist stays in service.
+    std::fs::write(&path, b"\0asm garbage").unwrap();
+    let (status, body) = reload(&app).await;
+    assert_eq!(status, 422, "{body}");
+    let msg = body["errormsg"].as_str().unwrap();
+    assert!(
+        msg.contains("not a WebAssembly component") && msg.contains("previous adapter stays"),
+        "{msg}"
+    );
+    assert_eq!(adapters(&app).current().unwrap().info().name, "filelist");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut seen = std::collections::BTreeSet::new();
+    for t in load {
+        seen.extend(t.await.expect("a load task failed"));
+    }
+    assert!(calls.load(Ordering::Relaxed) > 20, "load ran");
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        vec!["filelist", "mwa"]
+    );
+    Arc::into_inner(app).unwrap().stop().await;
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("adapter.wasm");
+    std::fs::copy(wasm("mwa"), &path).unwrap();
+    let app = TestApp::start_with(Kind::Sqlite, |c| {
+        c.adapter = adapter_config("mwa");
+        c.adapter.wasm = Some(path.clone());
+    })
+    .await;
+    // Registering here too makes sure the process has a SIGHUP handler before the signal
+    // is raised (the daemon's own registration happens on a spawned task).
+    let _hold = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    std::fs::copy(wasm("filelist"), &path).unwrap();
+    // SAFETY: sending a signal to our own process has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(libc::getpid(), libc::SIGHUP) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while adapters(&app).current().unwrap().info().name != "filelist" {
+        assert!(Instant::now() < deadline, "SIGHUP did not swap the adapter");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    app.stop().await;
+}
+
+/// A hostile adapter in service: its bad calls fail with typed errors and a reload to an
+/// adapter whose `info` hangs is refused, while the daemon keeps answering promptly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_adapter_costs_calls_not_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("adapter.wasm");
+    std::fs::copy(wasm("hostile"), &path).unwrap();
+    let app = TestApp::start_with(Kind::Sqlite, |c| {
+        c.adapter = adapter_config("hostile");
+        c.adapter.wasm = Some(path.clone());
+    })
+    .await;
+    let a = adapters(&app).current().unwrap();
+    let bad = ["loop", "bomb", "trap", "huge", "wrong-count"].map(|mode| {
+        let a = a.clone();
+        tokio::spawn(async move { a.map_event_paths(&[mode.to_string()]).await })
+    });
+    // Meanwhile the API answers promptly.
+    for i in 0..20 {
+        let started = Instant::now();
+        let (status, _) = app
+            .post_job(json!({"job_id": i, "notify_url": "http://h/cb", "files": ["f"]}))
+            .await;
+        assert_eq!(status, 202);
+        assert!(started.elapsed() < Duration::from_millis(500));
+    }
+    let mut kinds = Vec::new();
+    for t in bad {
+        let e = t.await.unwrap().unwrap_err();
+        assert!(e.to_string().starts_with("adapter hostile:"), "{e}");
+        kinds.push(match e {
+            AdapterError::Timeout { .. } => "timeout",
+            AdapterError::MemoryExceeded { .. } => "memory",
+            AdapterError::Trap { .. } => "trap",
+            AdapterError::OutputTooLarge { .. } => "output",
+            AdapterError::BadOutput { .. } => "bad-output",
+            _ => "other",
+        });
+    }
+    assert_eq!(kinds, ["timeout", "memory", "trap", "output", "bad-output"]);
+
+    app.stop().await;
+}
+
+/// A reload to a build whose `info` never returns is refused within the call bound; the
+/// adapter in service stays and the daemon keeps answering meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_to_a_hanging_adapter_keeps_the_old_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("adapter.wasm");
+    std::fs::copy(wasm("mwa"), &path).unwrap();
+    let app = TestApp::start_with(Kind::Sqlite, |c| {
+        c.adapter = adapter_config("mwa");
+        c.adapter.wasm = Some(path.clone());
+        // mwa ignores it; the hostile build hangs in `info` because of it.
+        c.adapter.settings = settings(&[("info", "loop")]);
+    })
+    .await;
+    std::fs::copy(wasm("hostile"), &path).unwrap();
+    let app = Arc::new(app);
+    let reloading = {
+        let app = app.clone();
+        tokio::spawn(async move { reload(&app).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let (status, _) = app.get("/ping/").await;
+    assert_eq!(status, 200);
+    assert!(started.elapsed() < Duration::from_millis(500));
+    let (status, body) = reloading.await.unwrap();
+    assert_eq!(status, 422, "{body}");
+    let msg = body["errormsg"].as_str().unwrap();
+    assert!(msg.contains("info did not finish within"), "{msg}");
+    assert_eq!(adapters(&app).current().unwrap().info().name, "mwa");
+    Arc::into_inner(app).unwrap().stop().await;
+}
+
+#[test]
+fn inspect_a_good_adapter_and_a_file_that_is_not_one() {
+    let bin = env!("CARGO_BIN_EXE_staged");
+    let out = std::process::Command::new(bin)
+        .args(["adapter", "inspect"])
+        .arg(wasm("mwa"))
+        .env_remove("STAGED_CONFIG")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "name:      mwa",
+        "telescope: Murchison Widefield Array",
+        "\"obs_id\"",
+        "map-event-paths",
+        "resolve-observation {} -> invalid observation",
+        "\nok",
+    ] {
+        assert!(stdout.contains(line), "{line:?} missing from:\n{stdout}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let not = dir.path().join("readme.wasm");
+    std::fs::write(&not, "plain text").unwrap();
+    for file in [not, wasm("no-such-adapter")] {
+        let out = std::process::Command::new(bin)
+            .args(["adapter", "inspect"])
+            .arg(&file)
+            .env_remove("STAGED_CONFIG")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{}", file.display());
+        assert!(stderr.starts_with("error: "), "{stderr}");
+        assert!(stderr.contains(&file.display().to_string()), "{stderr}");
+    }
+}

@@ -1,0 +1,335 @@
+//! The job engine end to end: real HTTP to the Scout simulator, a real Kafka-protocol broker
+//! (librdkafka's mock cluster) carrying the simulator's recall messages, the real ingest, and
+//! a callback receiver on loopback; SQLite and PostgreSQL.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::pipeline::{Receiver, Tape, secret};
+use common::{Kind, TestApp};
+use serde_json::{Value, json};
+use staged::config::Config;
+use staged::store::FileEvent;
+
+/// Fast timers for tests; callbacks authenticated as asvo/cb-pw.
+fn quick(c: &mut Config) {
+    c.callbacks.username = "asvo".into();
+    c.callbacks.password = Some(secret("cb-pw"));
+    c.callbacks.error_delay_secs = 0;
+    c.callbacks.retry_min_secs = 1;
+    c.callbacks.retry_max_secs = 2;
+    c.callbacks.timeout_secs = 5;
+    c.jobs.retry_min_secs = 1;
+    c.jobs.retry_max_secs = 2;
+    c.jobs.sweep_interval_secs = 1;
+}
+
+fn job(id: i64, files: &[&str], receiver: &Receiver) -> Value {
+    json!({"job_id": id, "files": files, "notify_url": receiver.url()})
+}
+
+both_backends!(file_list_job_is_staged_and_called_back, failing_files_give_code_5_and_a_report);
+
+async fn file_list_job_is_staged_and_called_back(kind: Kind) {
+    let tape = Tape::start(|_| {}).await;
+    let receiver = Receiver::start().await;
+    let app = TestApp::start_with(kind, |c| {
+        quick(c);
+        tape.configure(c);
+    })
+    .await;
+    let (status, _) = app
+        .post_job(job(1, &["mwa/1/a.fits", "mwa/1/b.fits", "mwa/1/c.fits"], &receiver))
+        .await;
+    assert_eq!(status, 202);
+
+    let got = receiver.wait_delivered(1, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 1, "one callback; attempts {}", receiver.attempts());
+    let cb = &got[0];
+    assert_eq!(
+        cb.body,
+        json!({"job_id": 1, "return_code": 0, "total_files": 3, "ready_files": 3,
+               "error_files": 0, "comment": "All 3 files staged successfully"})
+    );
+    // Basic auth asvo:cb-pw.
+    assert_eq!(cb.auth.as_deref(), Some("Basic YXN2bzpjYi1wdw=="));
+    assert_eq!(tape.sim.counters().staged_paths, 3);
+
+    // Delivered: the job is gone, as in the original, and remembered in the history.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while app.get("/staging/?job_id=1").await.0 != 404 {
+        assert!(Instant::now() < deadline, "job not removed after its callback");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let history = app.store().history(10).await.unwrap();
+    assert_eq!(history.len(), 1);
+    assert_eq!((history[0].job_id, history[0].return_code, history[0].delivered), (1, 0, true));
+    assert!(!app.db.dir.path().join("reports/failed/1.txt").exists(), "no report for code 0");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.attempts(), 1, "delivered once");
+    app.stop().await;
+}
+
+async fn failing_files_give_code_5_and_a_report(kind: Kind) {
+    let tape = Tape::start(|s| s.error_fraction = 1.0).await;
+    let receiver = Receiver::start().await;
+    let app = TestApp::start_with(kind, |c| {
+        quick(c);
+        tape.configure(c);
+    })
+    .await;
+    assert_eq!(app.post_job(job(2, &["x/1", "x/2"], &receiver)).await.0, 202);
+    let got = receiver.wait_delivered(1, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].body["return_code"], 5);
+    assert_eq!(got[0].body["error_files"], 2);
+    assert_eq!(got[0].body["ready_files"], 0);
+    assert_eq!(
+        got[0].body["comment"],
+        "Out of 2 files in total, 0 were staged successfully, but 2 files had errors"
+    );
+    let report = wait_for_file(&app.db.dir.path().join("reports/failed/2.txt")).await;
+    assert!(report.starts_with("Job failure report for job 2: Out of a total of 2 files, 2 had errors and 0 failed to transfer."), "{report}");
+    let (status, failed) = app.get("/get_failed_job/?job_id=2").await;
+    assert_eq!(status, 200);
+    assert_eq!(failed["error_files"], 2);
+    app.stop().await;
+}
+
+async fn wait_for_file(path: &std::path::Path) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(s) = std::fs::read_to_string(path) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{} never written", path.display());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Completion is event-driven: the callback follows the last file's event at once, not
+/// after a polling interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callback_follows_the_last_event_quickly() {
+    let receiver = Receiver::start().await;
+    let app = TestApp::start_with(Kind::Sqlite, |c| {
+        quick(c);
+        c.jobs.sweep_interval_secs = 3600;
+    })
+    .await;
+    assert_eq!(app.post_job(job(3, &["p/1", "p/2"], &receiver)).await.0, 202);
+    let ev = |p: &str| FileEvent { path: p.into(), at_ms: 1_700_000_000_000, error: None };
+    app.store().apply_file_events(&[ev("p/1")]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(receiver.attempts(), 0, "not complete yet");
+    let last_event = Instant::now();
+    app.store().apply_file_events(&[ev("p/2")]).await.unwrap();
+    let got = receiver.wait_delivered(1, Duration::from_secs(5)).await;
+    assert_eq!(got.len(), 1);
+    let latency = got[0].at.duration_since(last_event);
+    assert!(latency < Duration::from_secs(1), "callback {latency:?} after the last event");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_job_gets_code_10_and_a_report() {
+    let receiver = Receiver::start().await;
+    let app = TestApp::start_with(Kind::Sqlite, |c| {
+        quick(c);
+        c.jobs.expiry_secs = 1;
+    })
+    .await;
+    assert_eq!(app.post_job(job(4, &["e/1", "e/2"], &receiver)).await.0, 202);
+    app.store()
+        .apply_file_events(&[FileEvent { path: "e/1".into(), at_ms: 1, error: None }])
+        .await
+        .unwrap();
+    let got = receiver.wait_delivered(1, Duration::from_secs(15)).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].body["return_code"], 10);
+    assert_eq!(got[0].body["ready_files"], 1);
+    assert!(got[0].body["comment"].as_str().unwrap().starts_with("Job timed out after 1 seconds."));
+    let report = wait_for_file(&app.db.dir.path().join("reports/failed/4.txt")).await;
+    assert!(report.contains("Files that failed to transfer:\n  e/2\n"), "{report}");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_job_with_a_dead_callback_is_removed_after_the_grace_period() {
+    let receiver = Receiver::start().await;
+    receiver.status.store(503, Ordering::SeqCst);
+    let app = TestApp::start_with(Kind::Sqlite, |c| {
+        quick(c);
+        c.jobs.expiry_secs = 1;
+        c.callbacks.expired_grace_secs = 2;
+    })
+    .await;
+    assert_eq!(app.post_job(job(5, &["d/1"], &receiver)).await.0, 202);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while app.get("/staging/?job_id=5").await.0 != 404 {
+        assert!(Instant::now() < deadline, "expired job never removed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(receiver.attempts() >= 2, "retried during the grace period");
+    assert!(receiver.delivered().is_empty());
+    let history = app.store().history(10).await.unwrap();
+    assert_eq!((history[0].job_id, history[0].return_code, history[0].delivered), (5, 10, false));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callback_endpoint_down_then_up_is_delivered_once() {
+    let receiver = Receiver::start().await;
+    receiver.fail_first.store(2, Ordering::SeqCst);
+    let app = TestApp::start_with(Kind::Sqlite, quick).await;
+    assert_eq!(app.post_job(job(6, &["u/1"], &receiver)).await.0, 202);
+    app.store()
+        .apply_file_events(&[FileEvent { path: "u/1".into(), at_ms: 1, error: None }])
+        .await
+        .unwrap();
+    let got = receiver.wait_delivered(1, Duration::from_secs(20)).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(receiver.attempts(), 3, "two failures, then the delivery");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(receiver.attempts(), 3, "nothing after the delivery");
+    assert_eq!(app.store().pending_callbacks().await.unwrap(), 0);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callbacks_respect_the_rate_limit() {
+    let receiver = Receiver::start().await;
+    let app = TestApp::start_with(Kind::Sqlite, |c| {
+        quick(c);
+        c.callbacks.per_minute = 5;
+    })
+    .await;
+    for id in 0..8 {
+        let path = format!("r/{id}");
+        assert_eq!(app.post_job(job(id, &[&path], &receiver)).await.0, 202);
+    }
+    let events: Vec<FileEvent> = (0..8)
+        .map(|id| FileEvent { path: format!("r/{id}"), at_ms: 1, error: None })
+        .collect();
+    app.store().apply_file_events(&events).await.unwrap();
+    receiver.wait_delivered(5, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(receiver.attempts(), 5, "at most 5 in the first minute");
+    assert_eq!(app.store().pending_callbacks().await.unwrap(), 3, "the rest wait their turn");
+    app.stop().await;
+}
+
+/// Restaging re-asks Scout only for the files still waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restage_asks_only_for_waiting_files() {
+    // No Kafka publishing: the test decides which files arrive.
+    let tape = Tape::start(|s| s.kafka_brokers = None).await;
+    let receiver = Receiver::start().await;
+    let app = TestApp::start_with(Kind::Sqlite, |c| {
+        quick(c);
+        tape.configure(c);
+        c.kafka.brokers.clear();
+        c.jobs.restage_interval_secs = 2;
+    })
+    .await;
+    assert_eq!(app.post_job(job(7, &["w/1", "w/2", "w/3"], &receiver)).await.0, 202);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tape.sim.counters().stage_requests < 1 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(tape.sim.counters().staged_paths, 3);
+    app.store()
+        .apply_file_events(&[
+            FileEvent { path: "w/1".into(), at_ms: 1, error: None },
+            FileEvent { path: "w/2".into(), at_ms: 1, error: Some("bad".into()) },
+        ])
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tape.sim.counters().stage_requests < 2 {
+        assert!(Instant::now() < deadline, "no restage");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let c = tape.sim.counters();
+    assert_eq!(c.staged_paths, 4, "the restage named only w/3");
+    assert_eq!(c.largest_stage_paths, 3);
+    app.stop().await;
+}
+
+/// DELETE cancels at Scout only the paths no other job wants, and sends no callback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_cancels_only_unshared_paths() {
+    let tape = Tape::start(|s| s.kafka_brokers = None).await;
+    let receiver = Receiver::start().await;
+    let app = TestApp::start_with(Kind::Sqlite, |c| {
+        quick(c);
+        tape.configure(c);
+        c.kafka.brokers.clear();
+    })
+    .await;
+    assert_eq!(app.post_job(job(8, &["s/shared", "s/mine"], &receiver)).await.0, 202);
+    assert_eq!(app.post_job(job(9, &["s/shared", "s/theirs"], &receiver)).await.0, 202);
+    let r = app.http.delete(app.url("/staging/?job_id=8")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let c = tape.sim.counters();
+    assert_eq!(c.cancel_requests, 1);
+    assert!(tape.sim.was_cancelled("s/mine"));
+    assert!(!tape.sim.was_cancelled("s/shared"), "job 9 still wants it");
+    assert_eq!(app.get("/staging/?job_id=9").await.0, 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.attempts(), 0, "no callback on delete");
+    app.stop().await;
+}
+
+/// Scout refusing the request (a 4xx other than 403) ends the job with code 102.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scout_refusal_gives_code_102() {
+    // The simulator refuses bodies over 200 bytes with 413; the client allows larger ones.
+    let tape = Tape::start(|s| {
+        s.kafka_brokers = None;
+        s.max_body_bytes = 200;
+    })
+    .await;
+    let receiver = Receiver::start().await;
+    let app = TestApp::start_with(Kind::Sqlite, |c| {
+        quick(c);
+        tape.configure(c);
+        c.kafka.brokers.clear();
+    })
+    .await;
+    let long: Vec<String> = (0..10).map(|i| format!("mwa/a/rather/long/path/number/{i}.fits")).collect();
+    let (status, _) = app
+        .post_job(json!({"job_id": 10, "files": long, "notify_url": receiver.url()}))
+        .await;
+    assert_eq!(status, 202);
+    let got = receiver.wait_delivered(1, Duration::from_secs(15)).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].body["return_code"], 102);
+    assert!(got[0].body["comment"].as_str().unwrap().contains("Scout refused"));
+    app.stop().await;
+}
+
+/// Scout down: the job waits and is staged when Scout returns; nothing is lost or failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scout_outage_delays_staging() {
+    let tape = Tape::start(|_| {}).await;
+    tape.node.set_failure_fraction(1.0);
+    let receiver = Receiver::start().await;
+    let app = TestApp::start_with(Kind::Sqlite, |c| {
+        quick(c);
+        tape.configure(c);
+    })
+    .await;
+    assert_eq!(app.post_job(job(11, &["o/1"], &receiver)).await.0, 202);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(receiver.attempts(), 0, "an outage is not a failure");
+    assert_eq!(app.get("/staging/?job_id=11").await.0, 200);
+    tape.node.set_failure_fraction(0.0);
+    let got = receiver.wait_delivered(1, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].body["return_code"], 0);
+    app.stop().await;
+}

@@ -1,0 +1,334 @@
+//! The Scout client against the simulator, over real HTTP on loopback: login and token
+//! refresh, request splitting, fail-over, ejection, refusals; and the API endpoints that ask
+//! Scout (`/filestatus/`, `/get_stats/`).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Kind, TestApp};
+use serde_json::json;
+use staged::config::ScoutConfig;
+use staged::scout::{ScoutClient, ScoutError, ScoutSettings};
+use staged::sim::{FileState, ScoutSim, SimNode, SimSettings};
+
+/// A client of `nodes` with the simulator's credentials and test-sized timeouts.
+fn settings(nodes: &[String]) -> ScoutSettings {
+    let mut s = ScoutSettings::from_config(&ScoutConfig::default(), "recalls").unwrap();
+    s.nodes = nodes.iter().map(|n| n.parse().unwrap()).collect();
+    let sim = SimSettings::default();
+    s.username = sim.username;
+    s.password = sim.password;
+    s.connect_timeout = Duration::from_millis(500);
+    s.request_timeout = Duration::from_millis(1500);
+    s.backoff_initial = Duration::from_millis(20);
+    s.backoff_max = Duration::from_millis(100);
+    s.retries = 2;
+    s
+}
+
+async fn sim(n: usize) -> (ScoutSim, Vec<SimNode>) {
+    let sim = ScoutSim::new(SimSettings::default()).unwrap();
+    let mut nodes = Vec::new();
+    for _ in 0..n {
+        nodes.push(sim.serve_loopback().await.unwrap());
+    }
+    (sim, nodes)
+}
+
+fn urls(nodes: &[SimNode]) -> Vec<String> {
+    nodes.iter().map(SimNode::url).collect()
+}
+
+/// A loopback URL where nothing listens.
+async fn dead_url() -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    drop(l);
+    url
+}
+
+fn paths(n: usize, len: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let p = format!("mwa/1/{i:08}_");
+            format!("{p}{}", "x".repeat(len.saturating_sub(p.len())))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_in_once_and_reuses_the_token() {
+    let (sim, nodes) = sim(2).await;
+    let client = ScoutClient::new(settings(&urls(&nodes))).unwrap();
+    assert_eq!(client.stage(&paths(3, 10), "1").await.unwrap(), 1);
+    assert!(client.file_status("a").await.is_ok());
+    client.stage(&paths(2, 10), "2").await.unwrap();
+    let c = sim.counters();
+    assert_eq!(c.logins, 1);
+    assert_eq!(c.stage_requests, 2);
+    assert_eq!(c.staged_paths, 5);
+    assert_eq!(client.counters().logins, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_concurrent_calls_share_one_login_and_one_refresh() {
+    let (sim, nodes) = sim(2).await;
+    let client = ScoutClient::new(settings(&urls(&nodes))).unwrap();
+    let run_100 = |client: ScoutClient| async move {
+        let calls = (0..100).map(|i| {
+            let c = client.clone();
+            tokio::spawn(async move { c.file_status(&format!("f/{i}")).await })
+        });
+        for r in futures::future::join_all(calls).await {
+            assert_eq!(r.unwrap().unwrap().offlineblocks, 16);
+        }
+    };
+    // No token yet: a hundred callers, one login.
+    run_100(client.clone()).await;
+    assert_eq!(sim.counters().logins, 1);
+    // The token expires: a hundred 403s, one refresh, every call retried once and served.
+    sim.expire_tokens();
+    run_100(client.clone()).await;
+    assert_eq!(sim.counters().logins, 2);
+    assert_eq!(client.counters().logins, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stage_requests_are_split_by_count() {
+    let (sim, nodes) = sim(1).await;
+    let client = ScoutClient::new(settings(&urls(&nodes))).unwrap();
+    let n = client.stage(&paths(25_000, 12), "7").await.unwrap();
+    assert_eq!(n, 3);
+    let c = sim.counters();
+    assert_eq!(c.stage_requests, 3);
+    assert_eq!(c.staged_paths, 25_000);
+    assert_eq!(c.largest_stage_paths, 10_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stage_requests_are_split_by_bytes() {
+    let (sim, nodes) = sim(1).await;
+    let client = ScoutClient::new(settings(&urls(&nodes))).unwrap();
+    // 9,000 paths of 1,000 bytes: under the count limit, ~9 MB of JSON.
+    let n = client.stage(&paths(9_000, 1_000), "8").await.unwrap();
+    assert_eq!(n, 3);
+    let c = sim.counters();
+    assert_eq!(c.staged_paths, 9_000);
+    assert!(
+        c.largest_stage_body <= 4_000_000,
+        "{}",
+        c.largest_stage_body
+    );
+    assert!(
+        c.largest_stage_body > 3_900_000,
+        "batches are filled: {}",
+        c.largest_stage_body
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_4xx_is_a_refusal_and_is_not_retried() {
+    let (sim, nodes) = sim(2).await;
+    let mut s = settings(&urls(&nodes));
+    // Allow bodies the simulator refuses, to get its 413.
+    s.max_body_bytes = 8 * 1024 * 1024;
+    let client = ScoutClient::new(s).unwrap();
+    client.file_status("warm-up").await.unwrap();
+    let hits = || nodes.iter().map(SimNode::hits).sum::<u64>();
+
+    let before = hits();
+    let err = client.stage(&paths(5_000, 1_000), "9").await.unwrap_err();
+    assert!(
+        matches!(err, ScoutError::Refused { status: 413, .. }),
+        "{err}"
+    );
+    assert_eq!(hits() - before, 1, "one request, no retry");
+
+    sim.set_file("gone", FileState::Missing);
+    let before = hits();
+    let err = client.file_status("gone").await.unwrap_err();
+    assert!(
+        matches!(err, ScoutError::Refused { status: 404, .. }),
+        "{err}"
+    );
+    assert_eq!(hits() - before, 1, "one request, no retry");
+    assert_eq!(sim.counters().stage_requests, 0);
+
+    // Bad credentials: the login is refused once, not retried.
+    let mut s = settings(&urls(&nodes));
+    s.password = "wrong".into();
+    let bad = ScoutClient::new(s).unwrap();
+    let before = hits();
+    let err = bad.file_status("x").await.unwrap_err();
+    assert!(
+        matches!(err, ScoutError::Refused { status: 401, .. }),
+        "{err}"
+    );
+    assert_eq!(hits() - before, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fails_over_past_a_dead_node_and_a_slow_one() {
+    let (sim, nodes) = sim(2).await;
+    let slow = &nodes[0];
+    slow.set_latency(Duration::from_secs(5));
+    let dead = dead_url().await;
+    let mut s = settings(&[dead.clone(), slow.url(), nodes[1].url()]);
+    s.request_timeout = Duration::from_millis(300);
+    s.eject = Duration::from_secs(60);
+    let client = ScoutClient::new(s).unwrap();
+    let started = Instant::now();
+    for i in 0..20 {
+        client.stage(&paths(2, 10), &i.to_string()).await.unwrap();
+    }
+    // Each bad node costs at most one timeout before it is ejected for the rest of the test.
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(sim.counters().stage_requests, 20);
+    let stats = client.node_stats();
+    assert!(
+        stats[0].failures >= 1 && stats[0].successes == 0,
+        "{stats:?}"
+    );
+    assert!(
+        stats[1].failures >= 1 && stats[1].successes == 0,
+        "{stats:?}"
+    );
+    assert_eq!(stats[2].successes, 21, "20 stages and the login: {stats:?}");
+    assert!(stats[0].ejected && stats[1].ejected && !stats[2].ejected);
+    assert!(stats[2].latency_us_total > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_node_is_ejected_then_probed_back() {
+    let (sim, nodes) = sim(2).await;
+    nodes[0].set_failure_fraction(1.0);
+    let mut s = settings(&urls(&nodes));
+    s.eject = Duration::from_millis(400);
+    let client = ScoutClient::new(s).unwrap();
+    for i in 0..10 {
+        client.stage(&paths(1, 10), &i.to_string()).await.unwrap();
+    }
+    assert_eq!(nodes[0].hits(), 1, "ejected after its first failure");
+    assert!(client.node_stats()[0].ejected);
+
+    // The node recovers; after the cool-down the rotation probes it and keeps it.
+    nodes[0].set_failure_fraction(0.0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..10 {
+        client.stage(&paths(1, 10), &i.to_string()).await.unwrap();
+    }
+    let stats = client.node_stats();
+    assert!(!stats[0].ejected, "{stats:?}");
+    assert!(stats[0].successes >= 4, "back in the rotation: {stats:?}");
+    assert_eq!(sim.counters().stage_requests, 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_down_is_unavailable_after_retries_and_cancel_is_best_effort() {
+    let dead = vec![dead_url().await, dead_url().await];
+    let client = ScoutClient::new(settings(&dead)).unwrap();
+    let err = client.stage(&paths(1, 10), "1").await.unwrap_err();
+    // Two nodes, three rounds (the first and two retries).
+    assert!(
+        matches!(err, ScoutError::Unavailable { attempts: 6, .. }),
+        "{err}"
+    );
+    assert!(!client.cancel(&paths(3, 10), "1").await);
+    assert_eq!(client.counters().cancel_failures, 1);
+
+    let (sim, nodes) = sim(1).await;
+    let client = ScoutClient::new(settings(&urls(&nodes))).unwrap();
+    assert!(client.cancel(&paths(3, 10), "1").await);
+    assert_eq!(sim.counters().cancel_requests, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_state_accepts_numbers_as_strings() {
+    let (sim, nodes) = sim(1).await;
+    let client = ScoutClient::new(settings(&urls(&nodes))).unwrap();
+    sim.set_cache_state(json!({
+        "availdatasz": "12345", "health": "2", "healthstatus": "warning",
+        "releaseable": 7, "nonreleaseable": "8", "pending": 0, "totdatasz": "99999",
+    }));
+    let c = client.cache_state().await.unwrap();
+    assert_eq!(c.availdatasz, Some(12345));
+    assert_eq!(c.health, Some(2));
+    assert_eq!(c.healthstatus.as_deref(), Some("warning"));
+    assert_eq!(c.releaseable, Some(7));
+    assert_eq!(c.nonreleaseable, Some(8));
+    assert_eq!(c.pending, Some(0));
+    assert_eq!(c.totdatasz, Some(99999));
+}
+
+both_backends!(filestatus_and_stats_ask_scout);
+
+async fn filestatus_and_stats_ask_scout(kind: Kind) {
+    let (sim, nodes) = sim(2).await;
+    let nodes = Arc::new(nodes);
+    let node_urls = urls(&nodes);
+    let app = TestApp::start_with(kind, |c| {
+        c.scout.nodes = node_urls.clone();
+        c.scout.username = SimSettings::default().username;
+        c.scout.password = Some(
+            toml::Value::String(SimSettings::default().password)
+                .try_into()
+                .unwrap(),
+        );
+        c.scout.request_timeout_secs = 1.0;
+        c.scout.retries = 0;
+    })
+    .await;
+    sim.set_file("on/disk", FileState::Online);
+    for path in ["/filestatus/", "/filestatus"] {
+        let r = app
+            .http
+            .post(app.url(path))
+            .json(&json!({"files": ["on/disk", "on/tape"]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body, json!({"on/disk": true, "on/tape": false}));
+    }
+    sim.set_file("gone", FileState::Missing);
+    let r = app
+        .http
+        .post(app.url("/filestatus/"))
+        .json(&json!({"files": ["on/disk", "gone"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["errormsg"].as_str().unwrap().contains("gone"),
+        "{body}"
+    );
+
+    let (status, stats) = app.get("/get_stats/").await;
+    assert_eq!(status, 200);
+    assert_eq!(stats["availdatasz"], json!(500_000_000_000_i64));
+    assert_eq!(stats["health"], json!(1));
+    assert_eq!(stats["healthstatus"], json!("ok"));
+    assert_eq!(stats["nonreleaseable"], json!(2000));
+    assert_eq!(stats["kafka_alive"], json!(false), "no Kafka configured");
+
+    // Scout stops answering: the figures are null, the rest is still served.
+    let nodes = Arc::try_unwrap(nodes).ok().unwrap();
+    for n in nodes {
+        n.shutdown();
+    }
+    let (status, stats) = app.get("/get_stats/").await;
+    assert_eq!(status, 200);
+    assert_eq!(stats["availdatasz"], json!(null));
+    assert_eq!(stats["health"], json!(null));
+    assert!(stats["completed_jobs"].is_i64());
+    app.stop().await;
+}
