@@ -30,7 +30,10 @@ fn job(id: i64, files: &[&str], receiver: &Receiver) -> Value {
     json!({"job_id": id, "files": files, "notify_url": receiver.url()})
 }
 
-both_backends!(file_list_job_is_staged_and_called_back, failing_files_give_code_5_and_a_report);
+both_backends!(
+    file_list_job_is_staged_and_called_back,
+    failing_files_give_code_5_and_a_report
+);
 
 async fn file_list_job_is_staged_and_called_back(kind: Kind) {
     let tape = Tape::start(|_| {}).await;
@@ -41,12 +44,21 @@ async fn file_list_job_is_staged_and_called_back(kind: Kind) {
     })
     .await;
     let (status, _) = app
-        .post_job(job(1, &["mwa/1/a.fits", "mwa/1/b.fits", "mwa/1/c.fits"], &receiver))
+        .post_job(job(
+            1,
+            &["mwa/1/a.fits", "mwa/1/b.fits", "mwa/1/c.fits"],
+            &receiver,
+        ))
         .await;
     assert_eq!(status, 202);
 
     let got = receiver.wait_delivered(1, Duration::from_secs(30)).await;
-    assert_eq!(got.len(), 1, "one callback; attempts {}", receiver.attempts());
+    assert_eq!(
+        got.len(),
+        1,
+        "one callback; attempts {}",
+        receiver.attempts()
+    );
     let cb = &got[0];
     assert_eq!(
         cb.body,
@@ -60,13 +72,26 @@ async fn file_list_job_is_staged_and_called_back(kind: Kind) {
     // Delivered: the job is gone, as in the original, and remembered in the history.
     let deadline = Instant::now() + Duration::from_secs(5);
     while app.get("/staging/?job_id=1").await.0 != 404 {
-        assert!(Instant::now() < deadline, "job not removed after its callback");
+        assert!(
+            Instant::now() < deadline,
+            "job not removed after its callback"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let history = app.store().history(10).await.unwrap();
     assert_eq!(history.len(), 1);
-    assert_eq!((history[0].job_id, history[0].return_code, history[0].delivered), (1, 0, true));
-    assert!(!app.db.dir.path().join("reports/failed/1.txt").exists(), "no report for code 0");
+    assert_eq!(
+        (
+            history[0].job_id,
+            history[0].return_code,
+            history[0].delivered
+        ),
+        (1, 0, true)
+    );
+    assert!(
+        !app.db.dir.path().join("reports/failed/1.txt").exists(),
+        "no report for code 0"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(receiver.attempts(), 1, "delivered once");
     app.stop().await;
@@ -80,7 +105,10 @@ async fn failing_files_give_code_5_and_a_report(kind: Kind) {
         tape.configure(c);
     })
     .await;
-    assert_eq!(app.post_job(job(2, &["x/1", "x/2"], &receiver)).await.0, 202);
+    assert_eq!(
+        app.post_job(job(2, &["x/1", "x/2"], &receiver)).await.0,
+        202
+    );
     let got = receiver.wait_delivered(1, Duration::from_secs(30)).await;
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].body["return_code"], 5);
@@ -104,7 +132,11 @@ async fn wait_for_file(path: &std::path::Path) -> String {
         if let Ok(s) = std::fs::read_to_string(path) {
             return s;
         }
-        assert!(Instant::now() < deadline, "{} never written", path.display());
+        assert!(
+            Instant::now() < deadline,
+            "{} never written",
+            path.display()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -119,8 +151,15 @@ async fn callback_follows_the_last_event_quickly() {
         c.jobs.sweep_interval_secs = 3600;
     })
     .await;
-    assert_eq!(app.post_job(job(3, &["p/1", "p/2"], &receiver)).await.0, 202);
-    let ev = |p: &str| FileEvent { path: p.into(), at_ms: 1_700_000_000_000, error: None };
+    assert_eq!(
+        app.post_job(job(3, &["p/1", "p/2"], &receiver)).await.0,
+        202
+    );
+    let ev = |p: &str| FileEvent {
+        path: p.into(),
+        at_ms: 1_700_000_000_000,
+        error: None,
+    };
     app.store().apply_file_events(&[ev("p/1")]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(receiver.attempts(), 0, "not complete yet");
@@ -129,7 +168,10 @@ async fn callback_follows_the_last_event_quickly() {
     let got = receiver.wait_delivered(1, Duration::from_secs(5)).await;
     assert_eq!(got.len(), 1);
     let latency = got[0].at.duration_since(last_event);
-    assert!(latency < Duration::from_secs(1), "callback {latency:?} after the last event");
+    assert!(
+        latency < Duration::from_secs(1),
+        "callback {latency:?} after the last event"
+    );
     app.stop().await;
 }
 
@@ -141,18 +183,33 @@ async fn expired_job_gets_code_10_and_a_report() {
         c.jobs.expiry_secs = 1;
     })
     .await;
-    assert_eq!(app.post_job(job(4, &["e/1", "e/2"], &receiver)).await.0, 202);
+    assert_eq!(
+        app.post_job(job(4, &["e/1", "e/2"], &receiver)).await.0,
+        202
+    );
     app.store()
-        .apply_file_events(&[FileEvent { path: "e/1".into(), at_ms: 1, error: None }])
+        .apply_file_events(&[FileEvent {
+            path: "e/1".into(),
+            at_ms: 1,
+            error: None,
+        }])
         .await
         .unwrap();
     let got = receiver.wait_delivered(1, Duration::from_secs(15)).await;
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].body["return_code"], 10);
     assert_eq!(got[0].body["ready_files"], 1);
-    assert!(got[0].body["comment"].as_str().unwrap().starts_with("Job timed out after 1 seconds."));
+    assert!(
+        got[0].body["comment"]
+            .as_str()
+            .unwrap()
+            .starts_with("Job timed out after 1 seconds.")
+    );
     let report = wait_for_file(&app.db.dir.path().join("reports/failed/4.txt")).await;
-    assert!(report.contains("Files that failed to transfer:\n  e/2\n"), "{report}");
+    assert!(
+        report.contains("Files that failed to transfer:\n  e/2\n"),
+        "{report}"
+    );
     app.stop().await;
 }
 
@@ -175,7 +232,14 @@ async fn expired_job_with_a_dead_callback_is_removed_after_the_grace_period() {
     assert!(receiver.attempts() >= 2, "retried during the grace period");
     assert!(receiver.delivered().is_empty());
     let history = app.store().history(10).await.unwrap();
-    assert_eq!((history[0].job_id, history[0].return_code, history[0].delivered), (5, 10, false));
+    assert_eq!(
+        (
+            history[0].job_id,
+            history[0].return_code,
+            history[0].delivered
+        ),
+        (5, 10, false)
+    );
     app.stop().await;
 }
 
@@ -186,7 +250,11 @@ async fn callback_endpoint_down_then_up_is_delivered_once() {
     let app = TestApp::start_with(Kind::Sqlite, quick).await;
     assert_eq!(app.post_job(job(6, &["u/1"], &receiver)).await.0, 202);
     app.store()
-        .apply_file_events(&[FileEvent { path: "u/1".into(), at_ms: 1, error: None }])
+        .apply_file_events(&[FileEvent {
+            path: "u/1".into(),
+            at_ms: 1,
+            error: None,
+        }])
         .await
         .unwrap();
     let got = receiver.wait_delivered(1, Duration::from_secs(20)).await;
@@ -211,13 +279,21 @@ async fn callbacks_respect_the_rate_limit() {
         assert_eq!(app.post_job(job(id, &[&path], &receiver)).await.0, 202);
     }
     let events: Vec<FileEvent> = (0..8)
-        .map(|id| FileEvent { path: format!("r/{id}"), at_ms: 1, error: None })
+        .map(|id| FileEvent {
+            path: format!("r/{id}"),
+            at_ms: 1,
+            error: None,
+        })
         .collect();
     app.store().apply_file_events(&events).await.unwrap();
     receiver.wait_delivered(5, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(receiver.attempts(), 5, "at most 5 in the first minute");
-    assert_eq!(app.store().pending_callbacks().await.unwrap(), 3, "the rest wait their turn");
+    assert_eq!(
+        app.store().pending_callbacks().await.unwrap(),
+        3,
+        "the rest wait their turn"
+    );
     app.stop().await;
 }
 
@@ -234,7 +310,12 @@ async fn restage_asks_only_for_waiting_files() {
         c.jobs.restage_interval_secs = 2;
     })
     .await;
-    assert_eq!(app.post_job(job(7, &["w/1", "w/2", "w/3"], &receiver)).await.0, 202);
+    assert_eq!(
+        app.post_job(job(7, &["w/1", "w/2", "w/3"], &receiver))
+            .await
+            .0,
+        202
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while tape.sim.counters().stage_requests < 1 {
         assert!(Instant::now() < deadline);
@@ -243,8 +324,16 @@ async fn restage_asks_only_for_waiting_files() {
     assert_eq!(tape.sim.counters().staged_paths, 3);
     app.store()
         .apply_file_events(&[
-            FileEvent { path: "w/1".into(), at_ms: 1, error: None },
-            FileEvent { path: "w/2".into(), at_ms: 1, error: Some("bad".into()) },
+            FileEvent {
+                path: "w/1".into(),
+                at_ms: 1,
+                error: None,
+            },
+            FileEvent {
+                path: "w/2".into(),
+                at_ms: 1,
+                error: Some("bad".into()),
+            },
         ])
         .await
         .unwrap();
@@ -270,9 +359,24 @@ async fn delete_cancels_only_unshared_paths() {
         c.kafka.brokers.clear();
     })
     .await;
-    assert_eq!(app.post_job(job(8, &["s/shared", "s/mine"], &receiver)).await.0, 202);
-    assert_eq!(app.post_job(job(9, &["s/shared", "s/theirs"], &receiver)).await.0, 202);
-    let r = app.http.delete(app.url("/staging/?job_id=8")).send().await.unwrap();
+    assert_eq!(
+        app.post_job(job(8, &["s/shared", "s/mine"], &receiver))
+            .await
+            .0,
+        202
+    );
+    assert_eq!(
+        app.post_job(job(9, &["s/shared", "s/theirs"], &receiver))
+            .await
+            .0,
+        202
+    );
+    let r = app
+        .http
+        .delete(app.url("/staging/?job_id=8"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let c = tape.sim.counters();
     assert_eq!(c.cancel_requests, 1);
@@ -300,7 +404,9 @@ async fn scout_refusal_gives_code_102() {
         c.kafka.brokers.clear();
     })
     .await;
-    let long: Vec<String> = (0..10).map(|i| format!("mwa/a/rather/long/path/number/{i}.fits")).collect();
+    let long: Vec<String> = (0..10)
+        .map(|i| format!("mwa/a/rather/long/path/number/{i}.fits"))
+        .collect();
     let (status, _) = app
         .post_job(json!({"job_id": 10, "files": long, "notify_url": receiver.url()}))
         .await;
@@ -308,7 +414,12 @@ async fn scout_refusal_gives_code_102() {
     let got = receiver.wait_delivered(1, Duration::from_secs(15)).await;
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].body["return_code"], 102);
-    assert!(got[0].body["comment"].as_str().unwrap().contains("Scout refused"));
+    assert!(
+        got[0].body["comment"]
+            .as_str()
+            .unwrap()
+            .contains("Scout refused")
+    );
     app.stop().await;
 }
 
@@ -331,5 +442,101 @@ async fn scout_outage_delays_staging() {
     let got = receiver.wait_delivered(1, Duration::from_secs(30)).await;
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].body["return_code"], 0);
+    app.stop().await;
+}
+
+/// An observation through the MWA adapter, with the tape system mounted under a prefix:
+/// the adapter resolves the observation over HTTP, `stage-paths` adds the mount prefix for
+/// Scout, the recall messages name the prefixed files, and `map-event-paths` maps them back
+/// to the job's paths, so the job completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observation_through_the_mwa_adapter_with_a_mount_prefix() {
+    use staged::sim::metadata::MetadataSim;
+    let metadata = MetadataSim::start(std::collections::HashMap::from([(
+        1_234_567_890,
+        vec![
+            (
+                "a.fits".to_string(),
+                Some("bkt".to_string()),
+                Some("/1234567890".to_string()),
+            ),
+            ("b.fits".to_string(), None, Some("1234567890".to_string())),
+        ],
+    )]))
+    .await
+    .unwrap();
+    let tape = Tape::start(|_| {}).await;
+    let receiver = Receiver::start().await;
+    let app = TestApp::start_with(Kind::Sqlite, |c| {
+        quick(c);
+        tape.configure(c);
+        c.adapter.wasm =
+            Some(std::path::PathBuf::from(env!("STAGED_ADAPTERS_DIR")).join("adapter_mwa.wasm"));
+        c.adapter.http_allow = vec![metadata.addr.to_string()];
+        c.adapter
+            .settings
+            .insert("data_files_url".into(), metadata.data_files_url().into());
+        c.adapter
+            .settings
+            .insert("mount_prefix".into(), "/vss".into());
+    })
+    .await;
+    let (status, body) = app
+        .post_job(
+            json!({"job_id": 20, "notify_url": receiver.url(), "obs": {"obs_id": 1_234_567_890}}),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let got = receiver.wait_delivered(1, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 1, "attempts {}", receiver.attempts());
+    assert_eq!(got[0].body["return_code"], 0, "{}", got[0].body);
+    assert_eq!(got[0].body["total_files"], 2);
+    assert_eq!(got[0].body["ready_files"], 2);
+    // Scout was asked for the prefixed paths.
+    assert!(
+        tape.sim.file_state("/vss/mwa/bkt/1234567890/a.fits") == staged::sim::FileState::Online
+    );
+    assert!(tape.sim.file_state("/vss/mwa/1234567890/b.fits") == staged::sim::FileState::Online);
+    app.stop().await;
+}
+
+/// An observation the metadata service does not know: callback 101; a failing metadata
+/// service: callback 100.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observation_lookup_failures_give_101_and_100() {
+    use staged::sim::metadata::MetadataSim;
+    let metadata = MetadataSim::start(std::collections::HashMap::new())
+        .await
+        .unwrap();
+    let receiver = Receiver::start().await;
+    let app = TestApp::start_with(Kind::Sqlite, |c| {
+        quick(c);
+        c.adapter.wasm =
+            Some(std::path::PathBuf::from(env!("STAGED_ADAPTERS_DIR")).join("adapter_mwa.wasm"));
+        c.adapter.http_allow = vec![metadata.addr.to_string()];
+        c.adapter
+            .settings
+            .insert("data_files_url".into(), metadata.data_files_url().into());
+    })
+    .await;
+    let (status, _) = app
+        .post_job(json!({"job_id": 21, "notify_url": receiver.url(), "obs": {"obs_id": 42}}))
+        .await;
+    assert_eq!(status, 202);
+    let got = receiver.wait_delivered(1, Duration::from_secs(20)).await;
+    assert_eq!(got[0].body["return_code"], 101, "{}", got[0].body);
+    assert_eq!(got[0].body["comment"], "No files to stage.");
+    // Now the metadata service is gone: the lookup fails.
+    drop(metadata);
+    let (status, _) = app
+        .post_job(json!({"job_id": 22, "notify_url": receiver.url(), "obs": {"obs_id": 43}}))
+        .await;
+    assert_eq!(status, 202);
+    let got = receiver.wait_delivered(2, Duration::from_secs(20)).await;
+    let second = got
+        .iter()
+        .find(|r| r.body["job_id"] == 22)
+        .expect("callback for job 22");
+    assert_eq!(second.body["return_code"], 100, "{}", second.body);
     app.stop().await;
 }

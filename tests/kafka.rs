@@ -46,11 +46,16 @@ impl Broker {
         self.cluster.bootstrap_servers()
     }
 
+    /// Sends with a random key: any partition.
     async fn send(&self, payload: &[u8]) {
-        let key = format!("{}", rand::random::<u32>());
+        self.send_keyed(&rand::random::<u32>().to_string(), payload)
+            .await
+    }
+
+    async fn send_keyed(&self, key: &str, payload: &[u8]) {
         self.producer
             .send(
-                FutureRecord::to(TOPIC).payload(payload).key(&key),
+                FutureRecord::to(TOPIC).payload(payload).key(key),
                 Duration::from_secs(10),
             )
             .await
@@ -58,12 +63,15 @@ impl Broker {
             .unwrap();
     }
 
+    /// Keyed by path, so that the messages about one file stay in order (one partition).
     async fn ready(&self, path: &str, at: &str) {
-        self.send(message(path, at, "").as_bytes()).await;
+        self.send_keyed(path, message(path, at, "").as_bytes())
+            .await;
     }
 
     async fn failed(&self, path: &str, at: &str, error: &str) {
-        self.send(message(path, at, error).as_bytes()).await;
+        self.send_keyed(path, message(path, at, error).as_bytes())
+            .await;
     }
 
     /// `[kafka]` for this broker, with test-sized group timeouts.

@@ -365,7 +365,10 @@ async fn demo_runs_its_jobs_to_their_callbacks() {
             Err(_) => break,
         }
     }
-    assert!(finished, "demo did not finish its jobs; callbacks so far: {callbacks:#?}");
+    assert!(
+        finished,
+        "demo did not finish its jobs; callbacks so far: {callbacks:#?}"
+    );
     let code_of = |job: &str| {
         callbacks
             .iter()
@@ -381,9 +384,13 @@ async fn demo_runs_its_jobs_to_their_callbacks() {
 
     // Still serving: the finished jobs are gone, as after any delivered callback.
     let base = format!("http://127.0.0.1:{port}");
-    let r = reqwest::get(format!("{base}/staging/?job_id=101")).await.unwrap();
+    let r = reqwest::get(format!("{base}/staging/?job_id=101"))
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
-    let r = reqwest::get(format!("{base}/get_failed_job/?job_id=103")).await.unwrap();
+    let r = reqwest::get(format!("{base}/get_failed_job/?job_id=103"))
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200, "the code-5 job left a failure report");
 
     // SAFETY: kill(2) on our own child.
@@ -436,6 +443,8 @@ retry_min_secs = 1
 retry_max_secs = 2
 timeout_secs = 5
 concurrency = 16
+# The 200-a-minute default would make a 1,000-job run last five minutes.
+per_minute = 100000
 
 [scout]
 nodes = ["{scout}"]
@@ -466,7 +475,11 @@ extra = {{ "session.timeout.ms" = "6000", "heartbeat.interval.ms" = "300", "fetc
 async fn post_until_stored(http: &reqwest::Client, bases: &[String], body: &Value) {
     for attempt in 0..1200usize {
         let base = &bases[attempt % bases.len()];
-        if let Ok(r) = http.post(format!("{base}/staging/")).json(body).send().await
+        if let Ok(r) = http
+            .post(format!("{base}/staging/"))
+            .json(body)
+            .send()
+            .await
             && matches!(r.status().as_u16(), 202 | 403)
         {
             return;
@@ -480,7 +493,10 @@ async fn post_until_stored(http: &reqwest::Client, bases: &[String], body: &Valu
 fn deliveries(receiver: &common::pipeline::Receiver) -> std::collections::HashMap<i64, Vec<Value>> {
     let mut by_job: std::collections::HashMap<i64, Vec<Value>> = std::collections::HashMap::new();
     for r in receiver.delivered() {
-        by_job.entry(r.body["job_id"].as_i64().unwrap()).or_default().push(r.body);
+        by_job
+            .entry(r.body["job_id"].as_i64().unwrap())
+            .or_default()
+            .push(r.body);
     }
     by_job
 }
@@ -492,7 +508,10 @@ async fn wait_all_called_back(receiver: &common::pipeline::Receiver, jobs: i64, 
         if got == jobs {
             return;
         }
-        assert!(Instant::now() < deadline, "only {got} of {jobs} jobs called back");
+        assert!(
+            Instant::now() < deadline,
+            "only {got} of {jobs} jobs called back"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -535,7 +554,35 @@ async fn sigkill_during_a_thousand_job_run_loses_nothing() {
         daemon = Daemon::start(&config, port).await;
     }
     poster.await.unwrap();
-    wait_all_called_back(&receiver, JOBS, Duration::from_secs(240)).await;
+    let debug_base = daemon.base.clone();
+    let done = tokio::spawn(async move {
+        wait_all_called_back(&receiver, JOBS, Duration::from_secs(240)).await;
+        receiver
+    });
+    let receiver = match done.await {
+        Ok(r) => r,
+        Err(e) => {
+            let stats = reqwest::get(format!("{debug_base}/get_stats/"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let list: Value = reqwest::get(format!("{debug_base}/get_joblist/"))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let left: Vec<&Value> = list["jobs"].as_object().unwrap().values().take(5).collect();
+            eprintln!(
+                "stats: {stats}\njobs left: {}, e.g. {left:?}\nsim: {:?}",
+                list["jobs"].as_object().unwrap().len(),
+                tape.sim.counters()
+            );
+            std::panic::resume_unwind(e.into_panic());
+        }
+    };
 
     let by_job = deliveries(&receiver);
     let repeats = by_job.values().filter(|d| d.len() > 1).count();
@@ -573,7 +620,8 @@ async fn two_daemons_share_the_work_and_survive_one_kill() {
             use futures::StreamExt;
             futures::stream::iter(0..JOBS)
                 .for_each_concurrent(16, |id| {
-                    let body = json!({"job_id": id, "files": [format!("t/{id}/a")], "notify_url": notify});
+                    let body =
+                        json!({"job_id": id, "files": [format!("t/{id}/a")], "notify_url": notify});
                     // Alternate the daemon each job is posted to.
                     let mut order = bases.clone();
                     order.rotate_left(id as usize % 2);

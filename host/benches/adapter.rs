@@ -43,6 +43,7 @@ async fn main() {
         started.elapsed().as_secs_f64() * 1e3
     );
     let a = adapters.current().unwrap();
+    println!("instance allocator: {}", a.allocator());
 
     // Half ours (some under the mount point), half another telescope's.
     let names: Vec<String> = (0..1000)

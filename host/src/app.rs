@@ -60,14 +60,14 @@ pub async fn start(config: &Config) -> anyhow::Result<Server> {
                 .context("setting up the Scout client")?,
         ),
     };
-    // Kafka names are job paths until an adapter maps them.
+    // The adapter maps the tape system's names to job paths (identity without one).
     let ingest = match config.kafka.brokers.is_empty() {
         true => None,
         false => Some(
             kafka::start(
                 &config.kafka,
                 store.clone(),
-                Arc::new(kafka::IdentityMapper),
+                Arc::new(kafka::AdapterMapper(adapters.clone())),
             )
             .context("starting the Kafka consumer")?,
         ),

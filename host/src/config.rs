@@ -61,7 +61,7 @@ impl Default for ServerConfig {
     }
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
     /// `sqlite://PATH` (file created if missing) or `postgres://USER@HOST/DB`.
@@ -88,8 +88,22 @@ impl Default for DatabaseConfig {
             max_connections: 16,
             sqlite_synchronous: SqliteSync::Full,
             intake_batch_max: 1024,
-            intake_writers: 4,
+            intake_writers: 2,
         }
+    }
+}
+
+// By hand: the URL may carry a password, and Debug output ends up in logs.
+impl fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("url", &redact_url(&self.url))
+            .field("password", &self.password)
+            .field("max_connections", &self.max_connections)
+            .field("sqlite_synchronous", &self.sqlite_synchronous)
+            .field("intake_batch_max", &self.intake_batch_max)
+            .field("intake_writers", &self.intake_writers)
+            .finish()
     }
 }
 

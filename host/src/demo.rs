@@ -25,7 +25,8 @@ use crate::sim::metadata::MetadataSim;
 use crate::sim::{FileState, ScoutSim, SimSettings};
 
 /// The MWA adapter, compiled for wasm32-wasip2 by the build script.
-static MWA_ADAPTER: &[u8] = include_bytes!(concat!(env!("STAGED_ADAPTERS_DIR"), "/adapter_mwa.wasm"));
+static MWA_ADAPTER: &[u8] =
+    include_bytes!(concat!(env!("STAGED_ADAPTERS_DIR"), "/adapter_mwa.wasm"));
 
 const TOPIC: &str = "staging-demo";
 const OBS_OK: i64 = 1_234_567_890;
@@ -63,7 +64,9 @@ pub async fn run(listen: SocketAddr) -> anyhow::Result<()> {
     let out = Out::new();
 
     let cluster = MockCluster::new(1).context("starting the mock Kafka cluster")?;
-    cluster.create_topic(TOPIC, 2, 1).context("creating the demo topic")?;
+    cluster
+        .create_topic(TOPIC, 2, 1)
+        .context("creating the demo topic")?;
     let brokers = cluster.bootstrap_servers();
 
     let sim = ScoutSim::new(SimSettings {
@@ -85,7 +88,9 @@ pub async fn run(listen: SocketAddr) -> anyhow::Result<()> {
     std::fs::write(&adapter, MWA_ADAPTER).context("writing the MWA adapter")?;
     let receiver = CallbackReceiver::start().await?;
 
-    let config = demo_config(&dir.0, listen, &nodes, &brokers, &adapter, &metadata, &receiver);
+    let config = demo_config(
+        &dir.0, listen, &nodes, &brokers, &adapter, &metadata, &receiver,
+    );
     crate::telemetry::init(&config.logging);
     let server = app::start(&config).await.context("starting the daemon")?;
     let base = format!("http://{}", server.addr);
@@ -275,12 +280,27 @@ async fn progress_board(http: &reqwest::Client, base: &str) -> String {
     };
     let mut lines = Vec::new();
     for row in jobs.values() {
-        let (id, ready, total, errors) = (&row[0], row[2].as_i64().unwrap_or(0), row[3].as_i64().unwrap_or(0), row[6].as_i64().unwrap_or(0));
+        let (id, ready, total, errors) = (
+            &row[0],
+            row[2].as_i64().unwrap_or(0),
+            row[3].as_i64().unwrap_or(0),
+            row[6].as_i64().unwrap_or(0),
+        );
         let width = 30usize;
-        let done = if total > 0 { ((ready + errors) as usize * width) / total as usize } else { 0 };
+        let done = if total > 0 {
+            ((ready + errors) as usize * width) / total as usize
+        } else {
+            0
+        };
         let bar: String = "#".repeat(done) + &".".repeat(width - done);
-        let what = if total == 0 { "  (looking up the observation)".to_string() } else { String::new() };
-        lines.push(format!("  job {id:>4} [{bar}] {ready}/{total} ready, {errors} errors{what}"));
+        let what = if total == 0 {
+            "  (looking up the observation)".to_string()
+        } else {
+            String::new()
+        };
+        lines.push(format!(
+            "  job {id:>4} [{bar}] {ready}/{total} ready, {errors} errors{what}"
+        ));
     }
     lines.join("\n")
 }

@@ -205,7 +205,12 @@ mod tests {
         for id in 0..5 {
             let path = write(dir.path(), id, "Job failure report\n").unwrap();
             if id < 4 {
-                std::fs::File::options().write(true).open(&path).unwrap().set_modified(old).unwrap();
+                std::fs::File::options()
+                    .write(true)
+                    .open(&path)
+                    .unwrap()
+                    .set_modified(old)
+                    .unwrap();
             }
         }
         // Five reports, four of them 40 days old; keep the newest 2, expire after 30 days.

@@ -161,4 +161,3 @@ pub fn secret(s: &str) -> Secret {
         .try_into()
         .unwrap()
 }
-

@@ -101,6 +101,7 @@ struct Source {
     allow: AllowList,
     settings_json: String,
     allocator: &'static str,
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Adapters {
@@ -198,6 +199,7 @@ impl Source {
             allow,
             settings_json,
             allocator,
+            slots: Arc::new(tokio::sync::Semaphore::new(policy::POOL_INSTANCES as usize)),
         })
     }
 
@@ -233,6 +235,7 @@ impl Source {
             limits: self.limits.clone(),
             allow: self.allow.clone(),
             settings_json: self.settings_json.clone(),
+            slots: self.slots.clone(),
             http: http_client(&self.limits).map_err(|e| LoadError::Engine(format!("{e:#}")))?,
         });
         LoadedAdapter::check(pre, shared, &path, self.allocator).await
@@ -516,6 +519,12 @@ impl LoadedAdapter {
         let out = self.logged(out)?;
         self.logged(self.check_output(export, out.len()))?;
         Ok(out)
+    }
+
+    /// How instances are allocated: "pooling", or "on-demand" where the machine refused
+    /// the pool's address-space reservation.
+    pub fn allocator(&self) -> &'static str {
+        self.allocator
     }
 
     /// The bounds this adapter's calls run under.

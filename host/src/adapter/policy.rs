@@ -23,12 +23,13 @@ const MAX_WASM_STACK: usize = 1024 * 1024;
 /// The fiber stack an async call runs on: the wasm stack plus room for host functions.
 const ASYNC_STACK: usize = MAX_WASM_STACK + 1024 * 1024;
 
-/// Calls that may run at the same time with the pooling allocator; beyond it,
-/// instantiation fails with a typed error rather than queueing without bound.
-const POOL_INSTANCES: u32 = 256;
+/// Calls that may run at the same time (the pooling allocator's slots); further calls wait
+/// for a slot, so a burst queues instead of failing. The call timeout is wall time, so
+/// callers should still keep their own concurrency near the number of cores.
+pub const POOL_INSTANCES: u32 = 256;
 
 /// Table elements per instance: Rust guests use a few hundred for indirect calls.
-const MAX_TABLE_ELEMENTS: usize = 20_000;
+pub const MAX_TABLE_ELEMENTS: usize = 20_000;
 
 /// Longest log line an adapter may write; the rest is cut.
 pub const MAX_LOG_BYTES: usize = 4096;

@@ -15,7 +15,7 @@ use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, Was
 
 use super::allow::AllowList;
 use super::error::AdapterError;
-use super::policy::{Limits, MAX_LOG_BYTES};
+use super::policy::{Limits, MAX_LOG_BYTES, MAX_TABLE_ELEMENTS};
 
 wasmtime::component::bindgen!({
     path: "../wit",
@@ -34,6 +34,9 @@ pub struct Shared {
     pub allow: AllowList,
     pub settings_json: String,
     pub http: reqwest::Client,
+    /// Instance slots of the engine, shared by every adapter loaded on it (the old one
+    /// keeps running calls while a new one is swapped in).
+    pub slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// The data of one call's store.
@@ -76,7 +79,7 @@ impl ResourceLimiter for MemoryLimiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        Ok(desired <= 100_000)
+        Ok(desired <= MAX_TABLE_ELEMENTS)
     }
 }
 
@@ -255,6 +258,8 @@ pub async fn call<R: Send>(
     f: impl for<'a> FnOnce(&'a Adapter, &'a mut Store<CallState>) -> CallFuture<'a, R> + Send,
 ) -> Result<R, AdapterError> {
     let limits = &shared.limits;
+    // Never closed: the semaphore lives as long as the engine.
+    let _slot = shared.slots.acquire().await.ok();
     let mut store = Store::new(pre.engine(), CallState::new(shared.clone()));
     store.limiter(|s| &mut s.limiter);
     // Tick by tick, yielding to tokio each time, until the call's budget is spent.

@@ -18,8 +18,11 @@
 //! PostgreSQL is reached through `STAGED_TEST_PG_URL` (an admin URL; default
 //! `postgres://staged:staged@127.0.0.1:5432/postgres`); the role must be allowed to create
 //! databases. All traffic goes to 127.0.0.1.
+//!
+//! `staged-bench ingest --backend both` measures Kafka ingest instead: see [`ingest`].
 
-
+#[path = "staged-bench/engine.rs"]
+mod engine;
 #[path = "staged-bench/ingest.rs"]
 mod ingest;
 
@@ -80,6 +83,8 @@ enum BenchCommand {
     Intake(IntakeArgs),
     /// Kafka recall messages applied to the store per second (in-process broker).
     Ingest(ingest::IngestArgs),
+    /// Last file event to callback latency, and a 100,000-file job from POST to callback.
+    Engine(engine::EngineArgs),
 }
 
 #[derive(clap::Args, Clone)]
@@ -146,6 +151,7 @@ fn main() -> ExitCode {
     let run = match cli.command {
         BenchCommand::Intake(args) => runtime.block_on(intake(args)),
         BenchCommand::Ingest(args) => runtime.block_on(ingest::run(args)),
+        BenchCommand::Engine(args) => runtime.block_on(engine::run(args)),
     };
     match run {
         Ok(()) => ExitCode::SUCCESS,
@@ -417,10 +423,15 @@ struct Server {
 impl Server {
     /// Writes the config into `dir` and starts the daemon with its output in `dir/staged.log`.
     fn start(staged: &Path, dir: &Path, db_url: &str) -> anyhow::Result<Server> {
+        Self::start_with(staged, dir, db_url, "")
+    }
+
+    /// [`Server::start`] with more TOML appended to the config (peers, timers).
+    fn start_with(staged: &Path, dir: &Path, db_url: &str, extra: &str) -> anyhow::Result<Server> {
         let addr = free_port()?;
         let config = dir.join("staged.toml");
-        std::fs::write(&config, config_text(addr, db_url, &dir.join("reports")))
-            .with_context(|| format!("writing {}", config.display()))?;
+        let text = config_text(addr, db_url, &dir.join("reports")) + "\n" + extra;
+        std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
         let log = dir.join("staged.log");
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;

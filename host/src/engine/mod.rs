@@ -51,7 +51,11 @@ pub enum StageError {
 /// Asks the tape system to recall files (the Scout API).
 pub trait Stager: Send + Sync {
     /// Requests recall of `paths` for `job_id`; `Ok` once Scout accepted all of them.
-    fn stage<'a>(&'a self, job_id: i64, paths: &'a [String]) -> BoxFuture<'a, Result<(), StageError>>;
+    fn stage<'a>(
+        &'a self,
+        job_id: i64,
+        paths: &'a [String],
+    ) -> BoxFuture<'a, Result<(), StageError>>;
     /// Best-effort cancel of recalls no job wants any more.
     fn cancel<'a>(&'a self, job_id: i64, paths: &'a [String]) -> BoxFuture<'a, Result<(), String>>;
 }
@@ -71,7 +75,10 @@ pub enum ResolveError {
 
 /// Turns an observation into paths (the telescope adapter).
 pub trait Resolver: Send + Sync {
-    fn resolve<'a>(&'a self, obs: &'a serde_json::Value) -> BoxFuture<'a, Result<Vec<String>, ResolveError>>;
+    fn resolve<'a>(
+        &'a self,
+        obs: &'a serde_json::Value,
+    ) -> BoxFuture<'a, Result<Vec<String>, ResolveError>>;
 }
 
 /// Counters for metrics; monotonic since start.
@@ -210,7 +217,11 @@ fn hostname() -> String {
 }
 
 /// Waits for `signal`, the poll interval, or stop; returns false when stopping.
-async fn idle(signal: &tokio::sync::Notify, poll: Duration, stopped: &mut watch::Receiver<bool>) -> bool {
+async fn idle(
+    signal: &tokio::sync::Notify,
+    poll: Duration,
+    stopped: &mut watch::Receiver<bool>,
+) -> bool {
     tokio::select! {
         _ = signal.notified() => {},
         _ = tokio::time::sleep(poll) => {},
@@ -236,7 +247,11 @@ impl StageWorker {
         loop {
             let claimed = match self
                 .store
-                .claim_stage_work(&self.owner, self.timings.lease.as_millis() as i64, STAGE_CLAIM)
+                .claim_stage_work(
+                    &self.owner,
+                    self.timings.lease.as_millis() as i64,
+                    STAGE_CLAIM,
+                )
                 .await
             {
                 Ok(c) => c,
@@ -247,7 +262,8 @@ impl StageWorker {
             };
             let full = claimed.len() as i64 == STAGE_CLAIM;
             // Jobs are independent: one slow Scout call must not hold up the others.
-            let results = futures::future::join_all(claimed.into_iter().map(|w| self.work(w))).await;
+            let results =
+                futures::future::join_all(claimed.into_iter().map(|w| self.work(w))).await;
             for r in results {
                 if let Err(e) = r {
                     tracing::error!(error = %e, "recording stage work failed; its lease will lapse and it will be retried");
@@ -288,17 +304,31 @@ impl StageWorker {
                 self.store.mark_staged(job_id, &self.owner, next).await
             }
             Err(StageError::Transient(reason)) => {
-                self.counters.stage_calls_failed.fetch_add(1, Ordering::Relaxed);
-                let wait = backoff(w.stage_attempts, self.timings.retry_min, self.timings.retry_max);
+                self.counters
+                    .stage_calls_failed
+                    .fetch_add(1, Ordering::Relaxed);
+                let wait = backoff(
+                    w.stage_attempts,
+                    self.timings.retry_min,
+                    self.timings.retry_max,
+                );
                 tracing::warn!(job_id, %reason, retry_in = ?wait, "staging failed; will retry");
                 let next = now_ms() + wait.as_millis() as i64;
-                self.store.mark_stage_retry(job_id, &self.owner, next, &reason).await
+                self.store
+                    .mark_stage_retry(job_id, &self.owner, next, &reason)
+                    .await
             }
             Err(StageError::Refused(reason)) => {
-                self.counters.stage_calls_failed.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .stage_calls_failed
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(job_id, %reason, "Scout refused the staging request");
-                self.decide_error(job_id, codes::SCOUT_FAILED, &format!("Scout refused to stage the files: {reason}"))
-                    .await
+                self.decide_error(
+                    job_id,
+                    codes::SCOUT_FAILED,
+                    &format!("Scout refused to stage the files: {reason}"),
+                )
+                .await
             }
         }
     }
@@ -310,8 +340,12 @@ impl StageWorker {
             Some(Ok(v)) => v,
             other => {
                 let why = format!("stored observation is unreadable: {other:?}");
-                self.decide_error(job_id, codes::INTERNAL, &format!("Exception while trying to create job {job_id}: {why}"))
-                    .await?;
+                self.decide_error(
+                    job_id,
+                    codes::INTERNAL,
+                    &format!("Exception while trying to create job {job_id}: {why}"),
+                )
+                .await?;
                 return Ok(false);
             }
         };
@@ -326,7 +360,8 @@ impl StageWorker {
         };
         match resolver.resolve(&obs).await {
             Ok(paths) if paths.is_empty() => {
-                self.decide_error(job_id, codes::NO_FILES, "No files to stage.").await?;
+                self.decide_error(job_id, codes::NO_FILES, "No files to stage.")
+                    .await?;
                 Ok(false)
             }
             Ok(mut paths) => {
@@ -334,10 +369,13 @@ impl StageWorker {
                 paths.dedup();
                 self.counters.resolved.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(job_id, files = paths.len(), "observation resolved");
-                self.store.set_resolved_files(job_id, &self.owner, &paths).await
+                self.store
+                    .set_resolved_files(job_id, &self.owner, &paths)
+                    .await
             }
             Err(ResolveError::NotFound) => {
-                self.decide_error(job_id, codes::NO_FILES, "No files to stage.").await?;
+                self.decide_error(job_id, codes::NO_FILES, "No files to stage.")
+                    .await?;
                 Ok(false)
             }
             Err(ResolveError::LookupFailed(why)) => {
@@ -351,10 +389,16 @@ impl StageWorker {
                 Ok(false)
             }
             Err(ResolveError::Unavailable(why)) => {
-                let wait = backoff(w.stage_attempts, self.timings.retry_min, self.timings.retry_max);
+                let wait = backoff(
+                    w.stage_attempts,
+                    self.timings.retry_min,
+                    self.timings.retry_max,
+                );
                 tracing::warn!(job_id, %why, retry_in = ?wait, "observation lookup unavailable; will retry");
                 let next = now_ms() + wait.as_millis() as i64;
-                self.store.mark_stage_retry(job_id, &self.owner, next, &why).await?;
+                self.store
+                    .mark_stage_retry(job_id, &self.owner, next, &why)
+                    .await?;
                 Ok(false)
             }
             Err(ResolveError::Internal(why)) => {
@@ -403,7 +447,11 @@ impl Sweeper {
     }
 
     async fn sweep(&self) {
-        match self.store.expire_due(self.expired_grace.as_millis() as i64).await {
+        match self
+            .store
+            .expire_due(self.expired_grace.as_millis() as i64)
+            .await
+        {
             Ok(0) => {}
             Ok(n) => {
                 self.counters.expired.fetch_add(n, Ordering::Relaxed);
@@ -424,4 +472,3 @@ impl Sweeper {
         }
     }
 }
-

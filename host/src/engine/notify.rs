@@ -15,7 +15,9 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use serde::Serialize;
 use tokio::sync::{Mutex, Notify, Semaphore, watch};
@@ -138,7 +140,11 @@ impl Notifier {
             if free > 0 {
                 match this
                     .store
-                    .claim_due_callbacks(&this.owner, this.timings.lease.as_millis() as i64, free as i64)
+                    .claim_due_callbacks(
+                        &this.owner,
+                        this.timings.lease.as_millis() as i64,
+                        free as i64,
+                    )
                     .await
                 {
                     Ok(rows) => {
@@ -205,15 +211,21 @@ impl Notifier {
         let now = now_ms();
         let delivered = match outcome {
             Ok(()) => {
-                self.counters.callbacks_delivered.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .callbacks_delivered
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::info!(job_id, return_code = row.return_code, "callback delivered");
                 true
             }
             Err(why) => {
-                self.counters.callbacks_failed_attempts.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .callbacks_failed_attempts
+                    .fetch_add(1, Ordering::Relaxed);
                 match row.give_up_ms {
                     Some(give_up) if now >= give_up => {
-                        self.counters.callbacks_abandoned.fetch_add(1, Ordering::Relaxed);
+                        self.counters
+                            .callbacks_abandoned
+                            .fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(job_id, %why, "callback for an expired job still failing after its grace period; removing the job");
                         false
                     }
@@ -222,7 +234,12 @@ impl Notifier {
                         tracing::warn!(job_id, %why, attempt = row.attempts + 1, retry_in = ?wait, "callback failed");
                         return self
                             .store
-                            .callback_retry(job_id, &self.owner, now + wait.as_millis() as i64, &why)
+                            .callback_retry(
+                                job_id,
+                                &self.owner,
+                                now + wait.as_millis() as i64,
+                                &why,
+                            )
                             .await;
                     }
                 }
@@ -238,13 +255,25 @@ impl Notifier {
                 }
             };
             let dir = self.reports_dir.clone();
-            match tokio::task::spawn_blocking(move || crate::reports::write(&dir, job_id, &text)).await {
-                Ok(Ok(path)) => tracing::info!(job_id, path = %path.display(), "failure report written"),
-                Ok(Err(e)) => tracing::error!(job_id, error = %e, "writing the failure report failed"),
-                Err(e) => tracing::error!(job_id, error = %e, "writing the failure report panicked"),
+            match tokio::task::spawn_blocking(move || crate::reports::write(&dir, job_id, &text))
+                .await
+            {
+                Ok(Ok(path)) => {
+                    tracing::info!(job_id, path = %path.display(), "failure report written")
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(job_id, error = %e, "writing the failure report failed")
+                }
+                Err(e) => {
+                    tracing::error!(job_id, error = %e, "writing the failure report panicked")
+                }
             }
         }
-        if !self.store.finish_callback(row, &self.owner, delivered, &comment).await? {
+        if !self
+            .store
+            .finish_callback(row, &self.owner, delivered, &comment)
+            .await?
+        {
             tracing::warn!(job_id, "callback finished elsewhere (lease lost)");
         }
         Ok(())
@@ -288,6 +317,9 @@ mod tests {
         }
         assert!(t0.elapsed() < Duration::from_millis(1));
         rl.acquire().await;
-        assert!(t0.elapsed() >= Duration::from_secs(60), "the fourth waits a full window");
+        assert!(
+            t0.elapsed() >= Duration::from_secs(60),
+            "the fourth waits a full window"
+        );
     }
 }

@@ -27,7 +27,11 @@ impl ScoutStager {
 }
 
 impl Stager for ScoutStager {
-    fn stage<'a>(&'a self, job_id: i64, paths: &'a [String]) -> BoxFuture<'a, Result<(), StageError>> {
+    fn stage<'a>(
+        &'a self,
+        job_id: i64,
+        paths: &'a [String],
+    ) -> BoxFuture<'a, Result<(), StageError>> {
         Box::pin(async move {
             // An adapter that cannot map paths is a bug in it; retrying will not help.
             let mapped = self.scout_paths(paths).await.map_err(StageError::Refused)?;
@@ -57,19 +61,28 @@ impl Stager for ScoutStager {
 pub struct AdapterResolver(pub Adapters);
 
 impl Resolver for AdapterResolver {
-    fn resolve<'a>(&'a self, obs: &'a serde_json::Value) -> BoxFuture<'a, Result<Vec<String>, ResolveError>> {
+    fn resolve<'a>(
+        &'a self,
+        obs: &'a serde_json::Value,
+    ) -> BoxFuture<'a, Result<Vec<String>, ResolveError>> {
         Box::pin(async move {
             let Some(a) = self.0.current() else {
-                return Err(ResolveError::LookupFailed("no telescope adapter is configured".into()));
+                return Err(ResolveError::LookupFailed(
+                    "no telescope adapter is configured".into(),
+                ));
             };
             match a.resolve_observation(obs).await {
                 Ok(paths) => Ok(paths),
                 Err(adapter::ResolveError::NotFound(_)) => Err(ResolveError::NotFound),
-                Err(adapter::ResolveError::LookupFailed(why)) => Err(ResolveError::LookupFailed(why)),
-                Err(adapter::ResolveError::Invalid(why)) => {
-                    Err(ResolveError::LookupFailed(format!("invalid observation: {why}")))
+                Err(adapter::ResolveError::LookupFailed(why)) => {
+                    Err(ResolveError::LookupFailed(why))
                 }
-                Err(adapter::ResolveError::Adapter(e)) => Err(ResolveError::Internal(e.to_string())),
+                Err(adapter::ResolveError::Invalid(why)) => Err(ResolveError::LookupFailed(
+                    format!("invalid observation: {why}"),
+                )),
+                Err(adapter::ResolveError::Adapter(e)) => {
+                    Err(ResolveError::Internal(e.to_string()))
+                }
             }
         })
     }
@@ -92,7 +105,10 @@ impl AdapterWording {
 }
 
 impl Wording for AdapterWording {
-    fn callback_comment<'a>(&'a self, facts: &'a JobFacts) -> BoxFuture<'a, Result<String, String>> {
+    fn callback_comment<'a>(
+        &'a self,
+        facts: &'a JobFacts,
+    ) -> BoxFuture<'a, Result<String, String>> {
         Box::pin(async move {
             match self.0.current() {
                 Some(a) => a

@@ -23,7 +23,8 @@ pub struct JobFacts {
 
 pub trait Wording: Send + Sync {
     /// The callback's `comment` for codes 0, 5 and 10 (error codes carry their own).
-    fn callback_comment<'a>(&'a self, facts: &'a JobFacts) -> BoxFuture<'a, Result<String, String>>;
+    fn callback_comment<'a>(&'a self, facts: &'a JobFacts)
+    -> BoxFuture<'a, Result<String, String>>;
     /// The text of `<reports>/failed/<job_id>.txt`.
     fn failure_report<'a>(&'a self, facts: &'a JobFacts) -> BoxFuture<'a, Result<String, String>>;
 }
@@ -64,7 +65,10 @@ impl BuiltinWording {
 }
 
 impl Wording for BuiltinWording {
-    fn callback_comment<'a>(&'a self, facts: &'a JobFacts) -> BoxFuture<'a, Result<String, String>> {
+    fn callback_comment<'a>(
+        &'a self,
+        facts: &'a JobFacts,
+    ) -> BoxFuture<'a, Result<String, String>> {
         Box::pin(async move { Ok(Self::comment(facts)) })
     }
 

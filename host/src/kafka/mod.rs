@@ -19,6 +19,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
+
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
@@ -51,17 +53,28 @@ pub enum IngestError {
 
 /// Turns the tape system's file names into job paths, one batch at a time. `None`: the
 /// file is not one this deployment stages (so no job can want it). The result has one entry
-/// per name, in order.
+/// per name, in order. An error (the telescope adapter failed) leaves the batch unapplied
+/// and uncommitted; it is retried.
 pub trait PathMapper: Send + Sync + 'static {
-    fn map_paths(&self, names: &[String]) -> Vec<Option<String>>;
+    fn map_paths<'a>(
+        &'a self,
+        names: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<Option<String>>, String>>;
 }
 
 /// Job paths are the tape system's file names (no adapter loaded).
 pub struct IdentityMapper;
 
 impl PathMapper for IdentityMapper {
-    fn map_paths(&self, names: &[String]) -> Vec<Option<String>> {
-        names.iter().cloned().map(Some).collect()
+    fn map_paths<'a>(
+        &'a self,
+        names: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<Option<String>>, String>> {
+        Box::pin(std::future::ready(Ok(names
+            .iter()
+            .cloned()
+            .map(Some)
+            .collect())))
     }
 }
 
@@ -69,8 +82,32 @@ impl<F> PathMapper for F
 where
     F: Fn(&[String]) -> Vec<Option<String>> + Send + Sync + 'static,
 {
-    fn map_paths(&self, names: &[String]) -> Vec<Option<String>> {
-        self(names)
+    fn map_paths<'a>(
+        &'a self,
+        names: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<Option<String>>, String>> {
+        Box::pin(std::future::ready(Ok(self(names))))
+    }
+}
+
+/// Maps names with the telescope adapter in service (identity while none is configured),
+/// looked up per batch so that a hot swap applies to the next batch.
+pub struct AdapterMapper(pub crate::adapter::Adapters);
+
+impl PathMapper for AdapterMapper {
+    fn map_paths<'a>(
+        &'a self,
+        names: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<Option<String>>, String>> {
+        Box::pin(async move {
+            match self.0.current() {
+                Some(adapter) => adapter
+                    .map_event_paths(names)
+                    .await
+                    .map_err(|e| e.to_string()),
+                None => Ok(names.iter().cloned().map(Some).collect()),
+            }
+        })
     }
 }
 
@@ -186,6 +223,7 @@ pub fn start_with(
         mapper,
         status: status.clone(),
         malformed_log: RateLimited::new(Duration::from_secs(10)),
+        error_log: RateLimited::new(Duration::from_secs(30)),
         stopped,
     };
     status.set_running(true);
@@ -314,6 +352,8 @@ struct Ingest {
     mapper: Arc<dyn PathMapper>,
     status: IngestStatus,
     malformed_log: RateLimited,
+    /// A lost broker can make every read fail: bound the noise.
+    error_log: RateLimited,
     stopped: watch::Receiver<bool>,
 }
 
@@ -336,7 +376,9 @@ impl Ingest {
                     self.status.count_consumer_error();
                     recv_errors += 1;
                     let fatal = e.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal);
-                    tracing::warn!(error = %e, fatal, "Kafka consumer error");
+                    self.error_log.log(|suppressed| {
+                        tracing::warn!(error = %e, fatal, suppressed, "Kafka consumer error");
+                    });
                     if fatal {
                         // A fatal error ends this client: build a new one, forever, with back-off.
                         consumer = match self.recreate(consumer).await {
@@ -441,11 +483,24 @@ impl Ingest {
                 which.push(i);
             }
         }
-        let mut mapped = if names.is_empty() {
-            Vec::new()
-        } else {
-            self.mapper.map_paths(&names)
-        };
+        let mut mapped = Vec::new();
+        let mut map_failures = 0u32;
+        while !names.is_empty() {
+            match self.mapper.map_paths(&names).await {
+                Ok(m) => {
+                    mapped = m;
+                    break;
+                }
+                Err(e) => {
+                    map_failures += 1;
+                    self.status.count_mapping_error();
+                    tracing::error!(error = %e, failures = map_failures, "mapping Kafka file names failed; retrying (offsets not committed)");
+                    if self.sleep_or_stop(backoff(map_failures.min(7))).await {
+                        return false;
+                    }
+                }
+            }
+        }
         if mapped.len() != names.len() {
             tracing::error!(
                 names = names.len(),

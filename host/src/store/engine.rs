@@ -200,7 +200,12 @@ impl Store {
     }
 
     /// Scout accepted the job's waiting paths: wait for events, re-ask at `next_ms`.
-    pub async fn mark_staged(&self, job_id: i64, owner: &str, next_ms: i64) -> Result<(), StoreError> {
+    pub async fn mark_staged(
+        &self,
+        job_id: i64,
+        owner: &str,
+        next_ms: i64,
+    ) -> Result<(), StoreError> {
         const SQL: &str = "UPDATE jobs SET state = 'waiting', next_stage_ms = $3, updated_ms = $4, \
                  stage_attempts = 0, last_error = NULL, lease_owner = NULL, lease_until_ms = NULL \
              WHERE job_id = $1 AND lease_owner = $2 AND state <> 'done'";
@@ -359,7 +364,10 @@ impl Store {
     }
 
     /// The files a failure report lists: (with errors, never arrived).
-    pub async fn report_lists(&self, job_id: i64) -> Result<(Vec<String>, Vec<String>), StoreError> {
+    pub async fn report_lists(
+        &self,
+        job_id: i64,
+    ) -> Result<(Vec<String>, Vec<String>), StoreError> {
         const SQL: &str = "SELECT path, error FROM job_files \
              WHERE job_id = $1 AND NOT ready ORDER BY path";
         let rows: Vec<(String, bool)> = with_pool!(&self.backend, p =>

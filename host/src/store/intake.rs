@@ -45,7 +45,11 @@ pub(crate) struct IntakeQueue {
 }
 
 impl IntakeQueue {
-    pub(crate) fn start(backend: Backend, opts: &StoreOptions, signals: Arc<Signals>) -> IntakeQueue {
+    pub(crate) fn start(
+        backend: Backend,
+        opts: &StoreOptions,
+        signals: Arc<Signals>,
+    ) -> IntakeQueue {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let rx = Arc::new(Mutex::new(rx));
         // SQLite has one writer at a time anyway; PostgreSQL overlaps several batches.
@@ -254,23 +258,33 @@ async fn insert_postgres(
     now: i64,
     expires: i64,
 ) -> Result<HashSet<i64>, StoreError> {
-    const JOBS: &str = "INSERT INTO jobs (job_id, notify_url, request_obs, state, total_files, \
-                                          created_ms, updated_ms, next_stage_ms, expires_ms) \
-         SELECT u.id, u.url, u.obs, u.state, u.total, $6, $6, $6, $7 \
-         FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[]) \
-              AS u(id, url, obs, state, total) \
-         ON CONFLICT (job_id) DO NOTHING RETURNING job_id";
-    const FILES: &str = "INSERT INTO job_files (job_id, path) \
-         SELECT * FROM UNNEST($1::bigint[], $2::text[])";
+    // One statement, so one round trip and one implicit transaction: the jobs that are new
+    // come back from the first insert and gate the files of the second (a duplicate's files
+    // are dropped by the join).
+    const SQL: &str = "WITH j AS ( \
+             INSERT INTO jobs (job_id, notify_url, request_obs, state, total_files, \
+                               created_ms, updated_ms, next_stage_ms, expires_ms) \
+             SELECT u.id, u.url, u.obs, u.state, u.total, $6, $6, $6, $7 \
+             FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[]) \
+                  AS u(id, url, obs, state, total) \
+             ON CONFLICT (job_id) DO NOTHING RETURNING job_id), \
+         f AS ( \
+             INSERT INTO job_files (job_id, path) \
+             SELECT v.id, v.p FROM UNNEST($8::bigint[], $9::text[]) AS v(id, p) \
+             JOIN j ON j.job_id = v.id) \
+         SELECT job_id FROM j";
 
     let ids: Vec<i64> = jobs.iter().map(|j| j.job_id).collect();
     let urls: Vec<&str> = jobs.iter().map(|j| j.notify_url.as_str()).collect();
     let obs: Vec<Option<&str>> = jobs.iter().map(|j| j.obs.as_deref()).collect();
     let states: Vec<&str> = jobs.iter().map(|j| initial_state(j)).collect();
     let totals: Vec<i64> = jobs.iter().map(|j| j.files.len() as i64).collect();
+    let (file_jobs, file_paths): (Vec<i64>, Vec<&str>) = jobs
+        .iter()
+        .flat_map(|j| j.files.iter().map(move |f| (j.job_id, f.as_str())))
+        .unzip();
 
-    let mut tx = pool.begin().await?;
-    let created: HashSet<i64> = sqlx::query_scalar(JOBS)
+    let created: HashSet<i64> = sqlx::query_scalar(SQL)
         .bind(ids)
         .bind(urls)
         .bind(obs)
@@ -278,22 +292,11 @@ async fn insert_postgres(
         .bind(totals)
         .bind(now)
         .bind(expires)
-        .fetch_all(&mut *tx)
+        .bind(file_jobs)
+        .bind(file_paths)
+        .fetch_all(pool)
         .await?
         .into_iter()
         .collect();
-    let (file_jobs, file_paths): (Vec<i64>, Vec<&str>) = jobs
-        .iter()
-        .filter(|j| created.contains(&j.job_id))
-        .flat_map(|j| j.files.iter().map(move |f| (j.job_id, f.as_str())))
-        .unzip();
-    if !file_paths.is_empty() {
-        sqlx::query(FILES)
-            .bind(file_jobs)
-            .bind(file_paths)
-            .execute(&mut *tx)
-            .await?;
-    }
-    tx.commit().await?;
     Ok(created)
 }

@@ -480,8 +480,7 @@ impl Store {
 }
 
 /// Ready and failed counts of `jobs j`, named `r` and `e`.
-const COUNTS_RE: &str =
-    "(SELECT count(*) FROM job_files f WHERE f.job_id = j.job_id AND f.ready) AS r, \
+const COUNTS_RE: &str = "(SELECT count(*) FROM job_files f WHERE f.job_id = j.job_id AND f.ready) AS r, \
      (SELECT count(*) FROM job_files f WHERE f.job_id = j.job_id AND f.error AND NOT f.ready) AS e";
 
 /// Marks a job decided ($1 job, $2 code, $3 now).

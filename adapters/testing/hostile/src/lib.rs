@@ -6,7 +6,8 @@
 //!   MODE, where MODE is `loop` (never returns), `bomb` (allocates without end), `trap`
 //!   (panics), `forbidden-http` (GETs a host outside any allow-list and reports what the
 //!   host answered), `huge` (returns 4 MiB), `wrong-count` (answers a batch with the
-//!   wrong number of entries).
+//!   wrong number of entries), `fs`, `env`, `socket`, `clock` (reach for what the sandbox
+//!   withholds and report what they got).
 //! - The setting `info` = `loop` makes `info` itself hang, so loading (or reloading) fails.
 
 wit_bindgen::generate!({ path: "../../../wit", world: "adapter" });
@@ -44,6 +45,22 @@ fn misbehave(mode: &str) -> Option<Vec<String>> {
             }])
         }
         "huge" => Some(vec!["x".repeat(1 << 20); 4]),
+        // Reaching for what the sandbox withholds; each reports what it got.
+        "fs" => Some(vec![match std::fs::read_to_string("/etc/passwd") {
+            Ok(_) => "read /etc/passwd".into(),
+            Err(e) => format!("refused: {e}"),
+        }]),
+        "env" => Some(vec![format!("env vars: {}", std::env::vars_os().count())]),
+        "socket" => Some(vec![match std::net::TcpStream::connect("127.0.0.1:80") {
+            Ok(_) => "connected".into(),
+            Err(e) => format!("refused: {e}"),
+        }]),
+        "clock" => Some(vec![format!(
+            "now: {:?}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+        )]),
         _ => None,
     }
 }

@@ -37,8 +37,9 @@ pub struct IngestArgs {
     /// Most messages per batch (one transaction each).
     #[arg(long, default_value_t = 5_000)]
     batch: usize,
-    /// Partitions of the topic.
-    #[arg(long, default_value_t = 3)]
+    /// Partitions of the topic. The mock broker keeps about 5 MB per partition and drops
+    /// older messages beyond that, so 100,000 messages need several.
+    #[arg(long, default_value_t = 8)]
     partitions: i32,
 }
 
@@ -99,7 +100,10 @@ async fn measure(url: &str, args: &IngestArgs) -> anyhow::Result<()> {
             })
             .await?;
     }
-    println!("jobs holding {n} files written in {:.1} s", t.elapsed().as_secs_f64());
+    println!(
+        "jobs holding {n} files written in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
 
     let cluster = MockCluster::new(1)?;
     cluster.create_topic(TOPIC, args.partitions, 1)?;
@@ -133,12 +137,20 @@ async fn measure(url: &str, args: &IngestArgs) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     };
+    let mut report = Instant::now();
     let done = loop {
         if status.counters().handled >= n {
             break Instant::now();
         }
+        if report.elapsed() > Duration::from_secs(5) {
+            println!("  ... {:?}", status.counters());
+            report = Instant::now();
+        }
         if first.elapsed() > Duration::from_secs(600) {
-            bail!("not every message applied within 600 s: {:?}", status.counters());
+            bail!(
+                "not every message applied within 600 s: {:?}",
+                status.counters()
+            );
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     };

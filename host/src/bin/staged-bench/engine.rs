@@ -1,0 +1,347 @@
+//! `staged-bench engine`: how fast a finished job reaches its requester.
+//!
+//! Against the release `staged serve` as a child process, with the Scout simulator, a
+//! Kafka-protocol broker (librdkafka's mock cluster) and a callback receiver in this process:
+//!
+//! 1. **Last event to callback.** N one-file jobs are posted and staged; then this program
+//!    publishes each file's recall message itself, a few milliseconds apart, and times from
+//!    just before the publish to the callback's arrival. The callback rate limit is lifted
+//!    for this run (it is a policy, not a cost); everything else is the daemon's default.
+//! 2. **A 100,000-file job.** One POST naming 100,000 files; the simulator publishes one
+//!    message per file as Scout would; the clock runs from the POST to the callback, and the
+//!    daemon's peak RSS is read from /proc.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use rdkafka::ClientConfig;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
+use serde_json::{Value, json};
+use staged::sim::{ScoutSim, SimNode, SimSettings, recall_message};
+use tokio::sync::Notify;
+
+use super::{Backend, BackendChoice, PgDatabase, Server, TempDir, locate_staged};
+
+const TOPIC: &str = "bench-engine";
+
+#[derive(clap::Args, Clone)]
+pub struct EngineArgs {
+    /// Database backend(s) to measure.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Sqlite)]
+    backend: BackendChoice,
+    /// One-file jobs timed from last event to callback.
+    #[arg(long, default_value_t = 1_000)]
+    jobs: u64,
+    /// Files in the big job.
+    #[arg(long, default_value_t = 100_000)]
+    big_files: u64,
+    /// The `staged` binary; default: `staged` next to this program.
+    #[arg(long)]
+    staged: Option<std::path::PathBuf>,
+}
+
+pub async fn run(args: EngineArgs) -> anyhow::Result<()> {
+    let staged = locate_staged(args.staged.as_deref())?;
+    for backend in args.backend.backends() {
+        println!("\n=== engine, {backend} ===");
+        let dir = TempDir::create()?;
+        let pg = match backend {
+            Backend::Postgres => Some(PgDatabase::create().await?),
+            Backend::Sqlite => None,
+        };
+        let url = |name: &str| match &pg {
+            Some(pg) => pg.url.clone(),
+            None => format!("sqlite://{}", dir.path().join(name).display()),
+        };
+        let r1 = latency(&staged, dir.path(), &url("latency.db"), &args).await;
+        // A fresh database for the second run (PostgreSQL: the same one, emptied by run 1's
+        // callbacks, which remove their jobs).
+        let r2 = big_job(&staged, dir.path(), &url("big.db"), &args).await;
+        if let Some(pg) = pg {
+            pg.drop_database().await?;
+        }
+        r1?;
+        r2?;
+    }
+    Ok(())
+}
+
+/// Callbacks received: job id -> arrival.
+#[derive(Clone, Default)]
+struct Arrivals {
+    at: Arc<Mutex<HashMap<i64, (Instant, Value)>>>,
+    changed: Arc<Notify>,
+}
+
+impl Arrivals {
+    async fn serve(&self) -> anyhow::Result<SocketAddr> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let me = self.clone();
+        let app = axum::Router::new().route(
+            "/cb",
+            axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
+                let me = me.clone();
+                async move {
+                    let id = body["job_id"].as_i64().unwrap_or(-1);
+                    me.at
+                        .lock()
+                        .unwrap()
+                        .entry(id)
+                        .or_insert((Instant::now(), body));
+                    me.changed.notify_waiters();
+                    axum::http::StatusCode::OK
+                }
+            }),
+        );
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(addr)
+    }
+
+    async fn wait_for(&self, n: usize, limit: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let changed = self.changed.notified();
+            if self.at.lock().unwrap().len() >= n {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "only {} of {n} callbacks within {limit:?}",
+                    self.at.lock().unwrap().len()
+                );
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(200), changed).await;
+        }
+    }
+}
+
+struct Peers {
+    sim: ScoutSim,
+    node: SimNode,
+    cluster: MockCluster<'static, DefaultProducerContext>,
+}
+
+impl Peers {
+    async fn start(publish: bool) -> anyhow::Result<Peers> {
+        let cluster = MockCluster::new(1)?;
+        // The mock broker keeps about 5 MB per partition and evicts older messages beyond
+        // that (real Kafka retains by time); 100,000 recall messages need several partitions.
+        cluster.create_topic(TOPIC, 8, 1)?;
+        let sim = ScoutSim::new(SimSettings {
+            kafka_brokers: publish.then(|| cluster.bootstrap_servers()),
+            default_topic: TOPIC.into(),
+            recall_delay: Duration::ZERO,
+            ..SimSettings::default()
+        })?;
+        let node = sim.serve_loopback().await?;
+        Ok(Peers { sim, node, cluster })
+    }
+
+    fn config(&self) -> String {
+        format!(
+            r#"[scout]
+nodes = ["{scout}"]
+username = "scout"
+password = "scout-pw"
+
+[kafka]
+brokers = ["{brokers}"]
+topic = "{TOPIC}"
+group_id = "bench"
+extra = {{ "session.timeout.ms" = "6000", "heartbeat.interval.ms" = "300", "fetch.wait.max.ms" = "10" }}
+
+[callbacks]
+per_minute = 1000000
+concurrency = 64
+error_delay_secs = 0
+"#,
+            scout = self.node.url(),
+            brokers = self.cluster.bootstrap_servers(),
+        )
+    }
+}
+
+async fn start_server(
+    staged: &std::path::Path,
+    dir: &std::path::Path,
+    db: &str,
+    extra: &str,
+    name: &str,
+) -> anyhow::Result<Server> {
+    let sub = dir.join(name);
+    std::fs::create_dir_all(&sub)?;
+    let mut server = Server::start_with(staged, &sub, db, extra)?;
+    if let Err(e) = server.wait_ready().await {
+        server.print_log_tail(30);
+        return Err(e);
+    }
+    Ok(server)
+}
+
+async fn latency(
+    staged: &std::path::Path,
+    dir: &std::path::Path,
+    db: &str,
+    args: &EngineArgs,
+) -> anyhow::Result<()> {
+    let peers = Peers::start(false).await?;
+    let arrivals = Arrivals::default();
+    let cb = arrivals.serve().await?;
+    let mut server = start_server(staged, dir, db, &peers.config(), "latency").await?;
+    let base = format!("http://{}", server.addr);
+    let http = reqwest::Client::new();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", peers.cluster.bootstrap_servers())
+        .set("linger.ms", "0")
+        .create()?;
+    let notify_url = format!("http://{cb}/cb");
+
+    // Warm-up: one job through the whole path, so the consumer has joined its group.
+    post(&http, &base, -1, &["warm/0".into()], &notify_url).await?;
+    wait_staged(&peers.sim, 1).await?;
+    publish(&producer, "warm/0").await?;
+    arrivals
+        .wait_for(1, Duration::from_secs(60))
+        .await
+        .context("warm-up job")?;
+
+    let n = args.jobs as usize;
+    futures::future::try_join_all((0..args.jobs as i64).map(|i| {
+        let (http, base, url) = (http.clone(), base.clone(), notify_url.clone());
+        async move { post(&http, &base, i, &[format!("lat/{i}")], &url).await }
+    }))
+    .await?;
+    wait_staged(&peers.sim, n as u64 + 1).await?;
+
+    let mut sent = HashMap::with_capacity(n);
+    for i in 0..n as i64 {
+        sent.insert(i, Instant::now());
+        publish(&producer, &format!("lat/{i}")).await?;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    arrivals.wait_for(n + 1, Duration::from_secs(120)).await?;
+    let at = arrivals.at.lock().unwrap().clone();
+    let mut lat: Vec<Duration> = sent
+        .iter()
+        .map(|(id, t)| at[id].0.duration_since(*t))
+        .collect();
+    lat.sort();
+    let pct = |q: f64| lat[((lat.len() - 1) as f64 * q).round() as usize];
+    println!("last event -> callback, {n} one-file jobs (events ~200/s):");
+    println!(
+        "  p50 {:.1} ms   p99 {:.1} ms   max {:.1} ms",
+        ms(pct(0.5)),
+        ms(pct(0.99)),
+        ms(lat[lat.len() - 1])
+    );
+    if let Some(bad) = at.values().find(|(_, b)| b["return_code"] != 0) {
+        bail!("a callback did not report success: {}", bad.1);
+    }
+    server.stop().await
+}
+
+async fn big_job(
+    staged: &std::path::Path,
+    dir: &std::path::Path,
+    db: &str,
+    args: &EngineArgs,
+) -> anyhow::Result<()> {
+    let peers = Peers::start(true).await?;
+    let arrivals = Arrivals::default();
+    let cb = arrivals.serve().await?;
+    let mut server = start_server(staged, dir, db, &peers.config(), "big").await?;
+    let base = format!("http://{}", server.addr);
+    let http = reqwest::Client::new();
+    let files: Vec<String> = (0..args.big_files)
+        .map(|i| format!("mwa/1234567890/1234567890_{i:07}.fits"))
+        .collect();
+    let started = Instant::now();
+    post(&http, &base, 1, &files, &format!("http://{cb}/cb")).await?;
+    let accepted = started.elapsed();
+    if let Err(e) = arrivals.wait_for(1, Duration::from_secs(300)).await {
+        let c = peers.sim.counters();
+        eprintln!("Scout simulator: {c:?}");
+        server.print_log_tail(40);
+        return Err(e);
+    }
+    let total = started.elapsed();
+    let body = arrivals.at.lock().unwrap()[&1].1.clone();
+    if body["return_code"] != 0 || body["ready_files"] != args.big_files {
+        bail!("unexpected callback: {body}");
+    }
+    let rss = server.peak_rss_kib();
+    println!("{}-file job:", args.big_files);
+    println!(
+        "  POST accepted in {:.2} s, callback after {:.2} s; server peak RSS {}",
+        accepted.as_secs_f64(),
+        total.as_secs_f64(),
+        rss.map(|k| format!("{:.1} MiB", k as f64 / 1024.0))
+            .unwrap_or_else(|| "unknown".into())
+    );
+    let c = peers.sim.counters();
+    println!(
+        "  Scout: {} stage requests (largest {} paths, {} bytes), {} messages published",
+        c.stage_requests, c.largest_stage_paths, c.largest_stage_body, c.published
+    );
+    server.stop().await
+}
+
+async fn post(
+    http: &reqwest::Client,
+    base: &str,
+    id: i64,
+    files: &[String],
+    notify_url: &str,
+) -> anyhow::Result<()> {
+    let r = http
+        .post(format!("{base}/staging/"))
+        .json(&json!({"job_id": id, "files": files, "notify_url": notify_url}))
+        .send()
+        .await?;
+    if r.status() != 202 {
+        bail!(
+            "POST job {id}: {} {}",
+            r.status(),
+            r.text().await.unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+async fn wait_staged(sim: &ScoutSim, paths: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while sim.counters().staged_paths < paths {
+        if Instant::now() > deadline {
+            bail!(
+                "only {} of {paths} paths staged",
+                sim.counters().staged_paths
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+async fn publish(producer: &FutureProducer, path: &str) -> anyhow::Result<()> {
+    let now = chrono::Utc::now();
+    let msg = recall_message(path, now, now, "");
+    producer
+        .send(
+            FutureRecord::to(TOPIC).payload(&msg).key(path),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)?;
+    Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
