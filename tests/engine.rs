@@ -540,3 +540,41 @@ async fn observation_lookup_failures_give_101_and_100() {
     assert_eq!(second.body["return_code"], 100, "{}", second.body);
     app.stop().await;
 }
+
+/// A misbehaving adapter costs the one job (code 199), not the daemon: a trap and an
+/// endless loop while resolving each end their job, and the daemon keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapter_failure_while_resolving_gives_199() {
+    let receiver = Receiver::start().await;
+    let app = TestApp::start_with(Kind::Sqlite, |c| {
+        quick(c);
+        c.adapter.wasm = Some(
+            std::path::PathBuf::from(env!("STAGED_ADAPTERS_DIR")).join("adapter_hostile.wasm"),
+        );
+        c.adapter.call_timeout_ms = 1000;
+    })
+    .await;
+    for (id, mode) in [(30, "trap"), (31, "loop")] {
+        let (status, body) = app
+            .post_job(json!({"job_id": id, "notify_url": receiver.url(), "obs": {"do": mode}}))
+            .await;
+        assert_eq!(status, 202, "{body}");
+    }
+    let got = receiver.wait_delivered(2, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 2);
+    for r in &got {
+        assert_eq!(r.body["return_code"], 199, "{}", r.body);
+        assert!(
+            r.body["comment"]
+                .as_str()
+                .unwrap()
+                .starts_with("Exception while trying to create job")
+        );
+    }
+    assert_eq!(
+        app.get("/ping/").await.0,
+        200,
+        "the daemon is still serving"
+    );
+    app.stop().await;
+}
