@@ -88,9 +88,7 @@ pub async fn run(listen: SocketAddr) -> anyhow::Result<()> {
     std::fs::write(&adapter, MWA_ADAPTER).context("writing the MWA adapter")?;
     let receiver = CallbackReceiver::start().await?;
 
-    let config = demo_config(
-        &dir.0, listen, &nodes, &brokers, &adapter, &metadata, &receiver,
-    );
+    let config = demo_config(&dir.0, listen, &nodes, &brokers, &adapter, &metadata);
     crate::telemetry::init(&config.logging);
     let server = app::start(&config).await.context("starting the daemon")?;
     let base = format!("http://{}", server.addr);
@@ -181,7 +179,6 @@ fn sample_jobs(notify_url: &str) -> Vec<(&'static str, Value)> {
     ]
 }
 
-#[allow(clippy::too_many_arguments)]
 fn demo_config(
     dir: &Path,
     listen: SocketAddr,
@@ -189,7 +186,6 @@ fn demo_config(
     brokers: &str,
     adapter: &Path,
     metadata: &MetadataSim,
-    receiver: &CallbackReceiver,
 ) -> Config {
     let mut c = Config::default();
     c.server.listen = listen;
@@ -217,7 +213,6 @@ fn demo_config(
     c.callbacks.error_delay_secs = 1;
     c.jobs.restage_interval_secs = 120;
     c.jobs.sweep_interval_secs = 5;
-    let _ = receiver;
     c
 }
 

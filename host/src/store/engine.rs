@@ -138,22 +138,22 @@ impl Store {
         owner: &str,
         paths: &[String],
     ) -> Result<bool, StoreError> {
+        // The job takes its files only while it is still ours and still unresolved.
+        const RESOLVED: &str = "UPDATE jobs SET state = 'staging', total_files = $3, \
+                 next_stage_ms = $4, updated_ms = $4, stage_attempts = 0, last_error = NULL \
+             WHERE job_id = $1 AND lease_owner = $2 AND state = 'resolving'";
         let now = now_ms();
         let ok = match &self.backend {
             Backend::Sqlite(p) => {
                 let mut tx = p.begin().await?;
-                let n = sqlx::query(
-                    "UPDATE jobs SET state = 'staging', total_files = $3, next_stage_ms = $4, \
-                         updated_ms = $4, stage_attempts = 0, last_error = NULL \
-                     WHERE job_id = $1 AND lease_owner = $2 AND state = 'resolving'",
-                )
-                .bind(job_id)
-                .bind(owner)
-                .bind(paths.len() as i64)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
+                let n = sqlx::query(RESOLVED)
+                    .bind(job_id)
+                    .bind(owner)
+                    .bind(paths.len() as i64)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
                 if n == 1 {
                     let files = serde_json::to_string(paths).expect("strings serialize");
                     sqlx::query(
@@ -170,18 +170,14 @@ impl Store {
             }
             Backend::Postgres(p) => {
                 let mut tx = p.begin().await?;
-                let n = sqlx::query(
-                    "UPDATE jobs SET state = 'staging', total_files = $3, next_stage_ms = $4, \
-                         updated_ms = $4, stage_attempts = 0, last_error = NULL \
-                     WHERE job_id = $1 AND lease_owner = $2 AND state = 'resolving'",
-                )
-                .bind(job_id)
-                .bind(owner)
-                .bind(paths.len() as i64)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
+                let n = sqlx::query(RESOLVED)
+                    .bind(job_id)
+                    .bind(owner)
+                    .bind(paths.len() as i64)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
                 if n == 1 {
                     sqlx::query(
                         "INSERT INTO job_files (job_id, path) \
