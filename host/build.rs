@@ -16,6 +16,11 @@ fn main() {
     let adapters = root.join("adapters");
     let wit = root.join("wit");
     println!("cargo:rerun-if-changed={}", wit.display());
+    // sqlx::migrate! embeds these; with a build script, cargo only notices what it is told.
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("migrations").display()
+    );
     for entry in [
         "Cargo.toml",
         "Cargo.lock",

@@ -47,6 +47,9 @@ both_backends!(
     bad_job_does_not_fail_its_batch,
     hundred_thousand_file_job,
     observation_job_is_stored,
+    completion_is_queued_with_the_counts,
+    new_jobs_are_born_claimed_by_their_daemon,
+    a_clean_close_gives_claims_up,
 );
 
 async fn submit_then_read(kind: Kind) {
@@ -308,4 +311,113 @@ async fn observation_job_is_stored(kind: Kind) {
     assert_eq!(s.total_files, 0);
     assert!(!s.completed(), "an unresolved observation is not complete");
     store.close().await;
+}
+
+/// The batch that settles a job's last file queues its callback with the job's counts, and
+/// an error later cured by a ready counts as ready.
+async fn completion_is_queued_with_the_counts(kind: Kind) {
+    let db = TestDb::new(kind).await;
+    let store = Store::open(&opts(&db)).await.unwrap();
+    store.submit(job(1, &["a", "b", "c"])).await.unwrap();
+    store.submit(job(2, &["a", "d"])).await.unwrap();
+
+    store
+        .apply_file_events(&[failed("a", 1_000, "tape"), failed("b", 1_000, "tape")])
+        .await
+        .unwrap();
+    // A redelivery of the same errors, then "a" arrives after all.
+    store
+        .apply_file_events(&[failed("a", 1_000, "tape"), ready("a", 2_000)])
+        .await
+        .unwrap();
+    assert_eq!(store.pending_callbacks().await.unwrap(), 0, "c and d wait");
+    store
+        .apply_file_events(&[ready("c", 3_000), ready("d", 3_000), ready("c", 3_001)])
+        .await
+        .unwrap();
+
+    let mut rows = store.claim_due_callbacks("test", 60_000, 10).await.unwrap();
+    rows.sort_by_key(|r| r.job_id);
+    let got: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.job_id,
+                r.return_code,
+                r.total_files,
+                r.ready_files,
+                r.error_files,
+            )
+        })
+        .collect();
+    assert_eq!(got, vec![(1, 5, 3, 2, 1), (2, 0, 2, 2, 0)]);
+    // Nothing more happens to a decided job.
+    store.apply_file_events(&[ready("b", 4_000)]).await.unwrap();
+    assert_eq!(store.pending_callbacks().await.unwrap(), 2);
+    store.close().await;
+}
+
+/// A job is claimed by the daemon that accepted it: that daemon starts on it without
+/// waiting, another daemon sharing the database only once the lease lapsed.
+async fn new_jobs_are_born_claimed_by_their_daemon(kind: Kind) {
+    let db = TestDb::new(kind).await;
+    let lease = Duration::from_millis(1_500);
+    let ours = Store::open(&opts(&db).with_lease(lease)).await.unwrap();
+    let other = Store::open(&opts(&db).with_lease(lease)).await.unwrap();
+    assert_ne!(ours.owner(), other.owner());
+
+    ours.submit(job(1, &["a"])).await.unwrap();
+    ours.submit(job(2, &["b"])).await.unwrap();
+    assert!(other.claim_stage_work(10).await.unwrap().is_empty());
+    let mine: Vec<i64> = ours
+        .claim_stage_work(1)
+        .await
+        .unwrap()
+        .iter()
+        .map(|w| w.job_id)
+        .collect();
+    assert_eq!(mine, vec![1]);
+
+    // Job 2 was never started; once its lease lapsed the other daemon takes it, and only
+    // one of the two gets it.
+    tokio::time::sleep(lease + Duration::from_millis(300)).await;
+    let theirs: Vec<i64> = other
+        .claim_stage_work(10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|w| w.job_id)
+        .collect();
+    assert!(theirs.contains(&2), "lapsed job taken over: {theirs:?}");
+    let again: Vec<i64> = ours
+        .claim_stage_work(10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|w| w.job_id)
+        .collect();
+    assert!(!again.contains(&2), "claimed twice: {again:?}");
+    ours.close().await;
+    other.close().await;
+}
+
+/// A daemon that stops cleanly gives up the jobs it accepted and had not started, so the
+/// next daemon starts on them at once rather than after the lease.
+async fn a_clean_close_gives_claims_up(kind: Kind) {
+    let db = TestDb::new(kind).await;
+    let long = Duration::from_secs(3600);
+    let first = Store::open(&opts(&db).with_lease(long)).await.unwrap();
+    first.submit(job(1, &["a"])).await.unwrap();
+    first.close().await;
+
+    let second = Store::open(&opts(&db).with_lease(long)).await.unwrap();
+    let ids: Vec<i64> = second
+        .claim_stage_work(10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|w| w.job_id)
+        .collect();
+    assert_eq!(ids, vec![1]);
+    second.close().await;
 }

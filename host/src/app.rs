@@ -39,7 +39,8 @@ pub async fn start(config: &Config) -> anyhow::Result<Server> {
     let opts = StoreOptions::from_config(
         &config.database,
         Duration::from_secs(config.jobs.expiry_secs),
-    );
+    )
+    .with_lease(Duration::from_secs(config.jobs.lease_secs));
     let store = Store::open(&opts)
         .await
         .with_context(|| format!("opening the store at {}", redact_url(&config.database.url)))?;

@@ -105,6 +105,26 @@ struct IntakeArgs {
     /// The `staged` binary; default: `staged` next to this program.
     #[arg(long)]
     staged: Option<PathBuf>,
+    /// `database.intake_writers` for the daemon (default: the daemon's own).
+    #[arg(long)]
+    intake_writers: Option<usize>,
+    /// `database.intake_batch_max` for the daemon (default: the daemon's own).
+    #[arg(long)]
+    intake_batch_max: Option<usize>,
+}
+
+impl IntakeArgs {
+    /// The `[database]` keys these arguments set, as TOML lines.
+    fn database_toml(&self) -> String {
+        let mut text = String::new();
+        if let Some(n) = self.intake_writers {
+            let _ = writeln!(text, "intake_writers = {n}");
+        }
+        if let Some(n) = self.intake_batch_max {
+            let _ = writeln!(text, "intake_batch_max = {n}");
+        }
+        text
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -238,7 +258,7 @@ async fn run_with_server(
     url: &str,
     args: &IntakeArgs,
 ) -> anyhow::Result<()> {
-    let mut server = Server::start(staged, dir.path(), url)?;
+    let mut server = Server::start_full(staged, dir.path(), url, &args.database_toml(), "")?;
     let outcome = match server.wait_ready().await {
         Ok(()) => measure(backend, &mut server, args).await,
         Err(e) => Err(e),
@@ -421,16 +441,23 @@ struct Server {
 }
 
 impl Server {
-    /// Writes the config into `dir` and starts the daemon with its output in `dir/staged.log`.
-    fn start(staged: &Path, dir: &Path, db_url: &str) -> anyhow::Result<Server> {
-        Self::start_with(staged, dir, db_url, "")
+    /// Writes the config into `dir` (with `extra`, more TOML such as peers and timers,
+    /// appended) and starts the daemon with its output in `dir/staged.log`.
+    fn start_with(staged: &Path, dir: &Path, db_url: &str, extra: &str) -> anyhow::Result<Server> {
+        Self::start_full(staged, dir, db_url, "", extra)
     }
 
-    /// [`Server::start`] with more TOML appended to the config (peers, timers).
-    fn start_with(staged: &Path, dir: &Path, db_url: &str, extra: &str) -> anyhow::Result<Server> {
+    /// [`Server::start_with`] with more keys (TOML lines) in its `[database]` table.
+    fn start_full(
+        staged: &Path,
+        dir: &Path,
+        db_url: &str,
+        database: &str,
+        extra: &str,
+    ) -> anyhow::Result<Server> {
         let addr = free_port()?;
         let config = dir.join("staged.toml");
-        let text = config_text(addr, db_url, &dir.join("reports")) + "\n" + extra;
+        let text = config_text(addr, db_url, database, &dir.join("reports")) + "\n" + extra;
         std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
         let log = dir.join("staged.log");
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
@@ -551,11 +578,11 @@ fn free_port() -> anyhow::Result<SocketAddr> {
 }
 
 /// The daemon's configuration file.
-fn config_text(addr: SocketAddr, db_url: &str, reports: &Path) -> String {
+fn config_text(addr: SocketAddr, db_url: &str, database: &str, reports: &Path) -> String {
     let quote = |s: &str| toml::Value::String(s.to_string()).to_string();
     let mut text = String::new();
     let _ = writeln!(text, "[server]\nlisten = {}\n", quote(&addr.to_string()));
-    let _ = writeln!(text, "[database]\nurl = {}\n", quote(db_url));
+    let _ = writeln!(text, "[database]\nurl = {}\n{database}", quote(db_url));
     let _ = writeln!(text, "[logging]\nlevel = \"warn\"\n");
     let _ = writeln!(
         text,

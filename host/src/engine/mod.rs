@@ -32,6 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use futures::stream::{self, StreamExt};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -146,12 +147,7 @@ pub(crate) fn backoff(attempt: i64, min: Duration, max: Duration) -> Duration {
 impl Engine {
     /// Starts the engine's loops on `store`.
     pub fn start(store: Store, config: &Config, parts: EngineParts) -> Engine {
-        let owner = format!(
-            "{}-{}-{:08x}",
-            hostname(),
-            std::process::id(),
-            rand::random::<u32>()
-        );
+        let owner = store.owner().to_string();
         let timings = EngineTimings::from_config(&config.jobs);
         let counters = Arc::new(EngineCounters::default());
         let (stop, stopped) = watch::channel(false);
@@ -210,12 +206,6 @@ impl Engine {
     }
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "staged".into())
-}
-
 /// Waits for `signal`, the poll interval, or stop; returns false when stopping.
 async fn idle(
     signal: &tokio::sync::Notify,
@@ -240,20 +230,19 @@ struct StageWorker {
     counters: Arc<EngineCounters>,
 }
 
-const STAGE_CLAIM: i64 = 32;
+/// Jobs claimed at once. Their store updates are written together, so a burst of new jobs
+/// costs a few statements per claim rather than a few per job.
+const STAGE_CLAIM: i64 = 512;
+/// Scout calls (and observation lookups) in flight at once.
+const STAGE_CONCURRENCY: usize = 64;
 
 impl StageWorker {
     async fn run(self, mut stopped: watch::Receiver<bool>) {
         loop {
-            let claimed = match self
-                .store
-                .claim_stage_work(
-                    &self.owner,
-                    self.timings.lease.as_millis() as i64,
-                    STAGE_CLAIM,
-                )
-                .await
-            {
+            if *stopped.borrow() {
+                return;
+            }
+            let claimed = match self.store.claim_stage_work(STAGE_CLAIM).await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!(error = %e, "claiming stage work failed");
@@ -261,13 +250,8 @@ impl StageWorker {
                 }
             };
             let full = claimed.len() as i64 == STAGE_CLAIM;
-            // Jobs are independent: one slow Scout call must not hold up the others.
-            let results =
-                futures::future::join_all(claimed.into_iter().map(|w| self.work(w))).await;
-            for r in results {
-                if let Err(e) = r {
-                    tracing::error!(error = %e, "recording stage work failed; its lease will lapse and it will be retried");
-                }
+            if let Err(e) = self.work(claimed).await {
+                tracing::error!(error = %e, "recording stage work failed; its leases will lapse and it will be retried");
             }
             if full {
                 continue;
@@ -278,59 +262,107 @@ impl StageWorker {
         }
     }
 
-    async fn work(&self, w: crate::store::StageWork) -> Result<(), StoreError> {
-        let job_id = w.job_id;
-        if w.state == "resolving" && !self.resolve(&w).await? {
+    /// Resolves the observations among `claimed`, then stages every job that has files.
+    async fn work(&self, claimed: Vec<crate::store::StageWork>) -> Result<(), StoreError> {
+        // Jobs are independent: one slow adapter or Scout call must not hold up the others.
+        // Collected first: a lazy map inside the stream trips the compiler's lifetime
+        // inference for the spawned task.
+        let lookups: Vec<_> = claimed
+            .iter()
+            .map(|w| async move {
+                if w.state != "resolving" {
+                    return Ok(true);
+                }
+                self.resolve(w).await
+            })
+            .collect();
+        let resolved: Vec<_> = stream::iter(lookups)
+            .buffered(STAGE_CONCURRENCY)
+            .collect()
+            .await;
+        let mut due = Vec::with_capacity(claimed.len());
+        for (w, r) in claimed.iter().zip(resolved) {
+            match r {
+                Ok(true) => due.push(w),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(job_id = w.job_id, error = %e, "recording a resolved observation failed; its lease will lapse and it will be retried");
+                }
+            }
+        }
+        if due.is_empty() {
             return Ok(());
         }
         let Some(stager) = &self.parts.stager else {
             // Nothing can stage: look again after the restage interval.
             let next = now_ms() + self.timings.restage_interval.as_millis() as i64;
-            return self
-                .store
-                .mark_stage_retry(job_id, &self.owner, next, "no Scout nodes configured")
-                .await;
+            let retry: Vec<_> = due
+                .iter()
+                .map(|w| (w.job_id, next, "no Scout nodes configured".to_string()))
+                .collect();
+            return self.store.mark_stage_retry(&self.owner, &retry).await;
         };
-        let paths = self.store.waiting_paths(job_id).await?;
-        if paths.is_empty() {
-            // Everything already arrived; completion was queued by the ingest.
-            return self.store.mark_staged(job_id, &self.owner, i64::MAX).await;
+        let ids: Vec<i64> = due.iter().map(|w| w.job_id).collect();
+        let mut paths = self.store.waiting_paths(&ids).await?;
+        let calls: Vec<_> = due
+            .into_iter()
+            .map(|w| {
+                let paths = paths.remove(&w.job_id).unwrap_or_default();
+                async move {
+                    // Nothing waiting: everything already arrived and the ingest queued completion.
+                    let result = match paths.is_empty() {
+                        true => None,
+                        false => Some(stager.stage(w.job_id, &paths).await),
+                    };
+                    (w, paths.len(), result)
+                }
+            })
+            .collect();
+        let results: Vec<_> = stream::iter(calls)
+            .buffer_unordered(STAGE_CONCURRENCY)
+            .collect()
+            .await;
+
+        let next = now_ms() + self.timings.restage_interval.as_millis() as i64;
+        let mut staged = Vec::new();
+        let mut retry = Vec::new();
+        for (w, files, result) in results {
+            let job_id = w.job_id;
+            match result {
+                None => staged.push((job_id, i64::MAX)),
+                Some(Ok(())) => {
+                    self.counters.stage_calls_ok.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(job_id, files, "staging requested");
+                    staged.push((job_id, next));
+                }
+                Some(Err(StageError::Transient(reason))) => {
+                    self.counters
+                        .stage_calls_failed
+                        .fetch_add(1, Ordering::Relaxed);
+                    let wait = backoff(
+                        w.stage_attempts,
+                        self.timings.retry_min,
+                        self.timings.retry_max,
+                    );
+                    tracing::warn!(job_id, %reason, retry_in = ?wait, "staging failed; will retry");
+                    retry.push((job_id, now_ms() + wait.as_millis() as i64, reason));
+                }
+                Some(Err(StageError::Refused(reason))) => {
+                    self.counters
+                        .stage_calls_failed
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(job_id, %reason, "Scout refused the staging request");
+                    self.decide_error(
+                        job_id,
+                        codes::SCOUT_FAILED,
+                        &format!("Scout refused to stage the files: {reason}"),
+                    )
+                    .await?;
+                }
+            }
         }
-        match stager.stage(job_id, &paths).await {
-            Ok(()) => {
-                self.counters.stage_calls_ok.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(job_id, files = paths.len(), "staging requested");
-                let next = now_ms() + self.timings.restage_interval.as_millis() as i64;
-                self.store.mark_staged(job_id, &self.owner, next).await
-            }
-            Err(StageError::Transient(reason)) => {
-                self.counters
-                    .stage_calls_failed
-                    .fetch_add(1, Ordering::Relaxed);
-                let wait = backoff(
-                    w.stage_attempts,
-                    self.timings.retry_min,
-                    self.timings.retry_max,
-                );
-                tracing::warn!(job_id, %reason, retry_in = ?wait, "staging failed; will retry");
-                let next = now_ms() + wait.as_millis() as i64;
-                self.store
-                    .mark_stage_retry(job_id, &self.owner, next, &reason)
-                    .await
-            }
-            Err(StageError::Refused(reason)) => {
-                self.counters
-                    .stage_calls_failed
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(job_id, %reason, "Scout refused the staging request");
-                self.decide_error(
-                    job_id,
-                    codes::SCOUT_FAILED,
-                    &format!("Scout refused to stage the files: {reason}"),
-                )
-                .await
-            }
-        }
+        self.store.mark_staged(&self.owner, &staged).await?;
+        self.store.mark_stage_retry(&self.owner, &retry).await
     }
 
     /// Resolves an observation job into files. Returns true when it now has files to stage.
@@ -397,7 +429,7 @@ impl StageWorker {
                 tracing::warn!(job_id, %why, retry_in = ?wait, "observation lookup unavailable; will retry");
                 let next = now_ms() + wait.as_millis() as i64;
                 self.store
-                    .mark_stage_retry(job_id, &self.owner, next, &why)
+                    .mark_stage_retry(&self.owner, &[(job_id, next, why)])
                     .await?;
                 Ok(false)
             }

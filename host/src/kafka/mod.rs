@@ -33,6 +33,7 @@ use serde::Deserialize;
 use thiserror::Error;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::config::KafkaConfig;
 use crate::store::{FileEvent, Store, now_ms};
@@ -366,48 +367,109 @@ struct Batch {
 }
 
 impl Ingest {
-    async fn run(mut self, mut consumer: StreamConsumer<Context>) {
+    /// Fills the next batch while the last one is being applied, so that the broker and the
+    /// store work at the same time. Offsets are still committed strictly after their batch's
+    /// transaction, one batch at a time and in order.
+    async fn run(self, mut consumer: StreamConsumer<Context>) {
+        let mut stopped = self.stopped.clone();
         let mut recv_errors = 0u32;
+        // The batch being filled, and when it is handed over (set by its first message).
+        let mut next = Batch::default();
+        let mut deadline: Option<Instant> = None;
+        // After a read error, no read before this.
+        let mut paused_until: Option<Instant> = None;
+        // The batch being applied; it gives the batch back with whether it was applied.
+        let mut inflight: Option<BoxFuture<'_, (Batch, bool)>> = None;
         loop {
-            let batch = match self.read_batch(&consumer).await {
-                Ok(Some(b)) => b,
-                Ok(None) => break,
-                Err(e) => {
-                    self.status.count_consumer_error();
-                    recv_errors += 1;
-                    let fatal = e.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal);
-                    self.error_log.log(|suppressed| {
-                        tracing::warn!(error = %e, fatal, suppressed, "Kafka consumer error");
-                    });
-                    if fatal {
-                        // A fatal error ends this client: build a new one, forever, with back-off.
-                        consumer = match self.recreate(consumer).await {
+            let full = next.messages.len() >= self.settings.batch_max_messages;
+            let due = full || deadline.is_some_and(|d| Instant::now() >= d);
+            if inflight.is_none() && due {
+                let batch = std::mem::take(&mut next);
+                deadline = None;
+                inflight = Some(Box::pin(self.apply(batch, stopped.clone())));
+                continue;
+            }
+            let may_read = !full && paused_until.is_none_or(|t| Instant::now() >= t);
+            tokio::select! {
+                biased;
+                _ = stopped.changed() => break,
+                (batch, applied) = async { inflight.as_mut().expect("guarded").await },
+                    if inflight.is_some() =>
+                {
+                    inflight = None;
+                    if !applied {
+                        // Stopped before it was applied: it stays uncommitted, for redelivery.
+                        break;
+                    }
+                    self.commit(&consumer, &batch);
+                    self.status.batch_done(batch.messages.len() as u64);
+                }
+                m = consumer.recv(), if may_read => match m {
+                    Ok(m) => {
+                        recv_errors = 0;
+                        paused_until = None;
+                        self.take(&mut next, &m);
+                        deadline.get_or_insert_with(|| Instant::now() + self.settings.batch_max_wait);
+                    }
+                    Err(e) => {
+                        self.status.count_consumer_error();
+                        recv_errors += 1;
+                        let fatal = e.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal);
+                        self.error_log.log(|suppressed| {
+                            tracing::warn!(error = %e, fatal, suppressed, "Kafka consumer error");
+                        });
+                        if !fatal {
+                            // The batch in hand stays good; reading resumes after a pause.
+                            paused_until = Some(Instant::now() + backoff(recv_errors.min(8)));
+                            continue;
+                        }
+                        // A fatal error ends this client. Its last batch is finished and
+                        // committed through it; what it read beyond that is dropped
+                        // uncommitted and read again by the new client.
+                        if let Some(f) = inflight.take() {
+                            let (batch, applied) = f.await;
+                            if !applied {
+                                break;
+                            }
+                            self.commit(&consumer, &batch);
+                            self.status.batch_done(batch.messages.len() as u64);
+                        }
+                        next = Batch::default();
+                        deadline = None;
+                        consumer = match self.recreate(consumer, &mut stopped).await {
                             Some(c) => c,
                             None => {
                                 self.status.set_running(false);
                                 return;
                             }
                         };
-                    } else if self.sleep_or_stop(backoff(recv_errors.min(8))).await {
-                        break;
                     }
-                    continue;
+                },
+                _ = sleep_until_some(deadline), if deadline.is_some() && inflight.is_none() => {}
+                _ = sleep_until_some(paused_until), if paused_until.is_some() && !may_read => {
+                    paused_until = None;
                 }
-            };
-            recv_errors = 0;
-            if !self.apply(&batch).await {
-                // Stopped before the batch was applied: it stays uncommitted, for redelivery.
-                break;
             }
-            self.commit(&consumer, &batch);
-            self.status.batch_done(batch.messages.len() as u64);
+        }
+        // Stopping: the batch being applied is finished (the store's retries give up on stop)
+        // and committed if it was applied; the one being filled is left for redelivery.
+        if let Some(f) = inflight.take() {
+            let (batch, applied) = f.await;
+            if applied {
+                self.commit(&consumer, &batch);
+                self.status.batch_done(batch.messages.len() as u64);
+            }
         }
         self.status.set_running(false);
         // Leaving the group blocks in librdkafka; keep it off the async workers.
         let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
     }
 
-    async fn recreate(&mut self, old: StreamConsumer<Context>) -> Option<StreamConsumer<Context>> {
+    async fn recreate(
+        &self,
+        old: StreamConsumer<Context>,
+        stopped: &mut watch::Receiver<bool>,
+    ) -> Option<StreamConsumer<Context>> {
         let _ = tokio::task::spawn_blocking(move || drop(old)).await;
         let mut attempt = 0;
         loop {
@@ -416,44 +478,12 @@ impl Ingest {
                 Err(e) => {
                     attempt += 1;
                     tracing::warn!(error = %e, attempt, "recreating the Kafka consumer failed");
-                    if self.sleep_or_stop(backoff(attempt.min(8))).await {
+                    if sleep_or_stop(backoff(attempt.min(8)), stopped).await {
                         return None;
                     }
                 }
             }
         }
-    }
-
-    /// Sleeps unless asked to stop first; returns whether to stop.
-    async fn sleep_or_stop(&mut self, d: Duration) -> bool {
-        tokio::select! {
-            _ = tokio::time::sleep(d) => *self.stopped.borrow(),
-            _ = self.stopped.changed() => true,
-        }
-    }
-
-    /// Waits for a first message, then takes more until the batch is full or its time is up.
-    /// `Ok(None)`: asked to stop.
-    async fn read_batch(
-        &mut self,
-        consumer: &StreamConsumer<Context>,
-    ) -> Result<Option<Batch>, KafkaError> {
-        let mut batch = Batch::default();
-        let first = tokio::select! {
-            m = consumer.recv() => m?,
-            _ = self.stopped.changed() => return Ok(None),
-        };
-        self.take(&mut batch, &first);
-        drop(first);
-        let deadline = tokio::time::Instant::now() + self.settings.batch_max_wait;
-        while batch.messages.len() < self.settings.batch_max_messages {
-            match tokio::time::timeout_at(deadline, consumer.recv()).await {
-                Ok(Ok(m)) => self.take(&mut batch, &m),
-                // The batch in hand is good: apply it, and meet the error on the next read.
-                Ok(Err(_)) | Err(_) => break,
-            }
-        }
-        Ok(Some(batch))
     }
 
     fn take(&self, batch: &mut Batch, m: &BorrowedMessage<'_>) {
@@ -473,8 +503,13 @@ impl Ingest {
     }
 
     /// Maps names and applies the batch, retrying store failures until it succeeds.
-    /// Returns false if asked to stop first.
-    async fn apply(&mut self, batch: &Batch) -> bool {
+    /// Gives the batch back, with false if asked to stop first.
+    async fn apply(&self, batch: Batch, mut stopped: watch::Receiver<bool>) -> (Batch, bool) {
+        let applied = self.apply_inner(&batch, &mut stopped).await;
+        (batch, applied)
+    }
+
+    async fn apply_inner(&self, batch: &Batch, stopped: &mut watch::Receiver<bool>) -> bool {
         let mut names = Vec::with_capacity(batch.messages.len());
         let mut which = Vec::with_capacity(batch.messages.len());
         for (i, m) in batch.messages.iter().enumerate() {
@@ -495,7 +530,7 @@ impl Ingest {
                     map_failures += 1;
                     self.status.count_mapping_error();
                     tracing::error!(error = %e, failures = map_failures, "mapping Kafka file names failed; retrying (offsets not committed)");
-                    if self.sleep_or_stop(backoff(map_failures.min(7))).await {
+                    if sleep_or_stop(backoff(map_failures.min(7)), stopped).await {
                         return false;
                     }
                 }
@@ -544,7 +579,7 @@ impl Ingest {
                     failures += 1;
                     self.status.count_store_failure();
                     tracing::error!(error = %e, failures, events = events.len(), "applying a Kafka batch failed; retrying (offsets not committed)");
-                    if self.sleep_or_stop(backoff(failures.min(7))).await {
+                    if sleep_or_stop(backoff(failures.min(7)), stopped).await {
                         return false;
                     }
                 }
@@ -568,6 +603,21 @@ impl Ingest {
             self.status.count_commit_failure();
             tracing::warn!(error = %e, "committing Kafka offsets failed; the batch may be redelivered");
         }
+    }
+}
+
+/// Sleeps unless asked to stop first; returns whether to stop.
+async fn sleep_or_stop(d: Duration, stopped: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => *stopped.borrow(),
+        _ = stopped.changed() => true,
+    }
+}
+
+/// Waits until `at`; a select branch guarded by `at.is_some()`.
+async fn sleep_until_some(at: Option<Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at).await;
     }
 }
 

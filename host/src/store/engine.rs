@@ -3,17 +3,22 @@
 //!
 //! Invariants:
 //! - Work is claimed with a lease (`lease_owner`, `lease_until_ms`) by one conditional
-//!   UPDATE; on PostgreSQL the candidate rows are picked `FOR UPDATE SKIP LOCKED`, so several
-//!   daemons never claim the same row, and a dead daemon's claims lapse when the lease does.
+//!   UPDATE that also moves the due time (`next_stage_ms`, `next_attempt_ms`) to the lease's
+//!   end: claimed work is not due to anyone, and a dead daemon's claims come due again when
+//!   the lease lapses. On PostgreSQL the candidate rows are picked `FOR UPDATE SKIP LOCKED`,
+//!   so several daemons never claim the same row. New jobs are born claimed by the daemon
+//!   that accepted them (see `intake`).
 //! - A job's result is decided once: the outbox row is keyed by job id and inserted with
 //!   `ON CONFLICT DO NOTHING`; the job moves to state `done` in the same transaction.
 //! - Finishing a delivery (history row, removal of the job and its files, removal of the
 //!   outbox row) happens in one transaction and only while the lease is still ours, so a
 //!   callback is finalized once even if two daemons raced to deliver it.
 
+use std::collections::HashMap;
+
 use serde::Serialize;
 
-use super::{Backend, Store, StoreError, now_ms, with_pool};
+use super::{Backend, Store, StoreError, json_rows, json_values, now_ms, with_pool};
 
 /// Return codes of the callback (compat.md).
 pub mod codes {
@@ -68,56 +73,79 @@ const COUNTS: &str = "(SELECT count(*) FROM job_files f WHERE f.job_id = j.job_i
      (SELECT count(*) FROM job_files f WHERE f.job_id = j.job_id AND f.error AND NOT f.ready)";
 
 impl Store {
-    /// Claims up to `limit` jobs whose resolve or stage call is due.
-    pub async fn claim_stage_work(
-        &self,
-        owner: &str,
-        lease_ms: i64,
-        limit: i64,
-    ) -> Result<Vec<StageWork>, StoreError> {
-        const PICK: &str = "SELECT job_id FROM jobs \
-             WHERE state IN ('resolving', 'staging', 'waiting') \
-               AND next_stage_ms IS NOT NULL AND next_stage_ms <= $3 \
-               AND (lease_until_ms IS NULL OR lease_until_ms < $3) \
-             ORDER BY next_stage_ms LIMIT $4";
+    /// Claims up to `limit` jobs to resolve or (re)stage now, for this daemon: first the
+    /// jobs it accepted itself (born claimed, no query needed), then due jobs from the
+    /// store. A claim moves `next_stage_ms` to the lease's end, so a claimed job is simply
+    /// not due to anyone else until its lease lapses; the pick is then one range of one
+    /// index, cheap whatever the statistics say.
+    pub async fn claim_stage_work(&self, limit: i64) -> Result<Vec<StageWork>, StoreError> {
         let now = now_ms();
-        let rows = match &self.backend {
-            Backend::Sqlite(p) => {
-                sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                    "UPDATE jobs SET lease_owner = $1, lease_until_ms = $2 \
-                     WHERE job_id IN ({PICK}) \
-                     RETURNING job_id, state, request_obs, stage_attempts"
-                )))
-                .bind(owner)
-                .bind(now + lease_ms)
-                .bind(now)
-                .bind(limit)
-                .fetch_all(p)
-                .await?
-            }
-            Backend::Postgres(p) => {
-                sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                    "UPDATE jobs SET lease_owner = $1, lease_until_ms = $2 \
-                     WHERE job_id IN ({PICK} FOR UPDATE SKIP LOCKED) \
-                     RETURNING job_id, state, request_obs, stage_attempts"
-                )))
-                .bind(owner)
-                .bind(now + lease_ms)
-                .bind(now)
-                .bind(limit)
-                .fetch_all(p)
-                .await?
-            }
+        // A job handed over too close to its lease's end is left to the store's claim.
+        let mut work = self
+            .handoff
+            .take(limit.max(0) as usize, now + self.lease_ms / 4);
+        let more = limit - work.len() as i64;
+        if more <= 0 {
+            return Ok(work);
+        }
+        const PICK: &str = "SELECT job_id FROM jobs \
+             WHERE next_stage_ms <= $3 ORDER BY next_stage_ms LIMIT $4";
+        let lock = match &self.backend {
+            Backend::Sqlite(_) => "",
+            Backend::Postgres(_) => "FOR UPDATE SKIP LOCKED",
         };
-        Ok(rows)
+        let sql = format!(
+            "UPDATE jobs SET lease_owner = $1, lease_until_ms = $2, next_stage_ms = $2 \
+             WHERE job_id IN ({PICK} {lock}) \
+             RETURNING job_id, state, request_obs, stage_attempts"
+        );
+        let rows: Vec<StageWork> = with_pool!(&self.backend, p =>
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(&*self.owner)
+                .bind(now + self.lease_ms)
+                .bind(now)
+                .bind(more)
+                .fetch_all(p)
+                .await?);
+        work.extend(rows);
+        Ok(work)
     }
 
-    /// Paths of a job that are neither ready nor failed.
-    pub async fn waiting_paths(&self, job_id: i64) -> Result<Vec<String>, StoreError> {
-        const SQL: &str = "SELECT path FROM job_files \
-             WHERE job_id = $1 AND NOT ready AND NOT error ORDER BY path";
-        Ok(with_pool!(&self.backend, p =>
-            sqlx::query_scalar(SQL).bind(job_id).fetch_all(p).await?))
+    /// Gives up every claim this daemon holds on jobs (those handed over at intake and not
+    /// started, and any the stopped engine left unfinished), so that they are due at once.
+    /// Used at shutdown, after the engine stopped.
+    pub(crate) async fn release_unstarted(&self) -> Result<u64, StoreError> {
+        self.handoff.clear();
+        const SQL: &str = "UPDATE jobs SET next_stage_ms = $2, lease_owner = NULL, \
+                 lease_until_ms = NULL \
+             WHERE lease_owner = $1 AND state <> 'done'";
+        Ok(with_pool!(&self.backend, p => sqlx::query(SQL)
+            .bind(&*self.owner).bind(now_ms())
+            .execute(p).await?.rows_affected()))
+    }
+
+    /// Paths of each job that are neither ready nor failed, in one query for all of them.
+    /// Jobs with no such path are absent from the map.
+    pub async fn waiting_paths(
+        &self,
+        job_ids: &[i64],
+    ) -> Result<HashMap<i64, Vec<String>>, StoreError> {
+        if job_ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let ids = serde_json::to_string(job_ids).expect("integers serialize");
+        let sql = format!(
+            "SELECT f.job_id, f.path FROM job_files f JOIN {} AS u ON f.job_id = u.v \
+             WHERE NOT f.ready AND NOT f.error ORDER BY f.job_id, f.path",
+            json_values(&self.backend, "$1", "bigint")
+        );
+        let rows: Vec<(i64, String)> = with_pool!(&self.backend, p =>
+            sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(ids).fetch_all(p).await?);
+        let mut by_job: HashMap<i64, Vec<String>> = HashMap::new();
+        for (job_id, path) in rows {
+            by_job.entry(job_id).or_default().push(path);
+        }
+        Ok(by_job)
     }
 
     /// Paths of a job that no other unfinished job holds (what DELETE may cancel at Scout).
@@ -139,8 +167,11 @@ impl Store {
         paths: &[String],
     ) -> Result<bool, StoreError> {
         // The job takes its files only while it is still ours and still unresolved.
+        // It stays claimed (not due to others) until this daemon has staged it or the lease
+        // lapses.
         const RESOLVED: &str = "UPDATE jobs SET state = 'staging', total_files = $3, \
-                 next_stage_ms = $4, updated_ms = $4, stage_attempts = 0, last_error = NULL \
+                 next_stage_ms = coalesce(lease_until_ms, $4), updated_ms = $4, \
+                 stage_attempts = 0, last_error = NULL \
              WHERE job_id = $1 AND lease_owner = $2 AND state = 'resolving'";
         let now = now_ms();
         let ok = match &self.backend {
@@ -195,36 +226,55 @@ impl Store {
         Ok(ok)
     }
 
-    /// Scout accepted the job's waiting paths: wait for events, re-ask at `next_ms`.
-    pub async fn mark_staged(
-        &self,
-        job_id: i64,
-        owner: &str,
-        next_ms: i64,
-    ) -> Result<(), StoreError> {
-        const SQL: &str = "UPDATE jobs SET state = 'waiting', next_stage_ms = $3, updated_ms = $4, \
+    /// Scout accepted these jobs' waiting paths: each waits for events and is asked again
+    /// at its `next_ms`. Jobs whose lease is no longer ours are left alone.
+    pub async fn mark_staged(&self, owner: &str, jobs: &[(i64, i64)]) -> Result<(), StoreError> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "UPDATE jobs SET state = 'waiting', next_stage_ms = u.next_ms, updated_ms = $2, \
                  stage_attempts = 0, last_error = NULL, lease_owner = NULL, lease_until_ms = NULL \
-             WHERE job_id = $1 AND lease_owner = $2 AND state <> 'done'";
-        with_pool!(&self.backend, p => sqlx::query(SQL)
-            .bind(job_id).bind(owner).bind(next_ms).bind(now_ms())
+             FROM {} AS u \
+             WHERE jobs.job_id = u.id AND jobs.lease_owner = $3 AND jobs.state <> 'done'",
+            json_rows(
+                &self.backend,
+                "$1",
+                &[("id", "bigint"), ("next_ms", "bigint")]
+            )
+        );
+        let rows = serde_json::to_string(jobs).expect("integers serialize");
+        with_pool!(&self.backend, p => sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(rows).bind(now_ms()).bind(owner)
             .execute(p).await?.rows_affected());
         Ok(())
     }
 
-    /// A resolve or stage attempt failed transiently: try again at `next_ms`.
+    /// Resolve or stage attempts that failed transiently: each job is tried again at its
+    /// `next_ms`, and its error is kept for the operator.
     pub async fn mark_stage_retry(
         &self,
-        job_id: i64,
         owner: &str,
-        next_ms: i64,
-        error: &str,
+        jobs: &[(i64, i64, String)],
     ) -> Result<(), StoreError> {
-        const SQL: &str = "UPDATE jobs SET next_stage_ms = $3, updated_ms = $4, \
-                 stage_attempts = stage_attempts + 1, last_error = $5, \
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "UPDATE jobs SET next_stage_ms = u.next_ms, updated_ms = $2, \
+                 stage_attempts = stage_attempts + 1, last_error = u.error, \
                  lease_owner = NULL, lease_until_ms = NULL \
-             WHERE job_id = $1 AND lease_owner = $2 AND state <> 'done'";
-        with_pool!(&self.backend, p => sqlx::query(SQL)
-            .bind(job_id).bind(owner).bind(next_ms).bind(now_ms()).bind(error)
+             FROM {} AS u \
+             WHERE jobs.job_id = u.id AND jobs.lease_owner = $3 AND jobs.state <> 'done'",
+            json_rows(
+                &self.backend,
+                "$1",
+                &[("id", "bigint"), ("next_ms", "bigint"), ("error", "text")]
+            )
+        );
+        let rows = serde_json::to_string(jobs).expect("strings and integers serialize");
+        with_pool!(&self.backend, p => sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(rows).bind(now_ms()).bind(owner)
             .execute(p).await?.rows_affected());
         Ok(())
     }
@@ -307,16 +357,16 @@ impl Store {
         lease_ms: i64,
         limit: i64,
     ) -> Result<Vec<OutboxRow>, StoreError> {
+        // As with jobs, a claim moves the due time to the lease's end.
         const PICK: &str = "SELECT job_id FROM notify_outbox \
-             WHERE next_attempt_ms <= $3 AND (lease_until_ms IS NULL OR lease_until_ms < $3) \
-             ORDER BY next_attempt_ms LIMIT $4";
+             WHERE next_attempt_ms <= $3 ORDER BY next_attempt_ms LIMIT $4";
         const RETURNING: &str = "RETURNING job_id, notify_url, return_code, total_files, \
              ready_files, error_files, comment, attempts, give_up_ms";
         let now = now_ms();
         let rows = match &self.backend {
             Backend::Sqlite(p) => {
                 sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                    "UPDATE notify_outbox SET lease_owner = $1, lease_until_ms = $2 \
+                    "UPDATE notify_outbox SET lease_owner = $1, lease_until_ms = $2, next_attempt_ms = $2 \
                      WHERE job_id IN ({PICK}) {RETURNING}"
                 )))
                 .bind(owner)
@@ -328,7 +378,7 @@ impl Store {
             }
             Backend::Postgres(p) => {
                 sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                    "UPDATE notify_outbox SET lease_owner = $1, lease_until_ms = $2 \
+                    "UPDATE notify_outbox SET lease_owner = $1, lease_until_ms = $2, next_attempt_ms = $2 \
                      WHERE job_id IN ({PICK} FOR UPDATE SKIP LOCKED) {RETURNING}"
                 )))
                 .bind(owner)

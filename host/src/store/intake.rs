@@ -6,6 +6,11 @@
 //! transaction and answers every submitter after the commit. Under light load a batch is one
 //! job and nothing waits; under heavy load batches grow and the fsync is shared.
 //!
+//! A new job is born claimed by the daemon that accepted it (`lease_owner`, with
+//! `next_stage_ms` at the lease's end) and handed to that daemon's engine in memory, so the
+//! engine starts on it without a claim query. Should the daemon die first, the lease lapses
+//! and any daemon's ordinary claim picks the job up.
+//!
 //! Invariants:
 //! - A submitter hears `Created` only after the transaction holding its job committed.
 //! - A duplicate id (already stored, or earlier in the same batch) is `Duplicate`, decided
@@ -13,14 +18,14 @@
 //! - One bad job cannot fail its batch-mates: if a batch fails, its jobs are retried one
 //!   transaction each, and only the job that still fails gets the error.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
 use sqlx::{PgPool, SqlitePool};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::{Backend, NewJob, Signals, StoreError, StoreOptions, now_ms};
+use super::{Backend, NewJob, Signals, StageWork, StoreError, StoreOptions, now_ms};
 
 /// Files per batch beyond which a writer stops taking more jobs into the batch.
 const BATCH_FILES_SOFT_MAX: usize = 200_000;
@@ -32,6 +37,43 @@ const QUEUE_DEPTH: usize = 16_384;
 pub enum Intake {
     Created,
     Duplicate,
+}
+
+/// Jobs this daemon accepted, born claimed by it, waiting for its engine.
+#[derive(Default)]
+pub(crate) struct Handoff {
+    /// Each job with the end of its birth lease.
+    queue: std::sync::Mutex<VecDeque<(StageWork, i64)>>,
+}
+
+impl Handoff {
+    fn push(&self, work: impl IntoIterator<Item = (StageWork, i64)>) {
+        self.queue
+            .lock()
+            .expect("handoff lock poisoned")
+            .extend(work);
+    }
+
+    /// Takes up to `limit` jobs whose birth lease still holds at `now`. Jobs whose lease
+    /// lapsed while they waited are dropped here: the store's claim finds them, and this
+    /// daemon must not work on a job another may have claimed meanwhile.
+    pub(crate) fn take(&self, limit: usize, now: i64) -> Vec<StageWork> {
+        let mut queue = self.queue.lock().expect("handoff lock poisoned");
+        let mut taken = Vec::new();
+        while taken.len() < limit {
+            match queue.pop_front() {
+                Some((work, until)) if until > now => taken.push(work),
+                Some(_) => {}
+                None => break,
+            }
+        }
+        taken
+    }
+
+    /// Forgets every waiting job (their leases are being released).
+    pub(crate) fn clear(&self) {
+        self.queue.lock().expect("handoff lock poisoned").clear();
+    }
 }
 
 struct Request {
@@ -48,6 +90,8 @@ impl IntakeQueue {
     pub(crate) fn start(
         backend: Backend,
         opts: &StoreOptions,
+        owner: Arc<str>,
+        handoff: Arc<Handoff>,
         signals: Arc<Signals>,
     ) -> IntakeQueue {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
@@ -64,6 +108,9 @@ impl IntakeQueue {
                     rx: rx.clone(),
                     batch_max: opts.intake_batch_max,
                     expiry_ms: opts.expiry.as_millis() as i64,
+                    lease_ms: opts.lease.as_millis() as i64,
+                    owner: owner.clone(),
+                    handoff: handoff.clone(),
                     signals: signals.clone(),
                 };
                 tokio::spawn(writer.run())
@@ -105,7 +152,18 @@ struct Writer {
     rx: Arc<Mutex<mpsc::Receiver<Request>>>,
     batch_max: usize,
     expiry_ms: i64,
+    lease_ms: i64,
+    owner: Arc<str>,
+    handoff: Arc<Handoff>,
     signals: Arc<Signals>,
+}
+
+/// When a job was written: its times and its birth lease.
+struct Stamp<'a> {
+    now: i64,
+    expires: i64,
+    owner: &'a str,
+    lease_until: i64,
 }
 
 impl Writer {
@@ -178,15 +236,34 @@ impl Writer {
         }
     }
 
-    /// Writes the jobs (and the files of those that are new) in one transaction; returns
-    /// the ids that were created.
+    /// Writes the jobs (and the files of those that are new) in one transaction, hands the
+    /// created ones to this daemon's engine and returns their ids.
     async fn insert(&self, jobs: &[&NewJob]) -> Result<HashSet<i64>, StoreError> {
         let now = now_ms();
-        let expires = now + self.expiry_ms;
-        match &self.backend {
-            Backend::Sqlite(p) => insert_sqlite(p, jobs, now, expires).await,
-            Backend::Postgres(p) => insert_postgres(p, jobs, now, expires).await,
-        }
+        let stamp = Stamp {
+            now,
+            expires: now + self.expiry_ms,
+            owner: &self.owner,
+            lease_until: now + self.lease_ms,
+        };
+        let created = match &self.backend {
+            Backend::Sqlite(p) => insert_sqlite(p, jobs, &stamp).await?,
+            Backend::Postgres(p) => insert_postgres(p, jobs, &stamp).await?,
+        };
+        self.handoff.push(
+            jobs.iter()
+                .filter(|j| created.contains(&j.job_id))
+                .map(|j| {
+                    let work = StageWork {
+                        job_id: j.job_id,
+                        state: initial_state(j).to_string(),
+                        request_obs: j.obs.clone(),
+                        stage_attempts: 0,
+                    };
+                    (work, stamp.lease_until)
+                }),
+        );
+        Ok(created)
     }
 }
 
@@ -202,15 +279,15 @@ fn initial_state(job: &NewJob) -> &'static str {
 async fn insert_sqlite(
     pool: &SqlitePool,
     jobs: &[&NewJob],
-    now: i64,
-    expires: i64,
+    stamp: &Stamp<'_>,
 ) -> Result<HashSet<i64>, StoreError> {
     // The batch travels as one JSON array per statement: one round trip however large.
     const JOBS: &str = "INSERT INTO jobs (job_id, notify_url, request_obs, state, total_files, \
-                                          created_ms, updated_ms, next_stage_ms, expires_ms) \
+                                          created_ms, updated_ms, next_stage_ms, expires_ms, \
+                                          lease_owner, lease_until_ms) \
          SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), \
                 json_extract(value, '$[2]'), json_extract(value, '$[3]'), \
-                json_extract(value, '$[4]'), $2, $2, $2, $3 \
+                json_extract(value, '$[4]'), $2, $2, $5, $3, $4, $5 \
          FROM json_each($1) WHERE true \
          ON CONFLICT (job_id) DO NOTHING RETURNING job_id";
     const FILES: &str = "INSERT INTO job_files (job_id, path) \
@@ -233,8 +310,10 @@ async fn insert_sqlite(
     let mut tx = pool.begin().await?;
     let created: HashSet<i64> = sqlx::query_scalar(JOBS)
         .bind(rows)
-        .bind(now)
-        .bind(expires)
+        .bind(stamp.now)
+        .bind(stamp.expires)
+        .bind(stamp.owner)
+        .bind(stamp.lease_until)
         .fetch_all(&mut *tx)
         .await?
         .into_iter()
@@ -255,16 +334,16 @@ async fn insert_sqlite(
 async fn insert_postgres(
     pool: &PgPool,
     jobs: &[&NewJob],
-    now: i64,
-    expires: i64,
+    stamp: &Stamp<'_>,
 ) -> Result<HashSet<i64>, StoreError> {
     // One statement, so one round trip and one implicit transaction: the jobs that are new
     // come back from the first insert and gate the files of the second (a duplicate's files
     // are dropped by the join).
     const SQL: &str = "WITH j AS ( \
              INSERT INTO jobs (job_id, notify_url, request_obs, state, total_files, \
-                               created_ms, updated_ms, next_stage_ms, expires_ms) \
-             SELECT u.id, u.url, u.obs, u.state, u.total, $6, $6, $6, $7 \
+                               created_ms, updated_ms, next_stage_ms, expires_ms, \
+                               lease_owner, lease_until_ms) \
+             SELECT u.id, u.url, u.obs, u.state, u.total, $6, $6, $11, $7, $10, $11 \
              FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[]) \
                   AS u(id, url, obs, state, total) \
              ON CONFLICT (job_id) DO NOTHING RETURNING job_id), \
@@ -290,10 +369,12 @@ async fn insert_postgres(
         .bind(obs)
         .bind(states)
         .bind(totals)
-        .bind(now)
-        .bind(expires)
+        .bind(stamp.now)
+        .bind(stamp.expires)
         .bind(file_jobs)
         .bind(file_paths)
+        .bind(stamp.owner)
+        .bind(stamp.lease_until)
         .fetch_all(pool)
         .await?
         .into_iter()
