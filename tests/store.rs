@@ -21,6 +21,12 @@ fn job(id: i64, files: &[&str]) -> NewJob {
     }
 }
 
+/// The ids of the jobs `store` claims (up to `limit`).
+async fn claimed_ids(store: &Store, limit: i64) -> Vec<i64> {
+    let work = store.claim_stage_work(limit).await.unwrap();
+    work.iter().map(|w| w.job_id).collect()
+}
+
 fn ready(path: &str, at_ms: i64) -> FileEvent {
     FileEvent {
         path: path.into(),
@@ -310,6 +316,24 @@ async fn observation_job_is_stored(kind: Kind) {
     let s = store.job_summary(5).await.unwrap().unwrap();
     assert_eq!(s.total_files, 0);
     assert!(!s.completed(), "an unresolved observation is not complete");
+
+    // Its daemon resolves it into files, once.
+    assert_eq!(claimed_ids(&store, 10).await, vec![5]);
+    let paths = vec!["obs/1".to_string(), "obs/2".to_string()];
+    assert!(store.set_resolved_files(5, &paths).await.unwrap());
+    assert!(
+        !store.set_resolved_files(5, &paths).await.unwrap(),
+        "already resolved"
+    );
+    let files: Vec<String> = store
+        .job_files(5)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|f| f.path)
+        .collect();
+    assert_eq!(files, paths);
+    assert_eq!(store.job_summary(5).await.unwrap().unwrap().total_files, 2);
     store.close().await;
 }
 
@@ -368,34 +392,16 @@ async fn new_jobs_are_born_claimed_by_their_daemon(kind: Kind) {
 
     ours.submit(job(1, &["a"])).await.unwrap();
     ours.submit(job(2, &["b"])).await.unwrap();
-    assert!(other.claim_stage_work(10).await.unwrap().is_empty());
-    let mine: Vec<i64> = ours
-        .claim_stage_work(1)
-        .await
-        .unwrap()
-        .iter()
-        .map(|w| w.job_id)
-        .collect();
+    assert!(claimed_ids(&other, 10).await.is_empty());
+    let mine = claimed_ids(&ours, 1).await;
     assert_eq!(mine, vec![1]);
 
     // Job 2 was never started; once its lease lapsed the other daemon takes it, and only
     // one of the two gets it.
     tokio::time::sleep(lease + Duration::from_millis(300)).await;
-    let theirs: Vec<i64> = other
-        .claim_stage_work(10)
-        .await
-        .unwrap()
-        .iter()
-        .map(|w| w.job_id)
-        .collect();
+    let theirs = claimed_ids(&other, 10).await;
     assert!(theirs.contains(&2), "lapsed job taken over: {theirs:?}");
-    let again: Vec<i64> = ours
-        .claim_stage_work(10)
-        .await
-        .unwrap()
-        .iter()
-        .map(|w| w.job_id)
-        .collect();
+    let again = claimed_ids(&ours, 10).await;
     assert!(!again.contains(&2), "claimed twice: {again:?}");
     ours.close().await;
     other.close().await;
@@ -411,13 +417,6 @@ async fn a_clean_close_gives_claims_up(kind: Kind) {
     first.close().await;
 
     let second = Store::open(&opts(&db).with_lease(long)).await.unwrap();
-    let ids: Vec<i64> = second
-        .claim_stage_work(10)
-        .await
-        .unwrap()
-        .iter()
-        .map(|w| w.job_id)
-        .collect();
-    assert_eq!(ids, vec![1]);
+    assert_eq!(claimed_ids(&second, 10).await, vec![1]);
     second.close().await;
 }

@@ -147,7 +147,6 @@ pub(crate) fn backoff(attempt: i64, min: Duration, max: Duration) -> Duration {
 impl Engine {
     /// Starts the engine's loops on `store`.
     pub fn start(store: Store, config: &Config, parts: EngineParts) -> Engine {
-        let owner = store.owner().to_string();
         let timings = EngineTimings::from_config(&config.jobs);
         let counters = Arc::new(EngineCounters::default());
         let (stop, stopped) = watch::channel(false);
@@ -156,7 +155,6 @@ impl Engine {
         }
         let worker = StageWorker {
             store: store.clone(),
-            owner: owner.clone(),
             parts: EngineParts {
                 stager: parts.stager.clone(),
                 resolver: parts.resolver.clone(),
@@ -175,6 +173,7 @@ impl Engine {
             report_keep: config.reports.keep_newest,
             counters: counters.clone(),
         };
+        let owner = store.owner().to_string();
         let notifier = notify::Notifier::new(
             store,
             owner,
@@ -223,7 +222,6 @@ async fn idle(
 /// Resolves observations and (re)stages waiting files.
 struct StageWorker {
     store: Store,
-    owner: String,
     parts: EngineParts,
     timings: EngineTimings,
     error_delay: Duration,
@@ -300,7 +298,7 @@ impl StageWorker {
                 .iter()
                 .map(|w| (w.job_id, next, "no Scout nodes configured".to_string()))
                 .collect();
-            return self.store.mark_stage_retry(&self.owner, &retry).await;
+            return self.store.mark_stage_retry(&retry).await;
         };
         let ids: Vec<i64> = due.iter().map(|w| w.job_id).collect();
         let mut paths = self.store.waiting_paths(&ids).await?;
@@ -361,8 +359,8 @@ impl StageWorker {
                 }
             }
         }
-        self.store.mark_staged(&self.owner, &staged).await?;
-        self.store.mark_stage_retry(&self.owner, &retry).await
+        self.store.mark_staged(&staged).await?;
+        self.store.mark_stage_retry(&retry).await
     }
 
     /// Resolves an observation job into files. Returns true when it now has files to stage.
@@ -401,9 +399,7 @@ impl StageWorker {
                 paths.dedup();
                 self.counters.resolved.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(job_id, files = paths.len(), "observation resolved");
-                self.store
-                    .set_resolved_files(job_id, &self.owner, &paths)
-                    .await
+                self.store.set_resolved_files(job_id, &paths).await
             }
             Err(ResolveError::NotFound) => {
                 self.decide_error(job_id, codes::NO_FILES, "No files to stage.")
@@ -428,9 +424,7 @@ impl StageWorker {
                 );
                 tracing::warn!(job_id, %why, retry_in = ?wait, "observation lookup unavailable; will retry");
                 let next = now_ms() + wait.as_millis() as i64;
-                self.store
-                    .mark_stage_retry(&self.owner, &[(job_id, next, why)])
-                    .await?;
+                self.store.mark_stage_retry(&[(job_id, next, why)]).await?;
                 Ok(false)
             }
             Err(ResolveError::Internal(why)) => {

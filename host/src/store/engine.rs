@@ -18,7 +18,7 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use super::{Backend, Store, StoreError, json_rows, json_values, now_ms, with_pool};
+use super::{Backend, Store, StoreError, in_tx, json_rows, json_values, now_ms, with_pool};
 
 /// Return codes of the callback (compat.md).
 pub mod codes {
@@ -159,76 +159,51 @@ impl Store {
     }
 
     /// Stores the files an observation resolved to and makes the job due for staging.
-    /// Does nothing (returns false) if our lease on the job has lapsed.
+    /// Does nothing (returns false) if this daemon's lease on the job has lapsed.
     pub async fn set_resolved_files(
         &self,
         job_id: i64,
-        owner: &str,
         paths: &[String],
     ) -> Result<bool, StoreError> {
-        // The job takes its files only while it is still ours and still unresolved.
-        // It stays claimed (not due to others) until this daemon has staged it or the lease
+        // The job takes its files only while it is still ours and still unresolved. It
+        // stays claimed (not due to others) until this daemon has staged it or the lease
         // lapses.
         const RESOLVED: &str = "UPDATE jobs SET state = 'staging', total_files = $3, \
                  next_stage_ms = coalesce(lease_until_ms, $4), updated_ms = $4, \
                  stage_attempts = 0, last_error = NULL \
              WHERE job_id = $1 AND lease_owner = $2 AND state = 'resolving'";
+        // `WHERE true` lets SQLite tell the upsert from a join condition.
+        let files_sql = format!(
+            "INSERT INTO job_files (job_id, path) SELECT $1, u.v FROM {} AS u WHERE true \
+             ON CONFLICT DO NOTHING",
+            json_values(&self.backend, "$2", "text")
+        );
+        let files = serde_json::to_string(paths).expect("strings serialize");
         let now = now_ms();
-        let ok = match &self.backend {
-            Backend::Sqlite(p) => {
-                let mut tx = p.begin().await?;
-                let n = sqlx::query(RESOLVED)
-                    .bind(job_id)
-                    .bind(owner)
-                    .bind(paths.len() as i64)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                if n == 1 {
-                    let files = serde_json::to_string(paths).expect("strings serialize");
-                    sqlx::query(
-                        "INSERT INTO job_files (job_id, path) \
-                         SELECT $1, value FROM json_each($2) WHERE true ON CONFLICT DO NOTHING",
-                    )
+        let ok = in_tx!(&self.backend, tx => {
+            let n = sqlx::query(RESOLVED)
+                .bind(job_id)
+                .bind(&*self.owner)
+                .bind(paths.len() as i64)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if n == 1 {
+                sqlx::query(sqlx::AssertSqlSafe(files_sql))
                     .bind(job_id)
                     .bind(files)
                     .execute(&mut *tx)
                     .await?;
-                }
-                tx.commit().await?;
-                n == 1
             }
-            Backend::Postgres(p) => {
-                let mut tx = p.begin().await?;
-                let n = sqlx::query(RESOLVED)
-                    .bind(job_id)
-                    .bind(owner)
-                    .bind(paths.len() as i64)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                if n == 1 {
-                    sqlx::query(
-                        "INSERT INTO job_files (job_id, path) \
-                         SELECT $1, u FROM UNNEST($2::text[]) AS u ON CONFLICT DO NOTHING",
-                    )
-                    .bind(job_id)
-                    .bind(paths)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                tx.commit().await?;
-                n == 1
-            }
-        };
+            n == 1
+        });
         Ok(ok)
     }
 
     /// Scout accepted these jobs' waiting paths: each waits for events and is asked again
-    /// at its `next_ms`. Jobs whose lease is no longer ours are left alone.
-    pub async fn mark_staged(&self, owner: &str, jobs: &[(i64, i64)]) -> Result<(), StoreError> {
+    /// at its `next_ms`. Jobs whose lease is no longer this daemon's are left alone.
+    pub async fn mark_staged(&self, jobs: &[(i64, i64)]) -> Result<(), StoreError> {
         if jobs.is_empty() {
             return Ok(());
         }
@@ -245,18 +220,14 @@ impl Store {
         );
         let rows = serde_json::to_string(jobs).expect("integers serialize");
         with_pool!(&self.backend, p => sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(rows).bind(now_ms()).bind(owner)
+            .bind(rows).bind(now_ms()).bind(&*self.owner)
             .execute(p).await?.rows_affected());
         Ok(())
     }
 
     /// Resolve or stage attempts that failed transiently: each job is tried again at its
     /// `next_ms`, and its error is kept for the operator.
-    pub async fn mark_stage_retry(
-        &self,
-        owner: &str,
-        jobs: &[(i64, i64, String)],
-    ) -> Result<(), StoreError> {
+    pub async fn mark_stage_retry(&self, jobs: &[(i64, i64, String)]) -> Result<(), StoreError> {
         if jobs.is_empty() {
             return Ok(());
         }
@@ -274,7 +245,7 @@ impl Store {
         );
         let rows = serde_json::to_string(jobs).expect("strings and integers serialize");
         with_pool!(&self.backend, p => sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(rows).bind(now_ms()).bind(owner)
+            .bind(rows).bind(now_ms()).bind(&*self.owner)
             .execute(p).await?.rows_affected());
         Ok(())
     }
