@@ -401,8 +401,7 @@ impl Ingest {
                         // Stopped before it was applied: it stays uncommitted, for redelivery.
                         break;
                     }
-                    self.commit(&consumer, &batch);
-                    self.status.batch_done(batch.messages.len() as u64);
+                    self.finish_batch(&consumer, &batch);
                 }
                 m = consumer.recv(), if may_read => match m {
                     Ok(m) => {
@@ -431,8 +430,7 @@ impl Ingest {
                             if !applied {
                                 break;
                             }
-                            self.commit(&consumer, &batch);
-                            self.status.batch_done(batch.messages.len() as u64);
+                            self.finish_batch(&consumer, &batch);
                         }
                         next = Batch::default();
                         deadline = None;
@@ -456,8 +454,7 @@ impl Ingest {
         if let Some(f) = inflight.take() {
             let (batch, applied) = f.await;
             if applied {
-                self.commit(&consumer, &batch);
-                self.status.batch_done(batch.messages.len() as u64);
+                self.finish_batch(&consumer, &batch);
             }
         }
         self.status.set_running(false);
@@ -587,6 +584,12 @@ impl Ingest {
         }
         self.status.batch_applied(0, 0, not_ours, false);
         true
+    }
+
+    /// Commits an applied batch's offsets and counts it done.
+    fn finish_batch(&self, consumer: &StreamConsumer<Context>, batch: &Batch) {
+        self.commit(consumer, batch);
+        self.status.batch_done(batch.messages.len() as u64);
     }
 
     fn commit(&self, consumer: &StreamConsumer<Context>, batch: &Batch) {
