@@ -299,9 +299,12 @@ async fn measure(backend: Backend, server: &mut Server, args: &IntakeArgs) -> an
         "measuring: {} jobs, concurrency {}, {} file(s)/job",
         args.jobs, args.concurrency, args.files_per_job
     );
+    let cpu_before = CpuSample::take(server.child.id());
     let run = run_load(load(1, args.jobs)).await?;
+    let cpu = cpu_before.and_then(|b| CpuSample::take(server.child.id()).map(|a| a.since(&b)));
     let peak_rss = server.peak_rss_kib();
     print_result(backend, args, &run, peak_rss);
+    print_cpu(cpu, run.accepted);
     print_errors(&run);
     let expected = args.jobs + WARMUP_JOBS;
     let stored = incomplete_jobs(addr).await?;
@@ -849,6 +852,81 @@ fn print_result(backend: Backend, args: &IntakeArgs, run: &LoadResult, peak_rss_
     println!("errors           {}", run.errors);
     println!("server peak RSS  {rss}");
     println!("------------------------------------------------------------");
+}
+
+/// CPU time, from `/proc`, in clock ticks: the daemon's, this load generator's, and the
+/// whole machine's.
+#[derive(Debug, Clone, Copy)]
+struct CpuSample {
+    daemon: u64,
+    client: u64,
+    busy: u64,
+    total: u64,
+}
+
+/// User plus system time of a process, in clock ticks.
+fn process_ticks(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at the state, field 3;
+    // utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+impl CpuSample {
+    fn take(pid: u32) -> Option<CpuSample> {
+        let daemon = process_ticks(&pid.to_string())?;
+        let client = process_ticks("self")?;
+        let machine = std::fs::read_to_string("/proc/stat").ok()?;
+        let cpu: Vec<u64> = machine
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal ...
+        let total: u64 = cpu.iter().take(8).sum();
+        let idle = cpu.get(3)? + cpu.get(4)?;
+        Some(CpuSample {
+            daemon,
+            client,
+            busy: total - idle,
+            total,
+        })
+    }
+
+    fn since(&self, before: &CpuSample) -> CpuSample {
+        CpuSample {
+            daemon: self.daemon - before.daemon,
+            client: self.client - before.client,
+            busy: self.busy - before.busy,
+            total: self.total - before.total,
+        }
+    }
+}
+
+/// Where the CPU went during the measured run: steadier than jobs/s on a shared machine.
+fn print_cpu(cpu: Option<CpuSample>, jobs: u64) {
+    let Some(cpu) = cpu else {
+        println!("cpu              unknown (no /proc)");
+        return;
+    };
+    // SAFETY: sysconf only reads a constant of the system.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let per_job_us = |t: u64| t as f64 / ticks * 1e6 / jobs.max(1) as f64;
+    // The rest of the machine's busy time is mostly the database (and, with PostgreSQL,
+    // its background processes).
+    let rest = cpu.busy.saturating_sub(cpu.daemon + cpu.client);
+    println!(
+        "cpu per job      daemon {:.0} us, load generator {:.0} us, rest of machine {:.0} us \
+         (machine {:.0}% busy)",
+        per_job_us(cpu.daemon),
+        per_job_us(cpu.client),
+        per_job_us(rest),
+        100.0 * cpu.busy as f64 / cpu.total.max(1) as f64
+    );
 }
 
 fn print_errors(run: &LoadResult) {
