@@ -420,3 +420,20 @@ async fn a_clean_close_gives_claims_up(kind: Kind) {
     assert_eq!(claimed_ids(&second, 10).await, vec![1]);
     second.close().await;
 }
+
+/// The intake writer keeps its connection between batches; when the database drops it, the
+/// next job is still written (on a fresh connection), not refused.
+#[tokio::test]
+async fn intake_survives_its_connection_being_dropped_postgres() {
+    let db = TestDb::new(Kind::Postgres).await;
+    let store = Store::open(&opts(&db)).await.unwrap();
+    assert_eq!(store.submit(job(1, &["a"])).await.unwrap(), Intake::Created);
+    assert!(db.terminate_pg_sessions().await > 0);
+    assert_eq!(store.submit(job(2, &["b"])).await.unwrap(), Intake::Created);
+    assert_eq!(
+        store.submit(job(2, &["b"])).await.unwrap(),
+        Intake::Duplicate
+    );
+    assert!(store.job_summary(2).await.unwrap().is_some());
+    store.close().await;
+}

@@ -94,6 +94,23 @@ async fn connect_admin(admin: &str) -> sqlx::PgConnection {
     }
 }
 
+impl TestDb {
+    /// Ends every PostgreSQL session on this test's database, as a database restart would;
+    /// returns how many there were.
+    pub async fn terminate_pg_sessions(&self) -> i64 {
+        let name = self.pg_name.as_deref().expect("a PostgreSQL test database");
+        let mut conn = connect_admin(&pg_admin_url()).await;
+        sqlx::query_scalar(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(name)
+        .fetch_one(&mut conn)
+        .await
+        .expect("terminating the test database's sessions")
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         let Some(name) = self.pg_name.take() else {

@@ -21,7 +21,8 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
-use sqlx::{PgPool, SqlitePool};
+use sqlx::pool::PoolConnection;
+use sqlx::{Connection, PgConnection, Postgres, Sqlite, SqliteConnection};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -101,10 +102,17 @@ impl IntakeQueue {
             Backend::Sqlite(_) => 1,
             Backend::Postgres(_) => opts.intake_writers,
         };
+        // A writer keeps one connection for all its batches when the pool can spare it:
+        // taking one from the pool and giving it back for every batch cost about as much
+        // of the daemon's CPU as the batch's own statement.
+        let keep_connection = opts.max_connections as usize >= writers + RESERVED_CONNECTIONS;
         let handles = (0..writers)
             .map(|_| {
                 let writer = Writer {
                     backend: backend.clone(),
+                    keep_connection,
+                    pg: None,
+                    sqlite: None,
                     rx: rx.clone(),
                     batch_max: opts.intake_batch_max,
                     expiry_ms: opts.expiry.as_millis() as i64,
@@ -147,8 +155,16 @@ impl IntakeQueue {
     }
 }
 
+/// Pool connections left to everything but the intake writers before a writer may keep a
+/// connection of its own: the engine, the ingest, the notifier and the API's reads.
+const RESERVED_CONNECTIONS: usize = 4;
+
 struct Writer {
     backend: Backend,
+    keep_connection: bool,
+    /// The connection this writer keeps, once it has one.
+    pg: Option<PoolConnection<Postgres>>,
+    sqlite: Option<PoolConnection<Sqlite>>,
     rx: Arc<Mutex<mpsc::Receiver<Request>>>,
     batch_max: usize,
     expiry_ms: i64,
@@ -167,7 +183,7 @@ struct Stamp<'a> {
 }
 
 impl Writer {
-    async fn run(self) {
+    async fn run(mut self) {
         while let Some(batch) = self.next_batch().await {
             self.write(batch).await;
             // New jobs are due for resolving or staging at once.
@@ -193,7 +209,7 @@ impl Writer {
         Some(batch)
     }
 
-    async fn write(&self, batch: Vec<Request>) {
+    async fn write(&mut self, batch: Vec<Request>) {
         // A repeated id inside the batch loses to its first occurrence without a round trip.
         let mut seen = HashSet::with_capacity(batch.len());
         let (unique, repeats): (Vec<Request>, Vec<Request>) =
@@ -238,7 +254,7 @@ impl Writer {
 
     /// Writes the jobs (and the files of those that are new) in one transaction, hands the
     /// created ones to this daemon's engine and returns their ids.
-    async fn insert(&self, jobs: &[&NewJob]) -> Result<HashSet<i64>, StoreError> {
+    async fn insert(&mut self, jobs: &[&NewJob]) -> Result<HashSet<i64>, StoreError> {
         let now = now_ms();
         let stamp = Stamp {
             now,
@@ -246,9 +262,56 @@ impl Writer {
             owner: &self.owner,
             lease_until: now + self.lease_ms,
         };
+        // A kept connection may have died since the last batch (a database restart, an
+        // idle timeout): that costs one attempt, then the batch goes through a fresh
+        // connection from the pool, which checks a connection before lending it.
         let created = match &self.backend {
-            Backend::Sqlite(p) => insert_sqlite(p, jobs, &stamp).await?,
-            Backend::Postgres(p) => insert_postgres(p, jobs, &stamp).await?,
+            Backend::Sqlite(p) => {
+                let kept = match self.sqlite.take() {
+                    Some(mut conn) => match insert_sqlite(&mut conn, jobs, &stamp).await {
+                        Ok(created) => Some((created, conn)),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "intake batch failed on its kept connection; trying a fresh one");
+                            None
+                        }
+                    },
+                    None => None,
+                };
+                let (created, conn) = match kept {
+                    Some(done) => done,
+                    None => {
+                        let mut conn = p.acquire().await?;
+                        (insert_sqlite(&mut conn, jobs, &stamp).await?, conn)
+                    }
+                };
+                if self.keep_connection {
+                    self.sqlite = Some(conn);
+                }
+                created
+            }
+            Backend::Postgres(p) => {
+                let kept = match self.pg.take() {
+                    Some(mut conn) => match insert_postgres(&mut conn, jobs, &stamp).await {
+                        Ok(created) => Some((created, conn)),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "intake batch failed on its kept connection; trying a fresh one");
+                            None
+                        }
+                    },
+                    None => None,
+                };
+                let (created, conn) = match kept {
+                    Some(done) => done,
+                    None => {
+                        let mut conn = p.acquire().await?;
+                        (insert_postgres(&mut conn, jobs, &stamp).await?, conn)
+                    }
+                };
+                if self.keep_connection {
+                    self.pg = Some(conn);
+                }
+                created
+            }
         };
         self.handoff.push(
             jobs.iter()
@@ -277,7 +340,7 @@ fn initial_state(job: &NewJob) -> &'static str {
 }
 
 async fn insert_sqlite(
-    pool: &SqlitePool,
+    conn: &mut SqliteConnection,
     jobs: &[&NewJob],
     stamp: &Stamp<'_>,
 ) -> Result<HashSet<i64>, StoreError> {
@@ -307,7 +370,7 @@ async fn insert_sqlite(
         .collect();
     let rows = serde_json::to_string(&rows).expect("plain values always serialize");
 
-    let mut tx = pool.begin().await?;
+    let mut tx = conn.begin().await?;
     let created: HashSet<i64> = sqlx::query_scalar(JOBS)
         .bind(rows)
         .bind(stamp.now)
@@ -332,7 +395,7 @@ async fn insert_sqlite(
 }
 
 async fn insert_postgres(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     jobs: &[&NewJob],
     stamp: &Stamp<'_>,
 ) -> Result<HashSet<i64>, StoreError> {
@@ -375,7 +438,7 @@ async fn insert_postgres(
         .bind(file_paths)
         .bind(stamp.owner)
         .bind(stamp.lease_until)
-        .fetch_all(pool)
+        .fetch_all(conn)
         .await?
         .into_iter()
         .collect();
