@@ -182,6 +182,38 @@ struct Stamp<'a> {
     lease_until: i64,
 }
 
+/// Runs `$write` (an expression that uses the connection `$conn` and yields a future of a
+/// `Result`) on the connection a writer keeps in `$kept`, taking one from `$pool` if it has
+/// none, and keeps it afterwards if `$keep`. A kept connection may have died since the last
+/// batch (a database restart, an idle timeout): that costs one attempt, then `$write` runs
+/// on a fresh connection from the pool, which checks a connection before lending it.
+/// (A macro, not a generic function: a closure borrowing the connection makes the
+/// writer's task lose `Send`.)
+macro_rules! on_kept_connection {
+    ($kept:expr, $pool:expr, $keep:expr, $conn:ident => $write:expr) => {{
+        let mut done = None;
+        if let Some(mut $conn) = $kept.take() {
+            match $write.await {
+                Ok(out) => done = Some((out, $conn)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "intake batch failed on its kept connection; trying a fresh one");
+                }
+            }
+        }
+        let (out, $conn) = match done {
+            Some(done) => done,
+            None => {
+                let mut $conn = $pool.acquire().await?;
+                ($write.await?, $conn)
+            }
+        };
+        if $keep {
+            *$kept = Some($conn);
+        }
+        out
+    }};
+}
+
 impl Writer {
     async fn run(mut self) {
         while let Some(batch) = self.next_batch().await {
@@ -262,56 +294,11 @@ impl Writer {
             owner: &self.owner,
             lease_until: now + self.lease_ms,
         };
-        // A kept connection may have died since the last batch (a database restart, an
-        // idle timeout): that costs one attempt, then the batch goes through a fresh
-        // connection from the pool, which checks a connection before lending it.
         let created = match &self.backend {
-            Backend::Sqlite(p) => {
-                let kept = match self.sqlite.take() {
-                    Some(mut conn) => match insert_sqlite(&mut conn, jobs, &stamp).await {
-                        Ok(created) => Some((created, conn)),
-                        Err(e) => {
-                            tracing::debug!(error = %e, "intake batch failed on its kept connection; trying a fresh one");
-                            None
-                        }
-                    },
-                    None => None,
-                };
-                let (created, conn) = match kept {
-                    Some(done) => done,
-                    None => {
-                        let mut conn = p.acquire().await?;
-                        (insert_sqlite(&mut conn, jobs, &stamp).await?, conn)
-                    }
-                };
-                if self.keep_connection {
-                    self.sqlite = Some(conn);
-                }
-                created
-            }
-            Backend::Postgres(p) => {
-                let kept = match self.pg.take() {
-                    Some(mut conn) => match insert_postgres(&mut conn, jobs, &stamp).await {
-                        Ok(created) => Some((created, conn)),
-                        Err(e) => {
-                            tracing::debug!(error = %e, "intake batch failed on its kept connection; trying a fresh one");
-                            None
-                        }
-                    },
-                    None => None,
-                };
-                let (created, conn) = match kept {
-                    Some(done) => done,
-                    None => {
-                        let mut conn = p.acquire().await?;
-                        (insert_postgres(&mut conn, jobs, &stamp).await?, conn)
-                    }
-                };
-                if self.keep_connection {
-                    self.pg = Some(conn);
-                }
-                created
-            }
+            Backend::Sqlite(p) => on_kept_connection!(&mut self.sqlite, p, self.keep_connection,
+                conn => insert_sqlite(&mut conn, jobs, &stamp)),
+            Backend::Postgres(p) => on_kept_connection!(&mut self.pg, p, self.keep_connection,
+                conn => insert_postgres(&mut conn, jobs, &stamp)),
         };
         self.handoff.push(
             jobs.iter()
