@@ -68,7 +68,8 @@ pub struct DatabaseConfig {
     pub url: String,
     /// Password for PostgreSQL, kept out of the URL so the URL can be logged.
     pub password: Option<Secret>,
-    /// Connections in the pool (PostgreSQL; SQLite uses a small fixed pool of readers).
+    /// Connections in the shared pool (PostgreSQL, where each intake writer has one more of
+    /// its own; SQLite uses a small fixed pool of readers).
     pub max_connections: u32,
     /// SQLite `synchronous` pragma: "full" (a commit survives power loss) or "normal"
     /// (survives a process crash, not power loss). Intake acknowledges only committed jobs
@@ -76,7 +77,8 @@ pub struct DatabaseConfig {
     pub sqlite_synchronous: SqliteSync,
     /// Largest number of jobs written in one intake transaction (group commit).
     pub intake_batch_max: usize,
-    /// Concurrent intake writers (PostgreSQL only; SQLite has a single writer).
+    /// Concurrent intake writers (PostgreSQL only, each with a connection of its own;
+    /// SQLite has a single writer).
     pub intake_writers: usize,
 }
 

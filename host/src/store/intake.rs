@@ -83,6 +83,8 @@ struct Request {
 }
 
 pub(crate) struct IntakeQueue {
+    /// The writers' pool: PostgreSQL's is theirs alone; SQLite's is the shared one.
+    backend: Backend,
     tx: std::sync::Mutex<Option<mpsc::Sender<Request>>>,
     writers: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -102,10 +104,14 @@ impl IntakeQueue {
             Backend::Sqlite(_) => 1,
             Backend::Postgres(_) => opts.intake_writers,
         };
-        // A writer keeps one connection for all its batches when the pool can spare it:
-        // taking one from the pool and giving it back for every batch cost about as much
-        // of the daemon's CPU as the batch's own statement.
-        let keep_connection = opts.max_connections as usize >= writers + RESERVED_CONNECTIONS;
+        // A writer keeps one connection for all its batches when it can: taking one from the
+        // pool and giving it back for every batch cost about as much of the daemon's CPU as
+        // the batch's own statement. PostgreSQL writers have a pool of their own, one
+        // connection each; SQLite's writer shares the pool, so only if it can spare one.
+        let keep_connection = match backend {
+            Backend::Sqlite(_) => opts.max_connections as usize >= writers + RESERVED_CONNECTIONS,
+            Backend::Postgres(_) => true,
+        };
         let handles = (0..writers)
             .map(|_| {
                 let writer = Writer {
@@ -125,6 +131,7 @@ impl IntakeQueue {
             })
             .collect();
         IntakeQueue {
+            backend,
             tx: std::sync::Mutex::new(Some(tx)),
             writers: Mutex::new(handles),
         }
@@ -152,10 +159,13 @@ impl IntakeQueue {
         for h in handles {
             let _ = h.await;
         }
+        if let Backend::Postgres(pool) = &self.backend {
+            pool.close().await;
+        }
     }
 }
 
-/// Pool connections left to everything but the intake writers before a writer may keep a
+/// SQLite pool connections left to everything but the intake writer before it may keep a
 /// connection of its own: the engine, the ingest, the notifier and the API's reads.
 const RESERVED_CONNECTIONS: usize = 4;
 

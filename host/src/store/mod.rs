@@ -249,13 +249,13 @@ fn daemon_name() -> String {
 impl Store {
     /// Connects, applies pending migrations and starts the intake writers.
     pub async fn open(opts: &StoreOptions) -> Result<Store, StoreError> {
-        let backend = connect(opts).await?;
+        let (backend, intake_backend) = connect(opts).await?;
         migrate(&backend).await?;
         let signals = Arc::new(Signals::default());
         let owner: Arc<str> = daemon_name().into();
         let handoff = Arc::new(intake::Handoff::default());
         let intake = intake::IntakeQueue::start(
-            backend.clone(),
+            intake_backend,
             opts,
             owner.clone(),
             handoff.clone(),
@@ -279,7 +279,8 @@ impl Store {
 
     /// Connects and applies pending migrations, nothing else (`staged migrate`).
     pub async fn migrate_only(opts: &StoreOptions) -> Result<&'static str, StoreError> {
-        let backend = connect(opts).await?;
+        // The intake pool is lazy (PostgreSQL) or the shared one (SQLite): nothing to close.
+        let (backend, _) = connect(opts).await?;
         migrate(&backend).await?;
         let name = backend.name();
         with_pool!(&backend, p => p.close().await);
@@ -439,7 +440,8 @@ impl Backend {
     }
 }
 
-async fn connect(opts: &StoreOptions) -> Result<Backend, StoreError> {
+/// Opens the pools: the shared one, and the one the intake writers use (on SQLite the same).
+async fn connect(opts: &StoreOptions) -> Result<(Backend, Backend), StoreError> {
     let bad_url = |reason: String| StoreError::BadUrl {
         url: redact_url(&opts.url),
         reason,
@@ -458,7 +460,7 @@ async fn connect(opts: &StoreOptions) -> Result<Backend, StoreError> {
             .max_connections(opts.max_connections.clamp(2, 8))
             .connect_with(connect)
             .await?;
-        Ok(Backend::Sqlite(pool))
+        Ok((Backend::Sqlite(pool.clone()), Backend::Sqlite(pool)))
     } else if opts.url.starts_with("postgres://") || opts.url.starts_with("postgresql://") {
         let mut connect =
             PgConnectOptions::from_str(&opts.url).map_err(|e| bad_url(e.to_string()))?;
@@ -469,13 +471,23 @@ async fn connect(opts: &StoreOptions) -> Result<Backend, StoreError> {
         // generic plan cached while a table was small keeps its sequential scans after it
         // grew (a 64-row update by key took 10 ms on 100,000 jobs); planning every execution
         // with its real parameters and the table's current size costs far less than that.
-        connect = connect.options([("plan_cache_mode", "force_custom_plan")]);
+        let shared = connect
+            .clone()
+            .options([("plan_cache_mode", "force_custom_plan")]);
         let pool = PgPoolOptions::new()
             .max_connections(opts.max_connections)
             .acquire_timeout(Duration::from_secs(10))
-            .connect_with(connect)
+            .connect_with(shared)
             .await?;
-        Ok(Backend::Postgres(pool))
+        // The intake writers run one statement, whose plan depends on no table's contents
+        // (it inserts, probing only primary keys). Planning it afresh for every batch took a
+        // fifth of a writer's PostgreSQL time, so their connections, one per writer and
+        // apart from the shared pool, keep the generic plan instead.
+        let intake = PgPoolOptions::new()
+            .max_connections(u32::try_from(opts.intake_writers).unwrap_or(u32::MAX))
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_lazy_with(connect.options([("plan_cache_mode", "force_generic_plan")]));
+        Ok((Backend::Postgres(pool), Backend::Postgres(intake)))
     } else {
         Err(bad_url("expected sqlite:// or postgres://".into()))
     }
