@@ -90,7 +90,8 @@ impl Default for DatabaseConfig {
             max_connections: 16,
             sqlite_synchronous: SqliteSync::Full,
             intake_batch_max: 1024,
-            intake_writers: 2,
+            // Two writers made batches half as large: 10-25 % fewer jobs/s on the bench.
+            intake_writers: 1,
         }
     }
 }
