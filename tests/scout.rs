@@ -323,7 +323,7 @@ async fn filestatus_and_stats_ask_scout(kind: Kind) {
     // Scout stops answering: the figures are null, the rest is still served.
     let nodes = Arc::try_unwrap(nodes).ok().unwrap();
     for n in nodes {
-        n.shutdown();
+        n.shutdown().await;
     }
     let (status, stats) = app.get("/get_stats/").await;
     assert_eq!(status, 200);

@@ -130,9 +130,10 @@ pub async fn run(listen: SocketAddr) -> anyhow::Result<()> {
     let result = watch(&out, &http, &base, receiver, samples.len()).await;
     out.line("stopping...");
     server.stop().await?;
-    // The simulator's producer must go before the broker it publishes to.
+    // The simulator's producer must go before the broker it publishes to, or it logs the
+    // broker's loss as errors: the nodes' tasks share it, so they must have ended.
     for node in nodes {
-        node.shutdown();
+        node.shutdown().await;
     }
     drop(sim);
     drop(cluster);

@@ -154,9 +154,11 @@ impl SimNode {
         self.control.hits.load(Ordering::Relaxed)
     }
 
-    /// Stops serving; later connections are refused.
-    pub fn shutdown(self) {
+    /// Stops serving; later connections are refused. Returns once the serving task is gone,
+    /// and with it its hold on the simulator (and so on its Kafka producer).
+    pub async fn shutdown(mut self) {
         self.task.abort();
+        let _ = (&mut self.task).await;
     }
 }
 
