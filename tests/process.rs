@@ -404,6 +404,12 @@ async fn demo_runs_its_jobs_to_their_callbacks() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "demo exit status {status:?}");
+    // A clean run logs no errors, shutdown included (the simulator's Kafka producer once
+    // outlived the mock broker and logged its loss).
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("ERROR")).collect();
+    assert!(errors.is_empty(), "the demo logged errors: {errors:#?}");
 }
 
 /// A daemon config wired to the test's tape system and callback receiver, with short
