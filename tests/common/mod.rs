@@ -126,11 +126,17 @@ impl Drop for TestDb {
             rt.block_on(async {
                 use sqlx::Connection;
                 if let Ok(mut c) = sqlx::PgConnection::connect(&admin).await {
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                    )))
-                    .execute(&mut c)
-                    .await;
+                    // FORCE may not signal an autovacuum worker and then fails; a plain
+                    // DROP stops such a worker itself.
+                    for sql in [
+                        format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+                        format!("DROP DATABASE IF EXISTS {name}"),
+                    ] {
+                        let dropped = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut c).await;
+                        if dropped.is_ok() {
+                            break;
+                        }
+                    }
                 }
             });
         })

@@ -400,11 +400,24 @@ impl PgDatabase {
 
     async fn drop_database(self) -> anyhow::Result<()> {
         let mut conn = pg_admin(&self.admin_url).await?;
-        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
-        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        // FORCE ends sessions a failed daemon left behind, but it may not signal an
+        // autovacuum worker (a freshly filled table often has one) and then fails; a plain
+        // DROP stops such a worker itself.
+        let force = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        let plain = format!("DROP DATABASE IF EXISTS {}", self.name);
+        let mut dropped = sqlx::raw_sql(sqlx::AssertSqlSafe(force))
             .execute(&mut conn)
-            .await
-            .with_context(|| format!("dropping the database {}", self.name))?;
+            .await;
+        for _ in 0..3 {
+            if dropped.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            dropped = sqlx::raw_sql(sqlx::AssertSqlSafe(plain.clone()))
+                .execute(&mut conn)
+                .await;
+        }
+        dropped.with_context(|| format!("dropping the database {}", self.name))?;
         let _ = conn.close().await;
         println!("postgres: dropped database {}", self.name);
         Ok(())
