@@ -402,21 +402,20 @@ impl PgDatabase {
         let mut conn = pg_admin(&self.admin_url).await?;
         // FORCE ends sessions a failed daemon left behind, but it may not signal an
         // autovacuum worker (a freshly filled table often has one) and then fails; a plain
-        // DROP stops such a worker itself.
+        // DROP stops such a worker itself (waiting for it), as the test fixture does too.
         let force = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
-        let plain = format!("DROP DATABASE IF EXISTS {}", self.name);
-        let mut dropped = sqlx::raw_sql(sqlx::AssertSqlSafe(force))
+        let dropped = match sqlx::raw_sql(sqlx::AssertSqlSafe(force))
             .execute(&mut conn)
-            .await;
-        for _ in 0..3 {
-            if dropped.is_ok() {
-                break;
+            .await
+        {
+            Ok(done) => Ok(done),
+            Err(_) => {
+                let plain = format!("DROP DATABASE IF EXISTS {}", self.name);
+                sqlx::raw_sql(sqlx::AssertSqlSafe(plain))
+                    .execute(&mut conn)
+                    .await
             }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            dropped = sqlx::raw_sql(sqlx::AssertSqlSafe(plain.clone()))
-                .execute(&mut conn)
-                .await;
-        }
+        };
         dropped.with_context(|| format!("dropping the database {}", self.name))?;
         let _ = conn.close().await;
         println!("postgres: dropped database {}", self.name);
