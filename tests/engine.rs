@@ -371,6 +371,13 @@ async fn delete_cancels_only_unshared_paths() {
             .0,
         202
     );
+    // Both jobs staged first: a stage that reaches Scout after the cancel renews the
+    // recall, as it should, and would make this test a race.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tape.sim.counters().stage_requests < 2 {
+        assert!(Instant::now() < deadline, "jobs not staged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let r = app
         .http
         .delete(app.url("/staging/?job_id=8"))
@@ -443,6 +450,71 @@ async fn scout_outage_delays_staging() {
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].body["return_code"], 0);
     app.stop().await;
+}
+
+/// A job due again in the store is restaged while new jobs keep arriving: the engine takes
+/// new jobs from the daemon's own handoff without asking the store, so this checks that it
+/// still searches the store at least once a poll interval under a steady stream of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn due_job_is_restaged_under_a_stream_of_new_jobs() {
+    let tape = Tape::start(|_| {}).await;
+    tape.node.set_failure_fraction(1.0);
+    let receiver = Receiver::start().await;
+    let app = std::sync::Arc::new(
+        TestApp::start_with(Kind::Sqlite, |c| {
+            quick(c);
+            tape.configure(c);
+        })
+        .await,
+    );
+    assert_eq!(app.post_job(job(11, &["d/due"], &receiver)).await.0, 202);
+    // Its first stage fails (the client tries twice) and the engine stores the retry,
+    // due 1-2 s later.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tape.node.hits() < 2 {
+        assert!(Instant::now() < deadline, "first stage never tried");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tape.node.set_failure_fraction(0.0);
+    let stream = {
+        let (app, receiver) = (app.clone(), receiver.clone());
+        tokio::spawn(async move {
+            for id in 1000.. {
+                let path = format!("d/new{id}");
+                assert_eq!(app.post_job(job(id, &[&path], &receiver)).await.0, 202);
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let found = loop {
+        if receiver
+            .delivered()
+            .iter()
+            .any(|r| r.body["job_id"] == 11 && r.body["return_code"] == 0)
+        {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    stream.abort();
+    let _ = stream.await;
+    assert!(
+        found,
+        "the due job was never restaged while new jobs kept coming"
+    );
+    assert!(
+        receiver.delivered().len() > 10,
+        "new jobs kept arriving and completing meanwhile"
+    );
+    match std::sync::Arc::try_unwrap(app) {
+        Ok(app) => app.stop().await,
+        Err(_) => panic!("the stream still holds the app"),
+    }
 }
 
 /// An observation through the MWA adapter, with the tape system mounted under a prefix:
