@@ -29,7 +29,7 @@ pub mod wording;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use futures::stream::{self, StreamExt};
@@ -239,17 +239,37 @@ const STAGE_CONCURRENCY: usize = 64;
 
 impl StageWorker {
     async fn run(self, mut stopped: watch::Receiver<bool>) {
+        // When the store was last searched for due work, and whether that search filled
+        // its claim (then more may be due at once).
+        let mut searched: Option<Instant> = None;
+        let mut search_full = false;
         loop {
             if *stopped.borrow() {
                 return;
             }
-            let claimed = match self.store.claim_stage_work(STAGE_CLAIM).await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::error!(error = %e, "claiming stage work failed");
-                    Vec::new()
+            let mut claimed = self.store.take_handed_over(STAGE_CLAIM);
+            let room = STAGE_CLAIM - claimed.len() as i64;
+            // Jobs this daemon accepted come through the handoff; the store holds only
+            // work that is due by a timer or left by another (or a crashed) daemon, which
+            // waits for the poll interval anyway. Searching it on every intake batch
+            // cost PostgreSQL more than the jobs' own staging updates.
+            let search = room > 0
+                && (claimed.is_empty()
+                    || search_full
+                    || searched.is_none_or(|at| at.elapsed() >= self.timings.poll));
+            if search {
+                match self.store.claim_due_stage_work(room).await {
+                    Ok(due) => {
+                        search_full = due.len() as i64 == room;
+                        claimed.extend(due);
+                    }
+                    Err(e) => {
+                        search_full = false;
+                        tracing::error!(error = %e, "claiming stage work failed");
+                    }
                 }
-            };
+                searched = Some(Instant::now());
+            }
             let full = claimed.len() as i64 == STAGE_CLAIM;
             if let Err(e) = self.work(claimed).await {
                 tracing::error!(error = %e, "recording stage work failed; its leases will lapse and it will be retried");

@@ -74,20 +74,32 @@ const COUNTS: &str = "(SELECT count(*) FROM job_files f WHERE f.job_id = j.job_i
 
 impl Store {
     /// Claims up to `limit` jobs to resolve or (re)stage now, for this daemon: first the
-    /// jobs it accepted itself (born claimed, no query needed), then due jobs from the
-    /// store. A claim moves `next_stage_ms` to the lease's end, so a claimed job is simply
-    /// not due to anyone else until its lease lapses; the pick is then one range of one
-    /// index, cheap whatever the statistics say.
+    /// jobs it accepted itself, then due jobs from the store.
     pub async fn claim_stage_work(&self, limit: i64) -> Result<Vec<StageWork>, StoreError> {
-        let now = now_ms();
-        // A job handed over too close to its lease's end is left to the store's claim.
-        let mut work = self
-            .handoff
-            .take(limit.max(0) as usize, now + self.lease_ms / 4);
+        let mut work = self.take_handed_over(limit);
         let more = limit - work.len() as i64;
-        if more <= 0 {
-            return Ok(work);
+        if more > 0 {
+            work.extend(self.claim_due_stage_work(more).await?);
         }
+        Ok(work)
+    }
+
+    /// Up to `limit` of the jobs this daemon accepted and has not started yet: they are
+    /// born claimed, so taking them needs no query.
+    pub fn take_handed_over(&self, limit: i64) -> Vec<StageWork> {
+        // A job handed over too close to its lease's end is left to the store's claim.
+        self.handoff
+            .take(limit.max(0) as usize, now_ms() + self.lease_ms / 4)
+    }
+
+    /// Claims up to `limit` due jobs from the store. A claim moves `next_stage_ms` to the
+    /// lease's end, so a claimed job is simply not due to anyone else until its lease
+    /// lapses; the pick is then one range of one index, cheap whatever the statistics say.
+    pub async fn claim_due_stage_work(&self, limit: i64) -> Result<Vec<StageWork>, StoreError> {
+        if limit <= 0 {
+            return Ok(Vec::new());
+        }
+        let now = now_ms();
         const PICK: &str = "SELECT job_id FROM jobs \
              WHERE next_stage_ms <= $3 ORDER BY next_stage_ms LIMIT $4";
         let lock = match &self.backend {
@@ -99,16 +111,14 @@ impl Store {
              WHERE job_id IN ({PICK} {lock}) \
              RETURNING job_id, state, request_obs, stage_attempts"
         );
-        let rows: Vec<StageWork> = with_pool!(&self.backend, p =>
+        Ok(with_pool!(&self.backend, p =>
             sqlx::query_as(sqlx::AssertSqlSafe(sql))
                 .bind(&*self.owner)
                 .bind(now + self.lease_ms)
                 .bind(now)
-                .bind(more)
+                .bind(limit)
                 .fetch_all(p)
-                .await?);
-        work.extend(rows);
-        Ok(work)
+                .await?))
     }
 
     /// Gives up every claim this daemon holds on jobs (those handed over at intake and not
