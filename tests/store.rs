@@ -21,9 +21,12 @@ fn job(id: i64, files: &[&str]) -> NewJob {
     }
 }
 
-/// The ids of the jobs `store` claims (up to `limit`).
+/// The ids of the jobs `store` claims (up to `limit`), as the engine claims them: first the
+/// jobs handed over at intake, then due jobs from the store.
 async fn claimed_ids(store: &Store, limit: i64) -> Vec<i64> {
-    let work = store.claim_stage_work(limit).await.unwrap();
+    let mut work = store.take_handed_over(limit);
+    let room = limit - work.len() as i64;
+    work.extend(store.claim_due_stage_work(room).await.unwrap());
     work.iter().map(|w| w.job_id).collect()
 }
 

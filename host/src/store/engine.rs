@@ -73,19 +73,9 @@ const COUNTS: &str = "(SELECT count(*) FROM job_files f WHERE f.job_id = j.job_i
      (SELECT count(*) FROM job_files f WHERE f.job_id = j.job_id AND f.error AND NOT f.ready)";
 
 impl Store {
-    /// Claims up to `limit` jobs to resolve or (re)stage now, for this daemon: first the
-    /// jobs it accepted itself, then due jobs from the store.
-    pub async fn claim_stage_work(&self, limit: i64) -> Result<Vec<StageWork>, StoreError> {
-        let mut work = self.take_handed_over(limit);
-        let more = limit - work.len() as i64;
-        if more > 0 {
-            work.extend(self.claim_due_stage_work(more).await?);
-        }
-        Ok(work)
-    }
-
     /// Up to `limit` of the jobs this daemon accepted and has not started yet: they are
-    /// born claimed, so taking them needs no query.
+    /// born claimed, so taking them needs no query. The engine takes these first, then
+    /// due jobs from the store ([`Store::claim_due_stage_work`]).
     pub fn take_handed_over(&self, limit: i64) -> Vec<StageWork> {
         // A job handed over too close to its lease's end is left to the store's claim.
         self.handoff
