@@ -1,0 +1,15 @@
+//! The fault suite: each fault is injected for real (a full disk, a failed commit, a
+//! database restart, hostile Scout, Kafka and callback peers, hostile HTTP clients) and each
+//! test asserts the same invariant: every 202 is stored and reaches exactly one callback (a
+//! repeat only for a job in flight at a crash); nothing acknowledged is lost; the daemon
+//! recovers without a restart where the fault goes away.
+//!
+//! Each fault test records its figures in the [`ledger`]; `.ci/run` prints them as one table
+//! after the tests (`bash .ci/fault-table`).
+//!
+//! The suite is one test binary with a module per kind of fault, so that it links wasmtime
+//! and librdkafka once.
+
+#[path = "../common/mod.rs"]
+mod common;
+mod ledger;
