@@ -59,7 +59,7 @@ async fn mwa_in_the_daemon_validates_obs_and_documents_it() {
     assert_eq!(body["detail"][0]["loc"], json!(["body", "obs"]));
     // files still win over obs, whatever the obs.
     let (status, _) = app
-        .post_job(json!({"job_id": 3, "notify_url": "http://h/cb", "files": ["a"], "obs": {"obs_id": "x"}}))
+        .post_job(json!({"job_id": 3, "notify_url": "http://h/cb", "files": ["mwa/a"], "obs": {"obs_id": "x"}}))
         .await;
     assert_eq!(status, 202);
 
@@ -355,5 +355,52 @@ fn inspect_a_good_adapter_and_a_file_that_is_not_one() {
         assert!(!out.status.success(), "{}", file.display());
         assert!(stderr.starts_with("error: "), "{stderr}");
         assert!(stderr.contains(&file.display().to_string()), "{stderr}");
+    }
+}
+
+/// A job naming a file the adapter would never recognise in a recall message could only
+/// wait for its expiry: it is refused at intake (both adapters, with and without a mount
+/// prefix), and the jobs the adapter recognises are accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_the_adapter_never_recognises_are_refused_at_intake() {
+    // (adapter, its settings, a path it recognises, one it never will)
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a str, &'a str);
+    let cases: [Case; 3] = [
+        ("mwa", vec![], "mwa/1234567890/a.fits", "1234567890/a.fits"),
+        (
+            "mwa",
+            vec![("mount_prefix", "/vss")],
+            "mwa/1234567890/a.fits",
+            "/vss/mwa/1234567890/a.fits",
+        ),
+        (
+            "filelist",
+            vec![("job_prefix", "ska/"), ("stage_prefix", "/t/")],
+            "ska/obs/a.ms",
+            "elsewhere/a.ms",
+        ),
+    ];
+    for (n, (name, opts, ours, foreign)) in cases.into_iter().enumerate() {
+        let app = TestApp::start_with(Kind::Sqlite, |c| {
+            c.adapter = adapter_config(name);
+            c.adapter.settings = settings(&opts);
+        })
+        .await;
+        let post = |id: i64, files: Vec<&str>| {
+            app.post_job(json!({"job_id": id, "notify_url": "http://h/cb", "files": files}))
+        };
+        let (status, body) = post(1, vec![ours]).await;
+        assert_eq!((status, &body), (202, &Value::Null), "case {n}: {ours}");
+        let (status, body) = post(2, vec![ours, foreign]).await;
+        assert_eq!(status, 400, "case {n}: {foreign}: {body}");
+        let msg = body["errormsg"].as_str().unwrap();
+        assert!(
+            msg.contains("file 1") && msg.contains(foreign) && msg.contains(name),
+            "case {n}: {msg}"
+        );
+        // Nothing of the refused job was stored.
+        let (status, _) = app.get("/staging/?job_id=2").await;
+        assert_eq!(status, 404, "case {n}");
+        app.stop().await;
     }
 }

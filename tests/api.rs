@@ -385,6 +385,23 @@ async fn bad_files_and_notify_url_are_400(kind: Kind) {
             json!({"job_id": 1, "files": ["a\u{0}b"], "notify_url": "http://h/cb"}),
             "NUL",
         ),
+        // A newline would forge lines in the failure report, which lists paths one a line.
+        (
+            json!({"job_id": 1, "files": ["mwa/a.fits\n  mwa/forged.fits"], "notify_url": "http://h/cb"}),
+            "control character U+000A",
+        ),
+        (
+            json!({"job_id": 1, "files": ["ok", "a\rb"], "notify_url": "http://h/cb"}),
+            "file 1 contains the control character U+000D",
+        ),
+        (
+            json!({"job_id": 1, "files": ["a\u{7f}b"], "notify_url": "http://h/cb"}),
+            "U+007F",
+        ),
+        (
+            json!({"job_id": 1, "files": ["a\u{85}b"], "notify_url": "http://h/cb"}),
+            "U+0085",
+        ),
         (
             json!({"job_id": 1, "files": eleven, "notify_url": "http://h/cb"}),
             "limit of 10",

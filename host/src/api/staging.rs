@@ -14,7 +14,7 @@ use super::error::ApiError;
 use super::input::{QueryParams, json_body, null_body};
 use super::models::{ErrorResult, FilesMap, JobStatus, NewJob};
 use super::{AppState, Limits};
-use crate::adapter::Adapters;
+use crate::adapter::{AdapterError, Adapters, LoadedAdapter};
 use crate::config::check_http_url;
 use crate::store::{self, Intake};
 
@@ -27,7 +27,7 @@ use crate::store::{self, Intake};
     request_body = NewJob,
     responses(
         (status = 202, description = "Accepted and stored; the body is `null`"),
-        (status = 400, description = "Neither files nor obs, obs without a telescope adapter, or a bad path or notify_url", body = ErrorResult),
+        (status = 400, description = "Neither files nor obs, obs without a telescope adapter, a bad path (empty, too long, a control character, or one the adapter would never recognise in a recall message) or a bad notify_url", body = ErrorResult),
         (status = 403, description = "The job id already exists", body = ErrorResult),
         (status = 413, description = "Body over the configured limit", body = ErrorResult),
         (status = 422, description = "Body is not a valid NewJob, or `obs` does not match the adapter's observation schema", body = ErrorResult),
@@ -56,6 +56,9 @@ pub async fn create(
             "Error for job {job_id}: Must specify either an observation, or a list of files"
         )));
     };
+    if let Some(adapter) = app.adapters.current() {
+        check_recognised(&adapter, job_id, &job.files).await?;
+    }
     let files = job.files.len();
     let with_obs = job.obs.is_some();
     match app.store.submit(job).await {
@@ -69,6 +72,49 @@ pub async fn create(
             e,
         )),
     }
+}
+
+/// Paths per adapter call when checking a job's files (as the stager batches them).
+const RECOGNISE_BATCH: usize = 10_000;
+
+/// Refuses a job naming a file the adapter would never recognise in a recall message: its
+/// recall could never be seen, so the job would wait for its expiry. A path is recognised
+/// when the adapter maps the path it sends Scout for it (`stage-paths`) back onto the same
+/// job path (`map-event-paths`), which is exactly what the Kafka ingest will do with the
+/// recall message's `Filename`.
+async fn check_recognised(
+    adapter: &LoadedAdapter,
+    job_id: i64,
+    files: &[String],
+) -> Result<(), ApiError> {
+    let failed = |e: AdapterError| {
+        tracing::error!(error = %e, "checking the job's paths with the adapter failed");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!(
+                "Error for job {job_id}: the {} adapter could not check the job's paths; see the daemon's log",
+                adapter.info().name
+            ),
+        )
+    };
+    for (n, chunk) in files.chunks(RECOGNISE_BATCH).enumerate() {
+        let staged = adapter.stage_paths(chunk).await.map_err(failed)?;
+        let mapped = adapter.map_event_paths(&staged).await.map_err(failed)?;
+        if let Some((i, path)) = chunk
+            .iter()
+            .zip(&mapped)
+            .enumerate()
+            .find(|(_, (path, back))| back.as_deref() != Some(path.as_str()))
+            .map(|(i, (path, _))| (n * RECOGNISE_BATCH + i, path))
+        {
+            return Err(ApiError::bad_request(format!(
+                "Error for job {job_id}: file {i} ({path:?}) is not a path of the {} adapter's telescope: \
+                 its recall message would never be recognised, so the job could never complete",
+                adapter.info().name
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn duplicate(job_id: i64) -> ApiError {
@@ -113,7 +159,11 @@ fn validate(
             } else if path.contains('\0') {
                 Some("contains a NUL character".to_string())
             } else {
-                None
+                // A newline or carriage return would forge lines in failure reports and
+                // logs; no tape path needs any control character.
+                path.chars()
+                    .find(|c| c.is_control())
+                    .map(|c| format!("contains the control character U+{:04X}", u32::from(c)))
             };
             if let Some(problem) = problem {
                 return Err(ApiError::bad_request(format!(
