@@ -72,8 +72,16 @@ impl Answer {
 
 /// Reads one answer (head and a `content-length` body) within `limit`.
 async fn read_answer(s: &mut TcpStream, limit: Duration) -> std::io::Result<Answer> {
+    read_answer_after(s, Vec::new(), limit).await
+}
+
+/// Like [`read_answer`], for an answer whose first bytes are already in `buf`.
+async fn read_answer_after(
+    s: &mut TcpStream,
+    mut buf: Vec<u8>,
+    limit: Duration,
+) -> std::io::Result<Answer> {
     tokio::time::timeout(limit, async {
-        let mut buf = Vec::new();
         let mut chunk = [0u8; 8192];
         let head_end = loop {
             if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -397,8 +405,99 @@ async fn requests_hyper_refuses_are_answered_with_json() {
     assert_eq!(a.status, 431, "{a:?}");
     assert!(a.json()["errormsg"].is_string(), "{a:?}");
 
+    // On a connection that has had answers already, and after a 100 Continue: only the
+    // answer hyper writes itself is replaced.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /ping/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let a = read_answer(&mut s, Duration::from_secs(5)).await.unwrap();
+    assert_eq!((a.status, a.json()), (200, Value::Null), "{a:?}");
+    let job = br#"{"job_id": 7, "files": ["mwa/7/a.fits"], "notify_url": "http://127.0.0.1:9/cb"}"#;
+    s.write_all(
+        format!(
+            "POST /staging/ HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\nexpect: 100-continue\r\ncontent-length: {}\r\n\r\n",
+            job.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    s.write_all(job).await.unwrap();
+    let mut a = read_answer(&mut s, Duration::from_secs(5)).await.unwrap();
+    if a.status == 100 {
+        // What came after the continue head is the start of the answer.
+        let rest = std::mem::take(&mut a.body);
+        a = read_answer_after(&mut s, rest, Duration::from_secs(5))
+            .await
+            .unwrap();
+    }
+    assert_eq!((a.status, a.json()), (202, Value::Null), "{a:?}");
+    s.write_all(b"GET /ping/ HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
+        .await
+        .unwrap();
+    let a = read_answer(&mut s, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(a.status, 400, "{a:?}");
+    assert!(a.json()["errormsg"].is_string(), "{a:?}");
+
     // After all that, the server still answers normally.
     assert_eq!(app.get("/ping/").await.0, 200);
+    app.stop().await;
+}
+
+/// A chunked body (no announced length) is charged to the budget as it arrives: while an
+/// announced body holds the whole budget, it gets 503 with `Retry-After`; once the budget is
+/// free again, the same request is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_body_beyond_the_budget_gets_503_until_it_frees() {
+    let app = TestApp::start_with(Kind::Sqlite, |c| {
+        c.server.max_body_bytes = 1 << 20;
+        c.server.body_budget_bytes = 1 << 20;
+    })
+    .await;
+    let addr = app.server.as_ref().unwrap().addr;
+    // Holds the whole budget: its length is announced, its body comes slowly.
+    let mut holder = TcpStream::connect(addr).await.unwrap();
+    holder
+        .write_all(
+            format!(
+                "POST /staging/ HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{{",
+                1 << 20
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let chunked = |id: i64| {
+        let job = format!(
+            r#"{{"job_id": {id}, "files": ["mwa/{id}/a.fits"], "notify_url": "http://127.0.0.1:9/cb"}}"#
+        );
+        format!(
+            "POST /staging/ HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{job}\r\n0\r\n\r\n",
+            job.len()
+        )
+    };
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(chunked(1).as_bytes()).await.unwrap();
+    let a = read_answer(&mut s, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(a.status, 503, "{a:?}");
+    assert_eq!(a.header("retry-after").as_deref(), Some("2"), "{a:?}");
+    assert!(a.json()["errormsg"].is_string(), "{a:?}");
+    assert_eq!(
+        app.get("/staging/?job_id=1").await.0,
+        404,
+        "refused, not stored"
+    );
+
+    drop(holder);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(chunked(2).as_bytes()).await.unwrap();
+    let a = read_answer(&mut s, Duration::from_secs(5)).await.unwrap();
+    assert_eq!((a.status, a.json()), (202, Value::Null), "{a:?}");
+    assert_eq!(app.get("/staging/?job_id=2").await.0, 200);
     app.stop().await;
 }
 
@@ -666,9 +765,9 @@ async fn concurrent_large_bodies_stay_within_the_budget() {
     );
     statuses.sort();
     assert_eq!(statuses, vec![400, 400, 503, 503], "two read, two refused");
-    // Four bodies held at once cost well over 4 x 24 MiB on top of the idle daemon.
+    // Measured: two bodies in hand cost the daemon ~115 MiB above idle, four ~160 MiB.
     assert!(
-        peak < peak_before + 4 * BODY_MIB as u64 * 2,
+        peak < peak_before + 6 * BODY_MIB as u64,
         "peak RSS {peak} MiB from {peak_before} MiB"
     );
 }
