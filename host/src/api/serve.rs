@@ -721,21 +721,34 @@ impl Io {
         Poll::Ready(Ok(()))
     }
 
-    /// If `buf` starts an answer no request was handed to the service for (hyper's own,
-    /// for a request it could not parse), the JSON answer to write instead.
-    fn replace_own_answer(&mut self, buf: &[u8]) -> Option<Vec<u8>> {
+    /// What `buf`, the start of a write, is: the head of an answer to a request the
+    /// service had, or of one hyper wrote itself (for a request it could not parse), or
+    /// anything else.
+    fn classify(&mut self, buf: &[u8]) -> Written {
         if !(buf.starts_with(b"HTTP/1.1 ") || buf.starts_with(b"HTTP/1.0 ")) || buf.len() < 12 {
-            return None;
+            return Written::Other;
         }
-        let status = std::str::from_utf8(&buf[9..12]).ok()?.parse::<u16>().ok()?;
+        let Some(status) = std::str::from_utf8(&buf[9..12])
+            .ok()
+            .and_then(|s| s.parse::<u16>().ok())
+        else {
+            return Written::Other;
+        };
         // 100 Continue belongs to a request in hand, and is followed by its real answer.
         if (100..200).contains(&status) {
-            return None;
+            return Written::Other;
         }
         if self.heads_seen < self.conn.dispatched.load(Ordering::Acquire) {
-            self.heads_seen += 1;
-            return None;
+            return Written::ServiceHead;
         }
+        match self.own_answer(status, buf) {
+            Some(replacement) => Written::OwnAnswer(replacement),
+            None => Written::Other,
+        }
+    }
+
+    /// The JSON answer to write in place of hyper's answer `buf` with `status`.
+    fn own_answer(&mut self, status: u16, buf: &[u8]) -> Option<Vec<u8>> {
         let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
         let status = StatusCode::from_u16(status).ok()?;
         let message = match status {
@@ -781,6 +794,12 @@ impl Io {
     }
 }
 
+enum Written {
+    ServiceHead,
+    OwnAnswer(Vec<u8>),
+    Other,
+}
+
 impl AsyncRead for Io {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -807,7 +826,8 @@ impl AsyncWrite for Io {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         ready!(self.poll_pending(cx))?;
-        if let Some(replacement) = self.replace_own_answer(buf) {
+        let written = self.classify(buf);
+        if let Written::OwnAnswer(replacement) = written {
             self.pending = replacement;
             self.pending_pos = 0;
             // Whatever does not go out now goes out on the next write, flush or shutdown.
@@ -817,6 +837,10 @@ impl AsyncWrite for Io {
             return Poll::Ready(Ok(buf.len()));
         }
         let n = ready!(Pin::new(self.stream()).poll_write(cx, buf))?;
+        // Counted once written: a write that is retried starts with the same head.
+        if n > 0 && matches!(written, Written::ServiceHead) {
+            self.heads_seen += 1;
+        }
         self.conn.touch(&self.shared);
         Poll::Ready(Ok(n))
     }
