@@ -1,4 +1,5 @@
-//! Builds the running service from a [`Config`]: store, HTTP listener, graceful stop.
+//! Builds the running service from a [`Config`]: store, HTTP listener (bounded, see
+//! [`api::serve`]), graceful stop.
 //!
 //! Tests start the same service in-process on port 0 with [`start`], so what they exercise is
 //! what `staged serve` runs.
@@ -84,13 +85,10 @@ pub async fn start(config: &Config) -> anyhow::Result<Server> {
     state.kafka = ingest.as_ref().map(|i| i.status());
     let app = api::router(state);
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    let bounds = api::serve::Bounds::from_config(&config.server);
+    let task = tokio::spawn(api::serve::serve(listener, app, bounds, async {
+        let _ = stopped.await;
+    }));
     tracing::info!(%addr, store = store.backend_name(), "staged is listening");
     let reload_on_hup = adapters
         .is_configured()

@@ -47,6 +47,31 @@ pub struct ServerConfig {
     pub max_path_bytes: usize,
     /// On SIGTERM/SIGINT, how long in-flight requests may take before the daemon exits anyway.
     pub shutdown_grace_secs: u64,
+    /// Most client connections open at once. The daemon also keeps the count below the
+    /// open-file limit it starts with (`RLIMIT_NOFILE`) less `reserved_fds`; when full, the
+    /// connection idle longest is closed to let a new one in.
+    pub max_connections: usize,
+    /// File descriptors kept for everything but client connections (database, Kafka, Scout,
+    /// callbacks, reports) when the connection cap is taken from the open-file limit.
+    pub reserved_fds: usize,
+    /// Longest a connection may take, from being ready for a request (just opened, or the
+    /// previous answer sent) to the end of the request's head; then it is closed.
+    pub header_timeout_secs: u64,
+    /// Longest reading one request body may take; then 408 and the connection is closed.
+    pub body_timeout_secs: u64,
+    /// A connection with no request in hand and no bytes moving for this long is closed.
+    pub idle_timeout_secs: u64,
+    /// Largest request head (request line and headers) accepted, in bytes; larger gets 431.
+    pub max_header_bytes: usize,
+    /// Bytes of request bodies held at once across all requests; a body that does not fit
+    /// gets 503 with `Retry-After`. At least `max_body_bytes`.
+    pub body_budget_bytes: usize,
+    /// After refusing a request whose body was not read (413, 503), how many bytes of it are
+    /// read and discarded before closing, so that a client that sends its whole body before
+    /// reading sees the answer instead of a reset.
+    pub drain_max_bytes: usize,
+    /// How long that draining may take.
+    pub drain_timeout_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -57,6 +82,16 @@ impl Default for ServerConfig {
             max_files_per_job: 500_000,
             max_path_bytes: 4096,
             shutdown_grace_secs: 30,
+            max_connections: 4096,
+            reserved_fds: 256,
+            header_timeout_secs: 10,
+            body_timeout_secs: 30,
+            // The original ran under uvicorn, whose keep-alive timeout is 5 s.
+            idle_timeout_secs: 5,
+            max_header_bytes: 64 * 1024,
+            body_budget_bytes: 128 * 1024 * 1024,
+            drain_max_bytes: 64 * 1024 * 1024,
+            drain_timeout_secs: 5,
         }
     }
 }
@@ -570,6 +605,29 @@ impl Config {
         if self.server.max_path_bytes == 0 {
             bail!("server.max_path_bytes: must be at least 1");
         }
+        let srv = &self.server;
+        if srv.max_connections == 0 {
+            bail!("server.max_connections: must be at least 1");
+        }
+        for (key, secs) in [
+            ("header_timeout_secs", srv.header_timeout_secs),
+            ("body_timeout_secs", srv.body_timeout_secs),
+            ("idle_timeout_secs", srv.idle_timeout_secs),
+        ] {
+            if secs == 0 {
+                bail!("server.{key}: must be at least 1");
+            }
+        }
+        if srv.max_header_bytes < 1024 {
+            bail!("server.max_header_bytes: must be at least 1024");
+        }
+        if srv.body_budget_bytes < srv.max_body_bytes {
+            bail!(
+                "server.body_budget_bytes: {} is less than server.max_body_bytes ({}), so the largest body allowed could never be read",
+                srv.body_budget_bytes,
+                srv.max_body_bytes
+            );
+        }
         crate::adapter::Limits::from_config(&self.adapter).context("adapter")?;
         crate::adapter::AllowList::parse(&self.adapter.http_allow).context("adapter.http_allow")?;
         for node in &self.scout.nodes {
@@ -742,6 +800,19 @@ mod tests {
         let msg = format!("{err:#}");
         assert!(msg.contains("STAGED_NO_SUCH_VAR_X"), "{msg}");
         assert!(msg.contains("password"), "{msg}");
+    }
+
+    #[test]
+    fn server_bounds_are_checked() {
+        let c = Config::parse("").unwrap();
+        assert!(c.server.body_budget_bytes >= c.server.max_body_bytes);
+        let err = Config::parse("[server]\nmax_body_bytes = 2048\nbody_budget_bytes = 1024\n")
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("server.body_budget_bytes"));
+        let err = Config::parse("[server]\nheader_timeout_secs = 0\n").unwrap_err();
+        assert!(format!("{err:#}").contains("server.header_timeout_secs"));
+        let err = Config::parse("[server]\nmax_connections = 0\n").unwrap_err();
+        assert!(format!("{err:#}").contains("server.max_connections"));
     }
 
     #[test]

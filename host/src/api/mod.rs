@@ -9,6 +9,7 @@ mod error;
 mod info;
 mod input;
 pub mod models;
+pub mod serve;
 mod staging;
 
 use std::path::PathBuf;
