@@ -12,5 +12,6 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod crash;
 mod ledger;
 mod props;
