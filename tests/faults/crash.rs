@@ -2,7 +2,8 @@
 //!
 //! The real binary runs against the Scout simulator (publishing recall messages to a mock
 //! Kafka cluster in the test process) and a callback receiver that answers 500 to its first
-//! calls. Concurrent clients post file-list jobs (some sharing a path), a deleter removes
+//! calls, with the MWA adapter and a metadata service simulator. Concurrent clients post
+//! file-list jobs (some sharing a path) and observation jobs, a deleter removes
 //! some of the acknowledged ones, and the daemon is killed with SIGKILL at a random moment
 //! and restarted on the same store, round after round. Each round's moment is a random
 //! delay followed, in turn, by nothing, the next 202, the next delivered callback or the
@@ -37,6 +38,8 @@ use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
 use crate::common::pipeline::{Receiver, TOPIC, Tape};
+use staged::sim::metadata::{MetadataSim, ObsFiles};
+
 use crate::common::{Kind, TestDb};
 use crate::ledger::{self, Row};
 
@@ -55,6 +58,30 @@ const FAIL_FIRST: usize = 25;
 const IN_FLIGHT: Duration = Duration::from_secs(5);
 /// How long the run may take to finish after the last restart.
 const FINISH_LIMIT: Duration = Duration::from_secs(45);
+/// Observations the metadata service knows (ids from `OBS_BASE`), and files in each.
+const OBS_BASE: i64 = 1_300_000_000;
+const OBSERVATIONS: i64 = 40;
+const FILES_PER_OBSERVATION: usize = 2;
+
+/// The metadata service's observations: a few jobs ask for the same one, so they share
+/// its files.
+fn observations() -> HashMap<i64, ObsFiles> {
+    (0..OBSERVATIONS)
+        .map(|k| {
+            let obs = OBS_BASE + k;
+            let files = (0..FILES_PER_OBSERVATION)
+                .map(|ch| {
+                    (
+                        format!("{obs}_ch{ch:03}.fits"),
+                        Some("crash-vis".to_string()),
+                        Some(format!("/{obs}")),
+                    )
+                })
+                .collect();
+            (obs, files)
+        })
+        .collect()
+}
 
 crate::both_backends!(sigkill_at_random_points_of_a_mixed_run);
 
@@ -164,7 +191,10 @@ async fn sigkill_at_random_points_of_a_mixed_run(kind: Kind) {
     let db = TestDb::new(kind).await;
     let port = free_port();
     let group = format!("crash-{}", rand::random::<u32>());
-    let config = write_config(db.dir.path(), &db.url, port, &tape, &group);
+    let metadata = MetadataSim::start(observations())
+        .await
+        .expect("starting the metadata service simulator");
+    let config = write_config(db.dir.path(), &db.url, port, &tape, &metadata, &group);
     let mut daemon = Daemon::start(&config, port).await;
     let base = daemon.base.clone();
 
@@ -323,17 +353,29 @@ impl Client {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
-            let mut files: Vec<String> = (0..self.rng.random_range(1..=3))
-                .map(|i| format!("crash/{id}/f{i}.fits"))
-                .collect();
-            if self.rng.random_bool(0.2) {
-                // A path several jobs want: one recall completes them all.
-                files.push(format!(
-                    "crash/shared/s{}.fits",
-                    self.rng.random_range(0..5)
-                ));
-            }
-            let body = json!({"job_id": id, "files": files, "notify_url": self.notify});
+            // A quarter are observations, which the adapter resolves to their files.
+            let (body, files) = if self.rng.random_bool(0.25) {
+                let obs = OBS_BASE + self.rng.random_range(0..OBSERVATIONS);
+                let body = json!({"job_id": id, "obs": {"obs_id": obs}, "notify_url": self.notify});
+                (body, FILES_PER_OBSERVATION)
+            } else {
+                // Paths the MWA adapter recognises as its own (under mwa/).
+                let mut files: Vec<String> = (0..self.rng.random_range(1..=3))
+                    .map(|i| format!("mwa/crash/{id}/f{i}.fits"))
+                    .collect();
+                if self.rng.random_bool(0.2) {
+                    // A path several jobs want: one recall completes them all.
+                    files.push(format!(
+                        "mwa/crash/shared/s{}.fits",
+                        self.rng.random_range(0..5)
+                    ));
+                }
+                let n = files.len();
+                (
+                    json!({"job_id": id, "files": files, "notify_url": self.notify}),
+                    n,
+                )
+            };
             let answer = self
                 .http
                 .post(format!("{}/staging/", self.base))
@@ -350,7 +392,7 @@ impl Client {
                 .lock()
                 .unwrap()
                 .jobs
-                .insert(id, (posted, files.len()));
+                .insert(id, (posted, files));
             if posted == Posted::Acknowledged {
                 self.events.acknowledged.notify_waiters();
             }
@@ -569,7 +611,14 @@ fn toml_str(s: &str) -> String {
 
 /// The daemon wired to this test's tape system and receiver, with leases and retries of a
 /// second or two so that each restart resumes its predecessor's work within the round.
-fn write_config(dir: &Path, db_url: &str, port: u16, tape: &Tape, group: &str) -> PathBuf {
+fn write_config(
+    dir: &Path,
+    db_url: &str,
+    port: u16,
+    tape: &Tape,
+    metadata: &MetadataSim,
+    group: &str,
+) -> PathBuf {
     let path = dir.join(format!("crash-{port}.toml"));
     let text = format!(
         r#"[server]
@@ -613,12 +662,22 @@ topic = "{topic}"
 group_id = "{group}"
 batch_max_wait_ms = 20
 extra = {{ "session.timeout.ms" = "6000", "heartbeat.interval.ms" = "300", "fetch.wait.max.ms" = "20", "topic.metadata.refresh.interval.ms" = "1000" }}
+
+[adapter]
+wasm = {wasm}
+http_allow = ["{metadata_addr}"]
+
+[adapter.settings]
+data_files_url = "{data_files_url}"
 "#,
         db = toml_str(db_url),
         reports = toml_str(&dir.join("reports").display().to_string()),
         scout = tape.node.url(),
         brokers = tape.cluster.bootstrap_servers(),
         topic = TOPIC,
+        wasm = toml_str(&format!("{}/adapter_mwa.wasm", env!("STAGED_ADAPTERS_DIR"))),
+        metadata_addr = metadata.addr,
+        data_files_url = metadata.data_files_url(),
     );
     std::fs::write(&path, text).unwrap();
     path
