@@ -515,6 +515,112 @@ fn kafka_bodies_parse_to_an_event_or_a_malformed_message() {
     );
 }
 
+/// The consumer itself, on a mock cluster: a run of arbitrary bodies (as many as
+/// `PROPTEST_CASES`, 64 by default) is read to the end, every malformed one is counted,
+/// the well-formed ones are handed to the store, and a recall after them still lands.
+#[test]
+fn the_consumer_counts_every_malformed_body_and_goes_on() {
+    use proptest::strategy::ValueTree;
+    use rdkafka::ClientConfig;
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use staged::kafka::{IdentityMapper, Parsed, parse};
+
+    let body = prop_oneof![
+        prop::collection::vec(any::<u8>(), 0..300),
+        json_value().prop_map(|v| v.to_string().into_bytes()),
+        (any::<String>(), prop::option::of(any::<String>())).prop_map(|(name, error)| {
+            json!({"Filename": name, "Error": error})
+                .to_string()
+                .into_bytes()
+        }),
+        (any::<String>(), json_value())
+            .prop_map(|(name, v)| json!([name, v]).to_string().into_bytes()),
+    ];
+    let mut runner = runner();
+    let bodies: Vec<Vec<u8>> = (0..cases())
+        .map(|_| body.new_tree(&mut runner).unwrap().current())
+        .collect();
+    let max_bytes = staged::config::KafkaConfig::default().max_message_bytes;
+    let malformed = bodies
+        .iter()
+        .filter(|b| matches!(parse(Some(b), max_bytes, 0), Parsed::Malformed(_)))
+        .count() as u64;
+
+    rt().block_on(async {
+        let db = TestDb::new(Kind::Sqlite).await;
+        let store = Store::open(&StoreOptions::from_config(
+            &db.config().database,
+            Duration::from_secs(3600),
+        ))
+        .await
+        .unwrap();
+        store
+            .submit(staged::store::NewJob {
+                job_id: 1,
+                notify_url: "http://127.0.0.1:9/cb".into(),
+                files: vec!["props/last".into()],
+                obs: None,
+            })
+            .await
+            .unwrap();
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("recalls", 1, 1).unwrap();
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .set("linger.ms", "1")
+            .create()
+            .unwrap();
+        let last = json!({"Filename": "props/last", "Error": ""}).to_string();
+        for b in bodies.iter().chain([&last.clone().into_bytes()]) {
+            producer
+                .send(
+                    FutureRecord::<(), _>::to("recalls").payload(b),
+                    Duration::from_secs(10),
+                )
+                .await
+                .map_err(|(e, _)| e)
+                .unwrap();
+        }
+        let mut config = staged::config::KafkaConfig {
+            brokers: vec![cluster.bootstrap_servers()],
+            topic: "recalls".into(),
+            group_id: format!("props-{}", rand::random::<u32>()),
+            batch_max_wait_ms: 20,
+            ..Default::default()
+        };
+        for (k, v) in [
+            ("session.timeout.ms", "6000"),
+            ("heartbeat.interval.ms", "300"),
+            ("fetch.wait.max.ms", "20"),
+        ] {
+            config.extra.insert(k.into(), v.into());
+        }
+        let ingest =
+            staged::kafka::start(&config, store.clone(), Arc::new(IdentityMapper)).unwrap();
+        let status = ingest.status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = store.job_files(1).await.unwrap()[0].ready;
+            if ready && status.counters().handled > bodies.len() as u64 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the consumer did not get past the arbitrary bodies: {:?}",
+                status.counters()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let c = status.counters();
+        assert_eq!(c.malformed, malformed, "{c:?}");
+        assert_eq!(c.events, bodies.len() as u64 + 1 - malformed, "{c:?}");
+        ingest.stop().await;
+        drop(producer);
+        store.close().await;
+    });
+}
+
 /// Adapter results through the real WebAssembly boundary. The hostile test adapter
 /// answers `map-event-paths` and `stage-paths` with what it was given, so arbitrary names
 /// are arbitrary results: accepted exactly when they fit the byte bounds, refused with
