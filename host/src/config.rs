@@ -568,7 +568,18 @@ impl Config {
 
     /// Parses configuration text and checks values that types alone cannot.
     pub fn parse(text: &str) -> anyhow::Result<Config> {
-        let config: Config = toml::from_str(text)?;
+        let de = toml::Deserializer::parse(text)?;
+        // toml's own message points at the offending line, which for a value inside a
+        // sub-table (`[kafka.sasl_mechanism]`) is not the key itself: name the key path.
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if path.is_empty() || path == "." {
+                anyhow::Error::new(inner)
+            } else {
+                anyhow::anyhow!("{path}: {inner}")
+            }
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -635,6 +646,69 @@ impl Config {
         }
         self.check_scout()?;
         self.check_kafka()?;
+        self.check_durations()?;
+        Ok(())
+    }
+
+    /// Bounds every duration key by [`MAX_DURATION_SECS`]: a larger value parses as a
+    /// number but would overflow the daemon's clock arithmetic and panic where it is used.
+    fn check_durations(&self) -> anyhow::Result<()> {
+        let (j, c, s) = (&self.jobs, &self.callbacks, &self.scout);
+        let days = MAX_DURATION_SECS / 86_400;
+        for (key, v) in [
+            ("reports.expire_days", self.reports.expire_days),
+            ("jobs.history_days", j.history_days),
+        ] {
+            if v > days {
+                bail!("{key}: must be at most {days} days (100 years)");
+            }
+        }
+        for (key, v) in [
+            (
+                "server.shutdown_grace_secs",
+                self.server.shutdown_grace_secs,
+            ),
+            ("server.header_timeout_secs", self.server.header_timeout_secs),
+            ("server.body_timeout_secs", self.server.body_timeout_secs),
+            ("server.idle_timeout_secs", self.server.idle_timeout_secs),
+            ("server.drain_timeout_secs", self.server.drain_timeout_secs),
+            ("jobs.restage_interval_secs", j.restage_interval_secs),
+            ("jobs.expiry_secs", j.expiry_secs),
+            ("jobs.sweep_interval_secs", j.sweep_interval_secs),
+            ("jobs.retry_min_secs", j.retry_min_secs),
+            ("jobs.retry_max_secs", j.retry_max_secs),
+            ("jobs.lease_secs", j.lease_secs),
+            ("callbacks.timeout_secs", c.timeout_secs),
+            ("callbacks.error_delay_secs", c.error_delay_secs),
+            ("callbacks.retry_min_secs", c.retry_min_secs),
+            ("callbacks.retry_max_secs", c.retry_max_secs),
+            ("callbacks.expired_grace_secs", c.expired_grace_secs),
+        ] {
+            if v > MAX_DURATION_SECS {
+                bail!("{key}: must be at most {MAX_DURATION_SECS} seconds (100 years)");
+            }
+        }
+        for (key, v) in [
+            ("scout.connect_timeout_secs", s.connect_timeout_secs),
+            ("scout.request_timeout_secs", s.request_timeout_secs),
+            ("scout.eject_secs", s.eject_secs),
+        ] {
+            if v > MAX_DURATION_SECS as f64 {
+                bail!("{key}: must be at most {MAX_DURATION_SECS} seconds (100 years)");
+            }
+        }
+        let ms = MAX_DURATION_SECS * 1000;
+        for (key, v) in [
+            ("scout.backoff_initial_ms", s.backoff_initial_ms),
+            ("scout.backoff_max_ms", s.backoff_max_ms),
+            ("kafka.batch_max_wait_ms", self.kafka.batch_max_wait_ms),
+            ("adapter.call_timeout_ms", self.adapter.call_timeout_ms),
+            ("adapter.http_timeout_ms", self.adapter.http_timeout_ms),
+        ] {
+            if v > ms {
+                bail!("{key}: must be at most {ms} milliseconds (100 years)");
+            }
+        }
         Ok(())
     }
 
@@ -713,6 +787,10 @@ impl Config {
     }
 }
 
+/// The longest duration any key may give: 100 years, far beyond any useful setting and
+/// small enough that Unix milliseconds in an `i64` and `Instant` arithmetic cannot overflow.
+pub const MAX_DURATION_SECS: u64 = 100 * 365 * 86_400;
+
 /// Checks that `s` is an absolute http(s) URL with a host.
 pub fn check_http_url(s: &str) -> anyhow::Result<url::Url> {
     let url = url::Url::parse(s).map_err(|e| anyhow::anyhow!("not a URL: {e}"))?;
@@ -759,6 +837,13 @@ mod tests {
         assert!(msg.contains("lisen"), "{msg}");
         let err = Config::parse("[servre]\n").unwrap_err();
         assert!(format!("{err:#}").contains("servre"));
+    }
+
+    #[test]
+    fn a_wrong_value_in_a_sub_table_names_its_key() {
+        let err = Config::parse("[kafka.sasl_mechanism]\n_ = false\n").unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("kafka.sasl_mechanism"), "{msg}");
     }
 
     #[test]
@@ -813,6 +898,33 @@ mod tests {
         assert!(format!("{err:#}").contains("server.header_timeout_secs"));
         let err = Config::parse("[server]\nmax_connections = 0\n").unwrap_err();
         assert!(format!("{err:#}").contains("server.max_connections"));
+    }
+
+    #[test]
+    fn durations_that_would_overflow_are_refused() {
+        for (text, key) in [
+            (
+                "[jobs]\nhistory_days = 213503982334602\n",
+                "jobs.history_days",
+            ),
+            (
+                "[scout]\nconnect_timeout_secs = 1e300\n",
+                "scout.connect_timeout_secs",
+            ),
+            (
+                "[kafka]\nbatch_max_wait_ms = 18446744073709551615\n",
+                "kafka.batch_max_wait_ms",
+            ),
+            (
+                "[jobs]\nrestage_interval_secs = 18446744073709551615\n",
+                "jobs.restage_interval_secs",
+            ),
+        ] {
+            let err = Config::parse(text).unwrap_err();
+            assert!(format!("{err:#}").contains(key), "{text}: {err:#}");
+        }
+        let c = Config::parse("[jobs]\nhistory_days = 36500\n").unwrap();
+        assert_eq!(c.jobs.history_days, 36_500);
     }
 
     #[test]

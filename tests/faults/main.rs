@@ -12,5 +12,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod crash;
 mod http;
 mod ledger;
+mod props;

@@ -291,8 +291,10 @@ impl ClientContext for Context {
 
 impl ConsumerContext for Context {}
 
-/// One message, read and checked; the broker's copy is not kept.
-enum Parsed {
+/// One message, read and checked; the broker's copy is not kept. Public, with [`parse`],
+/// so that the fault suite can try the parser on arbitrary bytes.
+#[derive(Debug)]
+pub enum Parsed {
     Event {
         name: String,
         error: Option<String>,
@@ -324,12 +326,20 @@ fn parse_time_ms(s: &str) -> Option<i64> {
         .map(|t| t.timestamp_millis())
 }
 
-fn parse(payload: Option<&[u8]>, max_bytes: usize, fallback_ms: i64) -> Parsed {
+/// Reads one message body: an event, or why it is malformed (the consumer counts and skips
+/// those). Never panics, whatever the bytes. `fallback_ms` is the event's time when the
+/// body gives no readable `CompleteTime` (the consumer passes the broker's timestamp).
+pub fn parse(payload: Option<&[u8]>, max_bytes: usize, fallback_ms: i64) -> Parsed {
     let Some(bytes) = payload else {
         return Parsed::Malformed("no payload".into());
     };
     if bytes.len() > max_bytes {
         return Parsed::Malformed(format!("{} bytes, over the {max_bytes} limit", bytes.len()));
+    }
+    // serde reads a struct from a JSON array too, by position: `["mwa/x"]` would be an
+    // event. A recall message is an object.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Parsed::Malformed("not a JSON object".into());
     }
     match serde_json::from_slice::<Recall>(bytes) {
         Ok(r) if r.filename.is_empty() => Parsed::Malformed("empty Filename".into()),
@@ -665,6 +675,8 @@ mod tests {
             br#"{"Filename":"x","Error":5}"#,
             br#"{"Filename":""}"#,
             br#"[1,2]"#,
+            br#"["mwa/1/1_ch001.fits"]"#,
+            br#" ["f", "", "2022-02-04 03:02:32 +0000 GMT"]"#,
         ] {
             assert!(
                 matches!(parse(Some(bad), 1000, 0), Parsed::Malformed(_)),
