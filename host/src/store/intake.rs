@@ -17,6 +17,9 @@
 //!   by the primary key, so concurrent daemons agree.
 //! - One bad job cannot fail its batch-mates: if a batch fails, its jobs are retried one
 //!   transaction each, and only the job that still fails gets the error.
+//! - A writer keeps its connection only after a batch that committed and left it outside
+//!   any transaction; after any failure the connection goes back to the pool, whose
+//!   release check closes it unless it is settled ([`super::hygiene`]).
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -197,10 +200,13 @@ struct Stamp<'a> {
 /// none, and keeps it afterwards if `$keep`. A kept connection may have died since the last
 /// batch (a database restart, an idle timeout): that costs one attempt, then `$write` runs
 /// on a fresh connection from the pool, which checks a connection before lending it.
+/// A connection is kept only if `$settled` says it is outside any transaction; one whose
+/// write failed goes back to the pool, whose release hook closes it unless it is settled
+/// (see [`super::hygiene`]).
 /// (A macro, not a generic function: a closure borrowing the connection makes the
 /// writer's task lose `Send`.)
 macro_rules! on_kept_connection {
-    ($kept:expr, $pool:expr, $keep:expr, $conn:ident => $write:expr) => {{
+    ($kept:expr, $pool:expr, $keep:expr, $settled:expr, $conn:ident => $write:expr) => {{
         let mut done = None;
         if let Some(mut $conn) = $kept.take() {
             match $write.await {
@@ -217,7 +223,7 @@ macro_rules! on_kept_connection {
                 ($write.await?, $conn)
             }
         };
-        if $keep {
+        if $keep && $settled(&$conn) {
             *$kept = Some($conn);
         }
         out
@@ -305,9 +311,13 @@ impl Writer {
             lease_until: now + self.lease_ms,
         };
         let created = match &self.backend {
+            // insert_sqlite checked its connection after the commit (a round trip to the
+            // connection's thread), so nothing is left to check here.
             Backend::Sqlite(p) => on_kept_connection!(&mut self.sqlite, p, self.keep_connection,
+                |_: &PoolConnection<Sqlite>| true,
                 conn => insert_sqlite(&mut conn, jobs, &stamp)),
             Backend::Postgres(p) => on_kept_connection!(&mut self.pg, p, self.keep_connection,
+                |c: &PoolConnection<Postgres>| super::hygiene::pg_settled(c),
                 conn => insert_postgres(&mut conn, jobs, &stamp)),
         };
         self.handoff.push(
@@ -388,6 +398,12 @@ async fn insert_sqlite(
         sqlx::query(FILES).bind(files).execute(&mut *tx).await?;
     }
     tx.commit().await?;
+    // A commit that reported success on a connection sqlx had lost count of may have only
+    // released a savepoint inside a transaction that never commits: proven committed only
+    // if the connection is outside any transaction now.
+    if !super::hygiene::sqlite_settled(conn).await? {
+        return Err(StoreError::Unsettled);
+    }
     Ok(created)
 }
 

@@ -12,8 +12,11 @@
 //! - `job_id` is the primary key: a duplicate submission loses atomically, even under
 //!   concurrent posts and several daemons.
 //! - File events are applied by path to every job holding that path; `ready` is sticky.
+//! - No connection is reused after a failed statement or commit while it may still be
+//!   inside a transaction: see [`hygiene`], the `after_release` hook of every pool.
 
 mod engine;
+mod hygiene;
 mod ingest;
 mod intake;
 
@@ -45,6 +48,12 @@ pub enum StoreError {
     BadUrl { url: String, reason: String },
     #[error("the store is shutting down")]
     Closed,
+    /// A write reported success but its connection was still inside a transaction after
+    /// it, so nothing proves it committed; the connection is closed, which rolls it back.
+    #[error(
+        "the database connection was still inside a transaction after a commit; the write was rolled back"
+    )]
+    Unsettled,
 }
 
 /// A job as accepted from a client, before it is written.
@@ -458,6 +467,7 @@ async fn connect(opts: &StoreOptions) -> Result<(Backend, Backend), StoreError> 
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(opts.max_connections.clamp(2, 8))
+            .after_release(hygiene::sqlite_after_release)
             .connect_with(connect)
             .await?;
         Ok((Backend::Sqlite(pool.clone()), Backend::Sqlite(pool)))
@@ -477,6 +487,7 @@ async fn connect(opts: &StoreOptions) -> Result<(Backend, Backend), StoreError> 
         let pool = PgPoolOptions::new()
             .max_connections(opts.max_connections)
             .acquire_timeout(Duration::from_secs(10))
+            .after_release(hygiene::pg_after_release)
             .connect_with(shared)
             .await?;
         // The intake writers run one statement, whose plan depends on no table's contents
@@ -486,6 +497,7 @@ async fn connect(opts: &StoreOptions) -> Result<(Backend, Backend), StoreError> 
         let intake = PgPoolOptions::new()
             .max_connections(u32::try_from(opts.intake_writers).unwrap_or(u32::MAX))
             .acquire_timeout(Duration::from_secs(10))
+            .after_release(hygiene::pg_after_release)
             .connect_lazy_with(connect.options([("plan_cache_mode", "force_generic_plan")]));
         Ok((Backend::Postgres(pool), Backend::Postgres(intake)))
     } else {
