@@ -15,11 +15,14 @@ use std::time::Duration;
 
 use sqlx::Connection;
 
+use crate::common::pipeline::{Receiver, Tape, secret};
 use crate::common::{Kind, TestApp};
 use crate::ledger::{self, Row};
 
 const FILES_PER_JOB: usize = 20;
 const CLIENTS: usize = 8;
+/// The longest a round of posts may take.
+const ROUND_LIMIT: Duration = Duration::from_secs(30);
 
 /// What the clients heard: each job id with the status its POST got (0: no answer).
 #[derive(Default)]
@@ -41,34 +44,58 @@ impl Answers {
     }
 }
 
-fn job_body(id: i64) -> serde_json::Value {
+const NO_CALLBACK: &str = "http://127.0.0.1:9/cb";
+
+fn job_body(id: i64, notify_url: &str) -> serde_json::Value {
     let files: Vec<String> = (0..FILES_PER_JOB)
         .map(|i| format!("mwa/{id:010}/{id:010}_ch{i:03}_a_longer_name_to_fill_pages.fits"))
         .collect();
     serde_json::json!({
         "job_id": id,
         "files": files,
-        "notify_url": "http://127.0.0.1:9/cb",
+        "notify_url": notify_url,
     })
 }
 
 /// `CLIENTS` clients posting `per_client` new jobs each, one after another, ids from
 /// `next_id`. Every request is bounded in time; one that gets no answer counts as status 0.
 async fn post_round(app: &TestApp, next_id: &Arc<AtomicI64>, per_client: usize) -> Answers {
+    post_round_to(app, next_id, per_client, NO_CALLBACK).await
+}
+
+/// [`post_round`] with callbacks to `notify_url`.
+async fn post_round_to(
+    app: &TestApp,
+    next_id: &Arc<AtomicI64>,
+    per_client: usize,
+    notify_url: &str,
+) -> Answers {
     let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(20))
+        .timeout(Duration::from_secs(12))
         .build()
         .unwrap();
+    // A round ends after this however slow the daemon answers, so that a daemon wedged by
+    // the fault fails the test instead of hanging it.
+    let deadline = tokio::time::Instant::now() + ROUND_LIMIT;
     let mut clients = Vec::new();
     for _ in 0..CLIENTS {
         let http = http.clone();
         let url = app.url("/staging/");
         let next_id = next_id.clone();
+        let notify_url = notify_url.to_string();
         clients.push(tokio::spawn(async move {
             let mut seen = Vec::with_capacity(per_client);
             for _ in 0..per_client {
+                if tokio::time::Instant::now() > deadline {
+                    break;
+                }
                 let id = next_id.fetch_add(1, Ordering::Relaxed);
-                let status = match http.post(&url).json(&job_body(id)).send().await {
+                let status = match http
+                    .post(&url)
+                    .json(&job_body(id, &notify_url))
+                    .send()
+                    .await
+                {
                     Ok(r) => {
                         let status = r.status().as_u16();
                         if status != 202 {
@@ -419,6 +446,15 @@ impl OwnCluster {
     fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
+
+    /// When the server last started, as it says.
+    async fn start_time(&self) -> String {
+        let mut conn = sqlx::PgConnection::connect(&self.url()).await.unwrap();
+        sqlx::query_scalar("SELECT pg_postmaster_start_time()::text")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap()
+    }
 }
 
 impl Drop for OwnCluster {
@@ -451,6 +487,7 @@ async fn postgres_restart() {
     let app = TestApp::start_with(Kind::Sqlite, |c| c.database.url = url.clone()).await;
     let next_id = Arc::new(AtomicI64::new(1));
 
+    let started = cluster.start_time().await;
     let load = post_round(&app, &next_id, 40);
     let restarts = async {
         // Restart twice while the clients are posting (ids are handed out as they post).
@@ -464,6 +501,11 @@ async fn postgres_restart() {
     };
     let (during, ()) = tokio::join!(load, restarts);
     let after = post_round(&app, &next_id, 10).await;
+    assert_ne!(
+        cluster.start_time().await,
+        started,
+        "the server was not restarted"
+    );
 
     let mut acknowledged = during.acknowledged();
     acknowledged.extend(after.acknowledged());
@@ -496,4 +538,136 @@ async fn postgres_restart() {
         "the daemon did not take jobs again once the server was back"
     );
     drop(cluster);
+}
+
+/// SQLite on a full disk with the whole pipeline running: the disk fills while jobs are
+/// being staged, recall events ingested and callbacks recorded, so the engine's, the
+/// ingest's and the outbox's writes fail as well as intake's. Once space is back, every
+/// acknowledged job must reach exactly one delivered callback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_disk_full_pipeline() {
+    let fs = Tmpfs::mount(6 * 1024).unwrap_or_else(|why| {
+        panic!("the disk-full test mounts a tmpfs and needs root to do it: {why}")
+    });
+    let db_path = fs.path().join("staged.db");
+    let url = format!("sqlite://{}", db_path.display());
+    let tape = Tape::start(|_| {}).await;
+    let receiver = Receiver::start().await;
+    let app = TestApp::start_with(Kind::Sqlite, |c| {
+        c.database.url = url.clone();
+        c.callbacks.username = "asvo".into();
+        c.callbacks.password = Some(secret("cb-pw"));
+        c.callbacks.error_delay_secs = 0;
+        c.callbacks.retry_min_secs = 1;
+        c.callbacks.retry_max_secs = 2;
+        c.callbacks.timeout_secs = 5;
+        c.callbacks.per_minute = 6000;
+        c.jobs.retry_min_secs = 1;
+        c.jobs.retry_max_secs = 2;
+        c.jobs.sweep_interval_secs = 1;
+        tape.configure(c);
+    })
+    .await;
+    let cb = receiver.url();
+    let next_id = Arc::new(AtomicI64::new(1));
+
+    let before = post_round_to(&app, &next_id, 2, &cb).await;
+    assert_eq!(before.count(202), CLIENTS * 2, "posts before the fault");
+    let filler = fill(fs.path(), 192 * 1024);
+    let during = post_round_to(&app, &next_id, 15, &cb).await;
+    // Leave the engine, the ingest and the notifier a moment on the full disk.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    std::fs::remove_file(&filler).expect("giving the space back");
+    let after = post_round_to(&app, &next_id, 4, &cb).await;
+
+    let mut acknowledged = before.acknowledged();
+    acknowledged.extend(during.acknowledged());
+    acknowledged.extend(after.acknowledged());
+
+    // Every acknowledged job is staged and called back; bounded wait.
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    let delivered_ids = |r: &Receiver| -> Vec<i64> {
+        r.delivered()
+            .iter()
+            .filter_map(|c| c.body["job_id"].as_i64())
+            .collect()
+    };
+    loop {
+        let got: HashSet<i64> = delivered_ids(&receiver).into_iter().collect();
+        if acknowledged.is_subset(&got) || std::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A repeat would show up within a retry interval.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let delivered = delivered_ids(&receiver);
+    let mut times: HashMap<i64, usize> = HashMap::new();
+    for id in &delivered {
+        *times.entry(*id).or_default() += 1;
+    }
+    let repeated: Vec<i64> = times
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(id, _)| *id)
+        .collect();
+    let not_ok: Vec<i64> = receiver
+        .delivered()
+        .iter()
+        .filter(|c| c.body["return_code"].as_i64() != Some(0))
+        .filter_map(|c| c.body["job_id"].as_i64())
+        .collect();
+
+    app.stop().await;
+    let stored = stored_files_sqlite(&db_path).await;
+    let called_back: HashSet<i64> = acknowledged
+        .iter()
+        .copied()
+        .filter(|id| times.contains_key(id))
+        .collect();
+    let stored_ids: HashSet<i64> = acknowledged
+        .iter()
+        .copied()
+        .filter(|id| stored.contains_key(id))
+        .collect();
+    let row = Row {
+        fault: "sqlite disk full, pipeline",
+        backend: "sqlite",
+        acknowledged: acknowledged.len() as u64,
+        stored: stored_ids.len() as u64,
+        called_back: called_back.len() as u64,
+        lost: acknowledged
+            .iter()
+            .filter(|id| !called_back.contains(id) && !stored_ids.contains(id))
+            .count() as u64,
+    };
+    ledger::record(&row);
+    eprintln!(
+        "sqlite disk full, pipeline: during the fault {} of {} posts got 202; after it {} of \
+         {}; {} callbacks delivered; {row:?}",
+        during.count(202),
+        during.by_job.len(),
+        after.count(202),
+        after.by_job.len(),
+        delivered.len()
+    );
+    assert_eq!(row.lost, 0, "acknowledged jobs lost: {row:?}");
+    assert_eq!(
+        row.called_back, row.acknowledged,
+        "acknowledged jobs never called back: {row:?}"
+    );
+    assert!(
+        repeated.is_empty(),
+        "jobs called back more than once: {repeated:?}"
+    );
+    assert!(
+        not_ok.is_empty(),
+        "jobs called back with a failure: {not_ok:?}"
+    );
+    assert_eq!(
+        after.count(202),
+        after.by_job.len(),
+        "the daemon did not take jobs again once space came back"
+    );
+    drop(tape);
 }
