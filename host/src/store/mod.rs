@@ -125,6 +125,8 @@ pub struct StoreOptions {
     pub sqlite_synchronous: SqliteSync,
     pub intake_batch_max: usize,
     pub intake_writers: usize,
+    /// SQLite's `max_page_count` for every connection; 0: SQLite's own limit.
+    pub sqlite_max_pages: u64,
     pub expiry: Duration,
     /// How long a claim on a job or callback lasts (`jobs.lease_secs`); a daemon that dies
     /// holding one loses it after this.
@@ -140,6 +142,7 @@ impl StoreOptions {
             sqlite_synchronous: db.sqlite_synchronous,
             intake_batch_max: db.intake_batch_max,
             intake_writers: db.intake_writers,
+            sqlite_max_pages: db.sqlite_max_pages,
             expiry,
             lease: Duration::from_secs(120),
         }
@@ -456,7 +459,7 @@ async fn connect(opts: &StoreOptions) -> Result<(Backend, Backend), StoreError> 
         reason,
     };
     if opts.url.starts_with("sqlite:") {
-        let connect = SqliteConnectOptions::from_str(&opts.url)
+        let mut connect = SqliteConnectOptions::from_str(&opts.url)
             .map_err(|e| bad_url(e.to_string()))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -465,6 +468,10 @@ async fn connect(opts: &StoreOptions) -> Result<(Backend, Backend), StoreError> 
                 SqliteSync::Normal => SqliteSynchronous::Normal,
             })
             .busy_timeout(Duration::from_secs(10));
+        if opts.sqlite_max_pages > 0 {
+            // A per-connection setting: every connection the pool opens gets it.
+            connect = connect.pragma("max_page_count", opts.sqlite_max_pages.to_string());
+        }
         let pool = SqlitePoolOptions::new()
             .max_connections(opts.max_connections.clamp(2, 8))
             .after_release(hygiene::sqlite_after_release)
