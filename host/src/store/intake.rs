@@ -14,7 +14,8 @@
 //! Invariants:
 //! - A submitter hears `Created` only after the transaction holding its job committed.
 //! - A duplicate id (already stored, or earlier in the same batch) is `Duplicate`, decided
-//!   by the primary key, so concurrent daemons agree.
+//!   by the primary key, so concurrent daemons agree. A job that a failed batch stored
+//!   anyway (its commit erred yet took effect) is neither: its submitter hears an error.
 //! - One bad job cannot fail its batch-mates: if a batch fails, its jobs are retried one
 //!   transaction each, and only the job that still fails gets the error.
 //! - A writer keeps its connection only after a batch that committed and left it outside
@@ -29,7 +30,7 @@ use sqlx::{Connection, PgConnection, Postgres, Sqlite, SqliteConnection};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::{Backend, NewJob, Signals, StageWork, StoreError, StoreOptions, now_ms};
+use super::{Backend, NewJob, Signals, StageWork, StoreError, StoreOptions, now_ms, with_pool};
 
 /// Files per batch beyond which a writer stops taking more jobs into the batch.
 const BATCH_FILES_SOFT_MAX: usize = 200_000;
@@ -264,7 +265,8 @@ impl Writer {
             batch.into_iter().partition(|r| seen.insert(r.job.job_id));
         let jobs: Vec<&NewJob> = unique.iter().map(|r| &r.job).collect();
 
-        match self.insert(&jobs).await {
+        let now = now_ms();
+        match self.insert(&jobs, now).await {
             Ok(created) => {
                 for r in unique {
                     let outcome = if created.contains(&r.job.job_id) {
@@ -278,13 +280,14 @@ impl Writer {
             Err(e) if jobs.len() > 1 => {
                 tracing::warn!(error = %e, jobs = jobs.len(), "intake batch failed; retrying its jobs one by one");
                 for r in unique {
-                    let outcome = self.insert(&[&r.job]).await.map(|created| {
-                        if created.is_empty() {
-                            Intake::Duplicate
-                        } else {
-                            Intake::Created
-                        }
-                    });
+                    // A later millisecond than the failed batch's, so that its rows can be
+                    // told from the retry's.
+                    let retry_now = now_ms().max(now + 1);
+                    let outcome = match self.insert(&[&r.job], retry_now).await {
+                        Ok(created) if !created.is_empty() => Ok(Intake::Created),
+                        Ok(_) => self.duplicate_or_unknown(r.job.job_id, now).await,
+                        Err(e) => Err(e),
+                    };
                     let _ = r.reply.send(outcome);
                 }
             }
@@ -302,8 +305,7 @@ impl Writer {
 
     /// Writes the jobs (and the files of those that are new) in one transaction, hands the
     /// created ones to this daemon's engine and returns their ids.
-    async fn insert(&mut self, jobs: &[&NewJob]) -> Result<HashSet<i64>, StoreError> {
-        let now = now_ms();
+    async fn insert(&mut self, jobs: &[&NewJob], now: i64) -> Result<HashSet<i64>, StoreError> {
         let stamp = Stamp {
             now,
             expires: now + self.expiry_ms,
@@ -334,6 +336,38 @@ impl Writer {
                 }),
         );
         Ok(created)
+    }
+}
+
+impl Writer {
+    /// A job already exists when its retry comes: stored before (a duplicate) or by the
+    /// failed batch itself, whose commit reported an error and yet took effect (SQLite
+    /// after an I/O error at commit, a connection lost while PostgreSQL committed). The
+    /// latter was not proven durable, so it is not acknowledged, nor called a duplicate of
+    /// a job the client never posted twice: its outcome is unknown.
+    async fn duplicate_or_unknown(
+        &self,
+        job_id: i64,
+        batch_now: i64,
+    ) -> Result<Intake, StoreError> {
+        const SQL: &str = "SELECT count(*) FROM jobs \
+             WHERE job_id = $1 AND created_ms = $2 AND lease_owner = $3";
+        let by_batch: i64 = with_pool!(&self.backend, p =>
+            sqlx::query_scalar(SQL)
+                .bind(job_id)
+                .bind(batch_now)
+                .bind(&*self.owner)
+                .fetch_one(p)
+                .await?);
+        if by_batch > 0 {
+            tracing::warn!(
+                job_id,
+                "a failed intake commit took effect anyway; the job is stored but not acknowledged"
+            );
+            Err(StoreError::CommitUnknown)
+        } else {
+            Ok(Intake::Duplicate)
+        }
     }
 }
 

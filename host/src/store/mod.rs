@@ -54,6 +54,11 @@ pub enum StoreError {
         "the database connection was still inside a transaction after a commit; the write was rolled back"
     )]
     Unsettled,
+    /// A commit reported an error and yet took effect: stored, but not proven durable.
+    #[error(
+        "the database reported a failed commit that nonetheless took effect; the job's outcome is unknown"
+    )]
+    CommitUnknown,
 }
 
 /// A job as accepted from a client, before it is written.
