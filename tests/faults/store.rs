@@ -39,6 +39,14 @@ impl Answers {
             .collect()
     }
 
+    fn histogram(&self) -> std::collections::BTreeMap<u16, usize> {
+        let mut h = std::collections::BTreeMap::new();
+        for s in self.by_job.values() {
+            *h.entry(*s).or_default() += 1;
+        }
+        h
+    }
+
     fn count(&self, status: u16) -> usize {
         self.by_job.values().filter(|s| **s == status).count()
     }
@@ -769,4 +777,133 @@ async fn sqlite_page_cap_full(fault: &'static str) {
         after.by_job.len(),
         "the daemon did not take jobs again once pages were free"
     );
+}
+
+/// A file system whose device fails writes: ext4 (no journal, `errors=continue`, so it
+/// neither aborts nor turns read-only) on a loop device whose backing file lives, sparse,
+/// on a small tmpfs. Filling the tmpfs makes every write of a new block to the device fail,
+/// which the file system above reports as `EIO`, at `write` or, for data it had cached, at
+/// `fsync`: SQLite's commit. Deleting the filler ends the fault. Unmounted and detached
+/// when dropped.
+struct FailingDisk {
+    outer: Tmpfs,
+    loop_dev: String,
+    mnt: PathBuf,
+}
+
+impl FailingDisk {
+    fn mount() -> Result<FailingDisk, String> {
+        let outer = Tmpfs::mount(32 * 1024)?;
+        let img = outer.path().join("disk.img");
+        let ok = |c: &mut Command| -> Result<String, String> {
+            let out = c.output().map_err(|e| format!("{c:?}: {e}"))?;
+            if out.status.success() {
+                Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+            } else {
+                Err(format!(
+                    "{c:?}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+            }
+        };
+        ok(Command::new("truncate").args(["-s", "64m"]).arg(&img))?;
+        ok(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-O", "^has_journal", "-E", "nodiscard"])
+            .arg(&img))?;
+        let loop_dev = ok(Command::new("losetup").args(["-f", "--show"]).arg(&img))?;
+        let mnt = outer.path().join("mnt");
+        std::fs::create_dir(&mnt).map_err(|e| e.to_string())?;
+        let disk = FailingDisk {
+            outer,
+            loop_dev,
+            mnt,
+        };
+        ok(Command::new("mount")
+            .args(["-o", "errors=continue", &disk.loop_dev])
+            .arg(&disk.mnt))?;
+        Ok(disk)
+    }
+}
+
+impl Drop for FailingDisk {
+    fn drop(&mut self) {
+        let plain = Command::new("umount").arg(&self.mnt).status();
+        if !matches!(plain, Ok(s) if s.success()) {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+        let _ = Command::new("losetup")
+            .args(["-d", &self.loop_dev])
+            .status();
+        // `outer` unmounts itself after this.
+    }
+}
+
+/// SQLite when the disk under it fails writes (I/O errors, including at commit) while
+/// eight clients post, then works again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_io_error() {
+    let disk = FailingDisk::mount().unwrap_or_else(|why| {
+        panic!("the I/O-error test needs root, tmpfs and loop devices: {why}")
+    });
+    let db_path = disk.mnt.join("staged.db");
+    let url = format!("sqlite://{}", db_path.display());
+    let app = TestApp::start_with(Kind::Sqlite, |c| c.database.url = url.clone()).await;
+    let next_id = Arc::new(AtomicI64::new(1));
+
+    let before = post_round(&app, &next_id, 4).await;
+    assert_eq!(before.count(202), CLIENTS * 4, "posts before the fault");
+    let filler = fill(disk.outer.path(), 0);
+    let during = post_round(&app, &next_id, 40).await;
+    let refused = during.by_job.len() - during.count(202);
+    assert!(
+        refused > 0,
+        "the device never failed: every one of {} posts was acknowledged",
+        during.by_job.len()
+    );
+    std::fs::remove_file(&filler).expect("ending the fault");
+    // The kernel reports a failed writeback once more, to the next fsync of the file: the
+    // first commit after the fault may fail for it (and must not be answered 202).
+    let settle = post_round(&app, &next_id, 1).await;
+    let after = post_round(&app, &next_id, 10).await;
+
+    let mut acknowledged = before.acknowledged();
+    acknowledged.extend(during.acknowledged());
+    acknowledged.extend(settle.acknowledged());
+    acknowledged.extend(after.acknowledged());
+    let live = stored_files_sqlite(&db_path).await;
+    app.stop().await;
+    let stored = stored_files_sqlite(&db_path).await;
+    let stored_n = complete(&acknowledged, &stored).min(complete(&acknowledged, &live));
+    let row = Row {
+        fault: "sqlite I/O error",
+        backend: "sqlite",
+        acknowledged: acknowledged.len() as u64,
+        stored: stored_n,
+        called_back: 0,
+        lost: acknowledged.len() as u64 - stored_n,
+    };
+    ledger::record(&row);
+    eprintln!(
+        "sqlite I/O error: during the fault {} of {} posts got 202, {refused} refused \
+         (statuses {:?}); settling {} of {}; after it {} of {}; {row:?}",
+        during.count(202),
+        during.by_job.len(),
+        during.histogram(),
+        settle.count(202),
+        settle.by_job.len(),
+        after.count(202),
+        after.by_job.len()
+    );
+    assert_eq!(row.lost, 0, "acknowledged jobs lost: {row:?}");
+    assert_eq!(
+        during.count(403),
+        0,
+        "jobs posted once were answered 403 (the id exists)"
+    );
+    assert_eq!(
+        after.count(202),
+        after.by_job.len(),
+        "the daemon did not take jobs again once the device worked"
+    );
+    drop(disk);
 }
