@@ -16,3 +16,4 @@ mod crash;
 mod http;
 mod ledger;
 mod props;
+mod store;

@@ -14,9 +14,13 @@
 //! Invariants:
 //! - A submitter hears `Created` only after the transaction holding its job committed.
 //! - A duplicate id (already stored, or earlier in the same batch) is `Duplicate`, decided
-//!   by the primary key, so concurrent daemons agree.
+//!   by the primary key, so concurrent daemons agree. A job that a failed batch stored
+//!   anyway (its commit erred yet took effect) is neither: its submitter hears an error.
 //! - One bad job cannot fail its batch-mates: if a batch fails, its jobs are retried one
 //!   transaction each, and only the job that still fails gets the error.
+//! - A writer keeps its connection only after a batch that committed and left it outside
+//!   any transaction; after any failure the connection goes back to the pool, whose
+//!   release check closes it unless it is settled ([`super::hygiene`]).
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -26,7 +30,7 @@ use sqlx::{Connection, PgConnection, Postgres, Sqlite, SqliteConnection};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::{Backend, NewJob, Signals, StageWork, StoreError, StoreOptions, now_ms};
+use super::{Backend, NewJob, Signals, StageWork, StoreError, StoreOptions, now_ms, with_pool};
 
 /// Files per batch beyond which a writer stops taking more jobs into the batch.
 const BATCH_FILES_SOFT_MAX: usize = 200_000;
@@ -197,10 +201,13 @@ struct Stamp<'a> {
 /// none, and keeps it afterwards if `$keep`. A kept connection may have died since the last
 /// batch (a database restart, an idle timeout): that costs one attempt, then `$write` runs
 /// on a fresh connection from the pool, which checks a connection before lending it.
+/// A connection is kept only if `$settled` says it is outside any transaction; one whose
+/// write failed goes back to the pool, whose release hook closes it unless it is settled
+/// (see [`super::hygiene`]).
 /// (A macro, not a generic function: a closure borrowing the connection makes the
 /// writer's task lose `Send`.)
 macro_rules! on_kept_connection {
-    ($kept:expr, $pool:expr, $keep:expr, $conn:ident => $write:expr) => {{
+    ($kept:expr, $pool:expr, $keep:expr, $settled:expr, $conn:ident => $write:expr) => {{
         let mut done = None;
         if let Some(mut $conn) = $kept.take() {
             match $write.await {
@@ -217,7 +224,7 @@ macro_rules! on_kept_connection {
                 ($write.await?, $conn)
             }
         };
-        if $keep {
+        if $keep && $settled(&$conn) {
             *$kept = Some($conn);
         }
         out
@@ -258,7 +265,8 @@ impl Writer {
             batch.into_iter().partition(|r| seen.insert(r.job.job_id));
         let jobs: Vec<&NewJob> = unique.iter().map(|r| &r.job).collect();
 
-        match self.insert(&jobs).await {
+        let now = now_ms();
+        match self.insert(&jobs, now).await {
             Ok(created) => {
                 for r in unique {
                     let outcome = if created.contains(&r.job.job_id) {
@@ -272,13 +280,14 @@ impl Writer {
             Err(e) if jobs.len() > 1 => {
                 tracing::warn!(error = %e, jobs = jobs.len(), "intake batch failed; retrying its jobs one by one");
                 for r in unique {
-                    let outcome = self.insert(&[&r.job]).await.map(|created| {
-                        if created.is_empty() {
-                            Intake::Duplicate
-                        } else {
-                            Intake::Created
-                        }
-                    });
+                    // A later millisecond than the failed batch's, so that its rows can be
+                    // told from the retry's.
+                    let retry_now = now_ms().max(now + 1);
+                    let outcome = match self.insert(&[&r.job], retry_now).await {
+                        Ok(created) if !created.is_empty() => Ok(Intake::Created),
+                        Ok(_) => self.duplicate_or_unknown(r.job.job_id, now).await,
+                        Err(e) => Err(e),
+                    };
                     let _ = r.reply.send(outcome);
                 }
             }
@@ -296,8 +305,7 @@ impl Writer {
 
     /// Writes the jobs (and the files of those that are new) in one transaction, hands the
     /// created ones to this daemon's engine and returns their ids.
-    async fn insert(&mut self, jobs: &[&NewJob]) -> Result<HashSet<i64>, StoreError> {
-        let now = now_ms();
+    async fn insert(&mut self, jobs: &[&NewJob], now: i64) -> Result<HashSet<i64>, StoreError> {
         let stamp = Stamp {
             now,
             expires: now + self.expiry_ms,
@@ -305,9 +313,13 @@ impl Writer {
             lease_until: now + self.lease_ms,
         };
         let created = match &self.backend {
+            // insert_sqlite checked its connection after the commit (a round trip to the
+            // connection's thread), so nothing is left to check here.
             Backend::Sqlite(p) => on_kept_connection!(&mut self.sqlite, p, self.keep_connection,
+                |_: &PoolConnection<Sqlite>| true,
                 conn => insert_sqlite(&mut conn, jobs, &stamp)),
             Backend::Postgres(p) => on_kept_connection!(&mut self.pg, p, self.keep_connection,
+                |c: &PoolConnection<Postgres>| super::hygiene::pg_settled(c),
                 conn => insert_postgres(&mut conn, jobs, &stamp)),
         };
         self.handoff.push(
@@ -324,6 +336,38 @@ impl Writer {
                 }),
         );
         Ok(created)
+    }
+}
+
+impl Writer {
+    /// A job already exists when its retry comes: stored before (a duplicate) or by the
+    /// failed batch itself, whose commit reported an error and yet took effect (SQLite
+    /// after an I/O error at commit, a connection lost while PostgreSQL committed). The
+    /// latter was not proven durable, so it is not acknowledged, nor called a duplicate of
+    /// a job the client never posted twice: its outcome is unknown.
+    async fn duplicate_or_unknown(
+        &self,
+        job_id: i64,
+        batch_now: i64,
+    ) -> Result<Intake, StoreError> {
+        const SQL: &str = "SELECT count(*) FROM jobs \
+             WHERE job_id = $1 AND created_ms = $2 AND lease_owner = $3";
+        let by_batch: i64 = with_pool!(&self.backend, p =>
+            sqlx::query_scalar(SQL)
+                .bind(job_id)
+                .bind(batch_now)
+                .bind(&*self.owner)
+                .fetch_one(p)
+                .await?);
+        if by_batch > 0 {
+            tracing::warn!(
+                job_id,
+                "a failed intake commit took effect anyway; the job is stored but not acknowledged"
+            );
+            Err(StoreError::CommitUnknown)
+        } else {
+            Ok(Intake::Duplicate)
+        }
     }
 }
 
@@ -388,6 +432,12 @@ async fn insert_sqlite(
         sqlx::query(FILES).bind(files).execute(&mut *tx).await?;
     }
     tx.commit().await?;
+    // A commit that reported success on a connection sqlx had lost count of may have only
+    // released a savepoint inside a transaction that never commits: proven committed only
+    // if the connection is outside any transaction now.
+    if !super::hygiene::sqlite_settled(conn).await? {
+        return Err(StoreError::Unsettled);
+    }
     Ok(created)
 }
 

@@ -12,8 +12,11 @@
 //! - `job_id` is the primary key: a duplicate submission loses atomically, even under
 //!   concurrent posts and several daemons.
 //! - File events are applied by path to every job holding that path; `ready` is sticky.
+//! - No connection is reused after a failed statement or commit while it may still be
+//!   inside a transaction: see [`hygiene`], the `after_release` hook of every pool.
 
 mod engine;
+mod hygiene;
 mod ingest;
 mod intake;
 
@@ -45,6 +48,17 @@ pub enum StoreError {
     BadUrl { url: String, reason: String },
     #[error("the store is shutting down")]
     Closed,
+    /// A write reported success but its connection was still inside a transaction after
+    /// it, so nothing proves it committed; the connection is closed, which rolls it back.
+    #[error(
+        "the database connection was still inside a transaction after a commit; the write was rolled back"
+    )]
+    Unsettled,
+    /// A commit reported an error and yet took effect: stored, but not proven durable.
+    #[error(
+        "the database reported a failed commit that nonetheless took effect; the job's outcome is unknown"
+    )]
+    CommitUnknown,
 }
 
 /// A job as accepted from a client, before it is written.
@@ -116,6 +130,8 @@ pub struct StoreOptions {
     pub sqlite_synchronous: SqliteSync,
     pub intake_batch_max: usize,
     pub intake_writers: usize,
+    /// SQLite's `max_page_count` for every connection; 0: SQLite's own limit.
+    pub sqlite_max_pages: u64,
     pub expiry: Duration,
     /// How long a claim on a job or callback lasts (`jobs.lease_secs`); a daemon that dies
     /// holding one loses it after this.
@@ -131,6 +147,7 @@ impl StoreOptions {
             sqlite_synchronous: db.sqlite_synchronous,
             intake_batch_max: db.intake_batch_max,
             intake_writers: db.intake_writers,
+            sqlite_max_pages: db.sqlite_max_pages,
             expiry,
             lease: Duration::from_secs(120),
         }
@@ -447,7 +464,7 @@ async fn connect(opts: &StoreOptions) -> Result<(Backend, Backend), StoreError> 
         reason,
     };
     if opts.url.starts_with("sqlite:") {
-        let connect = SqliteConnectOptions::from_str(&opts.url)
+        let mut connect = SqliteConnectOptions::from_str(&opts.url)
             .map_err(|e| bad_url(e.to_string()))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -456,8 +473,13 @@ async fn connect(opts: &StoreOptions) -> Result<(Backend, Backend), StoreError> 
                 SqliteSync::Normal => SqliteSynchronous::Normal,
             })
             .busy_timeout(Duration::from_secs(10));
+        if opts.sqlite_max_pages > 0 {
+            // A per-connection setting: every connection the pool opens gets it.
+            connect = connect.pragma("max_page_count", opts.sqlite_max_pages.to_string());
+        }
         let pool = SqlitePoolOptions::new()
             .max_connections(opts.max_connections.clamp(2, 8))
+            .after_release(hygiene::sqlite_after_release)
             .connect_with(connect)
             .await?;
         Ok((Backend::Sqlite(pool.clone()), Backend::Sqlite(pool)))
@@ -477,6 +499,7 @@ async fn connect(opts: &StoreOptions) -> Result<(Backend, Backend), StoreError> 
         let pool = PgPoolOptions::new()
             .max_connections(opts.max_connections)
             .acquire_timeout(Duration::from_secs(10))
+            .after_release(hygiene::pg_after_release)
             .connect_with(shared)
             .await?;
         // The intake writers run one statement, whose plan depends on no table's contents
@@ -486,6 +509,7 @@ async fn connect(opts: &StoreOptions) -> Result<(Backend, Backend), StoreError> 
         let intake = PgPoolOptions::new()
             .max_connections(u32::try_from(opts.intake_writers).unwrap_or(u32::MAX))
             .acquire_timeout(Duration::from_secs(10))
+            .after_release(hygiene::pg_after_release)
             .connect_lazy_with(connect.options([("plan_cache_mode", "force_generic_plan")]));
         Ok((Backend::Postgres(pool), Backend::Postgres(intake)))
     } else {
