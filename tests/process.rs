@@ -382,16 +382,29 @@ async fn demo_runs_its_jobs_to_their_callbacks() {
     assert_eq!(code_of("103").as_deref(), Some("5"), "{callbacks:#?}");
     assert_eq!(code_of("104").as_deref(), Some("101"), "{callbacks:#?}");
 
-    // Still serving: the finished jobs are gone, as after any delivered callback.
+    // Still serving: the finished jobs are gone, as after any delivered callback. The
+    // demo prints a callback as its receiver gets it, a moment before the daemon hears the
+    // 200 and removes the job, so both are awaited (bounded) rather than read at once.
     let base = format!("http://127.0.0.1:{port}");
-    let r = reqwest::get(format!("{base}/staging/?job_id=101"))
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 404);
-    let r = reqwest::get(format!("{base}/get_failed_job/?job_id=103"))
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "the code-5 job left a failure report");
+    let status_becomes = |path: String, want: u16| async move {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = reqwest::get(&path).await.unwrap().status().as_u16();
+            if status == want || Instant::now() > until {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    assert_eq!(
+        status_becomes(format!("{base}/staging/?job_id=101"), 404).await,
+        404
+    );
+    assert_eq!(
+        status_becomes(format!("{base}/get_failed_job/?job_id=103"), 200).await,
+        200,
+        "the code-5 job left a failure report"
+    );
 
     // SAFETY: kill(2) on our own child.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);

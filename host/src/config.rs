@@ -674,7 +674,10 @@ impl Config {
                 "server.shutdown_grace_secs",
                 self.server.shutdown_grace_secs,
             ),
-            ("server.header_timeout_secs", self.server.header_timeout_secs),
+            (
+                "server.header_timeout_secs",
+                self.server.header_timeout_secs,
+            ),
             ("server.body_timeout_secs", self.server.body_timeout_secs),
             ("server.idle_timeout_secs", self.server.idle_timeout_secs),
             ("server.drain_timeout_secs", self.server.drain_timeout_secs),
