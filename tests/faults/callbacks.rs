@@ -309,7 +309,8 @@ async fn settle_and_record(
 
 crate::both_backends!(
     bad_endpoints_cost_only_their_own_jobs,
-    redirect_is_not_a_delivery
+    redirect_is_not_a_delivery,
+    failures_do_not_spend_a_healthy_destinations_budget
 );
 
 /// Many bad destinations (hanging, 500, resetting, redirecting) with callbacks queued
@@ -464,9 +465,14 @@ async fn redirect_is_not_a_delivery(kind: Kind) {
     let stored_before = stored(&app, &acked).await;
     complete(&app, &acked).await;
 
-    // Every job is attempted, then retried.
+    // Every job is attempted, then retried, and never reaches the target.
     let deadline = Instant::now() + Duration::from_secs(15);
     while redirecting.seen().len() < 2 * acked.len() {
+        assert!(
+            target.seen().is_empty(),
+            "the redirect was followed: {:?}",
+            target.seen()
+        );
         assert!(
             Instant::now() < deadline,
             "redirected callbacks not retried: {:?}",
@@ -495,6 +501,71 @@ async fn redirect_is_not_a_delivery(kind: Kind) {
         kind,
         &app,
         &[&redirecting, &target],
+        &acked,
+        stored_before,
+    )
+    .await;
+    app.stop().await;
+}
+
+/// The budget is per destination: a failing endpoint's retries spend its own, and a healthy
+/// destination's callbacks go at once even after the failing one has spent all of its.
+async fn failures_do_not_spend_a_healthy_destinations_budget(kind: Kind) {
+    let failing = Endpoint::start(Mode::Fail).await;
+    let healthy = Endpoint::start(Mode::Ok).await;
+    const BUDGET: u32 = 20;
+    let app = TestApp::start_with(kind, |c| {
+        quick(c);
+        c.callbacks.per_minute = BUDGET;
+    })
+    .await;
+    let bad: Vec<(i64, String)> = (100..110).map(|id| (id, failing.url(id))).collect();
+    let good: Vec<(i64, String)> = (1..=5).map(|id| (id, healthy.url(id))).collect();
+    let mut acked = post_jobs(&app, &bad).await;
+    let bad_ids = acked.clone();
+    let good_ids = post_jobs(&app, &good).await;
+    acked.extend(&good_ids);
+    let stored_before = stored(&app, &acked).await;
+
+    complete(&app, &bad_ids).await;
+    // Long enough for retries of every failing job to spend a budget shared by both.
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    let spent = failing.seen().len();
+    complete(&app, &good_ids).await;
+    let due = Instant::now();
+    let limit = Duration::from_secs(10);
+    wait_all_delivered(&[&healthy], &good_ids, limit).await;
+    let last = healthy
+        .seen()
+        .iter()
+        .filter(|s| s.status == 200)
+        .map(|s| s.at.saturating_duration_since(due))
+        .max();
+    println!(
+        "healthy callbacks after {spent} failed attempts elsewhere, budget {BUDGET}/min \
+         ({kind:?}): {} of {} delivered, last after {last:?}",
+        healthy.delivered().len(),
+        good_ids.len()
+    );
+    assert_eq!(
+        healthy.delivered().len(),
+        good_ids.len(),
+        "healthy callbacks waited for a budget others spent"
+    );
+    assert!(last.is_some_and(|l| l < Duration::from_secs(1)), "{last:?}");
+    assert!(failing.delivered().is_empty());
+    assert!(
+        failing.seen().len() as u32 <= BUDGET,
+        "its own budget holds"
+    );
+
+    failing.set(Mode::Ok);
+    wait_all_delivered(&[&failing], &bad_ids, Duration::from_secs(15)).await;
+    settle_and_record(
+        "callbacks: budget spent by failures",
+        kind,
+        &app,
+        &[&failing, &healthy],
         &acked,
         stored_before,
     )
