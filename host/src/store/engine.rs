@@ -113,6 +113,9 @@ pub struct HistoryRow {
     pub comment: String,
 }
 
+/// Reads of the outbox one callback claim may make (see [`Store::claim_callbacks`]).
+const CLAIM_READS: usize = 8;
+
 // Counts of a job's files, as a SELECT list over `jobs j`.
 const COUNTS: &str = "(SELECT count(*) FROM job_files f WHERE f.job_id = j.job_id AND f.ready), \
      (SELECT count(*) FROM job_files f WHERE f.job_id = j.job_id AND f.error AND NOT f.ready)";
@@ -386,9 +389,10 @@ impl Store {
     /// it is claimed so that the caller can remove it without another attempt.
     ///
     /// The candidates are read first and claimed by a second, conditional UPDATE that
-    /// only takes rows still due, so two daemons never both claim a row. Rows seen for the
-    /// first time get their destination (`origin`) recorded, so that the next read can
-    /// leave out a blocked destination's rows in SQL rather than reading them again.
+    /// only takes rows still due, so two daemons never both claim a row. A claimed row gets
+    /// its destination (`origin`) recorded. When a read is full of rows none of which may
+    /// go, their destinations are recorded too and the read repeated, so that it leaves a
+    /// blocked destination's rows out in SQL: they cannot starve the rows behind them.
     pub async fn claim_callbacks(
         &self,
         owner: &str,
@@ -409,57 +413,58 @@ impl Store {
             blocked = json_values(b, "$2", "text"),
             backing_off = json_values(b, "$3", "text"),
         );
-        let blocked: Vec<&str> = gate
-            .busy
-            .iter()
-            .chain(gate.backing_off.iter())
-            .map(String::as_str)
-            .collect();
-        let blocked = serde_json::to_string(&blocked).expect("strings serialize");
         let backing_off = serde_json::to_string(&gate.backing_off).expect("strings serialize");
-        // Read more than we may take: some candidates belong to destinations with less
-        // room than rows.
-        let window = (limit * 4).max(64);
-        let candidates: Vec<(i64, String, Option<String>, Option<i64>)> = with_pool!(b, p =>
-            sqlx::query_as(sqlx::AssertSqlSafe(candidates_sql))
-                .bind(now).bind(&blocked).bind(&backing_off).bind(window)
-                .fetch_all(p).await?);
-
+        let classify_sql = format!(
+            "UPDATE notify_outbox SET origin = u.o FROM {} AS u \
+             WHERE notify_outbox.job_id = u.id AND notify_outbox.origin IS NULL",
+            json_rows(b, "$1", &[("id", "bigint"), ("o", "text")])
+        );
+        let blocked: Vec<&String> = gate.busy.iter().chain(gate.backing_off.iter()).collect();
+        let blocked = serde_json::to_string(&blocked).expect("strings serialize");
         let mut room: HashMap<String, usize> = HashMap::new();
         let mut take: Vec<(i64, String)> = Vec::new();
-        let mut classify: Vec<(i64, String)> = Vec::new();
-        for (job_id, url, origin, give_up_ms) in candidates {
-            let known = origin.is_some();
-            let origin = origin.unwrap_or_else(|| callback_origin(&url));
-            let expired = give_up_ms.is_some_and(|g| g <= now);
-            let wanted = if gate.backing_off.contains(&origin) {
-                expired
-            } else if gate.busy.contains(&origin) {
-                false
-            } else {
-                let left = room.entry(origin.clone()).or_insert_with(|| {
-                    gate.room.get(&origin).copied().unwrap_or(gate.default_room)
-                });
-                let fits = *left > 0;
-                *left = left.saturating_sub(1);
-                fits
-            };
-            if wanted && (take.len() as i64) < limit {
-                take.push((job_id, origin));
-            } else if !known {
-                classify.push((job_id, origin));
+        // Read more than we may take: some candidates belong to destinations with less
+        // room than rows.
+        let mut window = (limit * 4).max(64);
+        // A read full of rows none of which may go (a blocked destination's, not yet known
+        // to be its) records their destination, a write, and reads again, a bounded number
+        // of times; otherwise the rows are only read.
+        for _ in 0..CLAIM_READS {
+            let candidates: Vec<(i64, String, Option<String>, Option<i64>)> = with_pool!(b, p =>
+                sqlx::query_as(sqlx::AssertSqlSafe(candidates_sql.as_str()))
+                    .bind(now).bind(&blocked).bind(&backing_off).bind(window)
+                    .fetch_all(p).await?);
+            let full = candidates.len() as i64 == window;
+            let mut classify: Vec<(i64, String)> = Vec::new();
+            for (job_id, url, origin, give_up_ms) in candidates {
+                let known = origin.is_some();
+                let origin = origin.unwrap_or_else(|| callback_origin(&url));
+                let expired = give_up_ms.is_some_and(|g| g <= now);
+                let wanted = if gate.backing_off.contains(&origin) {
+                    expired
+                } else if gate.busy.contains(&origin) {
+                    false
+                } else {
+                    let left = room.entry(origin.clone()).or_insert_with(|| {
+                        gate.room.get(&origin).copied().unwrap_or(gate.default_room)
+                    });
+                    let fits = *left > 0;
+                    *left = left.saturating_sub(1);
+                    fits
+                };
+                if wanted && (take.len() as i64) < limit {
+                    take.push((job_id, origin));
+                } else if !known {
+                    classify.push((job_id, origin));
+                }
             }
-        }
-
-        if !classify.is_empty() {
-            let sql = format!(
-                "UPDATE notify_outbox SET origin = u.o FROM {} AS u \
-                 WHERE notify_outbox.job_id = u.id AND notify_outbox.origin IS NULL",
-                json_rows(b, "$1", &[("id", "bigint"), ("o", "text")])
-            );
+            if !take.is_empty() || !full || classify.is_empty() {
+                break;
+            }
             let rows = serde_json::to_string(&classify).expect("strings and integers serialize");
-            with_pool!(b, p => sqlx::query(sqlx::AssertSqlSafe(sql))
+            with_pool!(b, p => sqlx::query(sqlx::AssertSqlSafe(classify_sql.as_str()))
                 .bind(rows).execute(p).await?.rows_affected());
+            window = window.max(512);
         }
         if take.is_empty() {
             return Ok(Vec::new());
