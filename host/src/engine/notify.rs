@@ -157,12 +157,13 @@ impl Hosts {
     /// Starts an attempt that ends when the returned value drops, whatever way the
     /// delivery ends (an error recording it, a panic), so a destination's count of
     /// attempts in flight never leaks.
-    fn attempt(self: &Arc<Self>, origin: &str) -> Attempt {
+    fn attempt(self: &Arc<Self>, origin: &str, freed: &Arc<Notify>) -> Attempt {
         self.start(origin);
         Attempt {
             hosts: self.clone(),
             origin: origin.to_string(),
             seen: Outcome::Refused,
+            freed: freed.clone(),
         }
     }
 
@@ -197,6 +198,8 @@ struct Attempt {
     origin: String,
     /// What the attempt told about the destination; neutral until it ends.
     seen: Outcome,
+    /// Wakes the claim: the destination has room again.
+    freed: Arc<Notify>,
 }
 
 impl Drop for Attempt {
@@ -204,6 +207,7 @@ impl Drop for Attempt {
         if let Some(wait) = self.hosts.finish(&self.origin, self.seen) {
             tracing::warn!(origin = %self.origin, backoff = ?wait, "callback destination failing; backing off");
         }
+        self.freed.notify_one();
     }
 }
 
@@ -310,7 +314,7 @@ impl Notifier {
                     // A destination backing off gets no attempt; what the claim gave of
                     // it is past its grace and is removed undelivered.
                     let attempt = (!gate.backing_off.contains(&row.origin))
-                        .then(|| this.hosts.attempt(&row.origin));
+                        .then(|| this.hosts.attempt(&row.origin, &this.slot_freed));
                     let me = this.clone();
                     tokio::spawn(async move {
                         if let Err(e) = me.deliver(&row, attempt, permit).await {
