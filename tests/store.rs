@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::{Kind, TestDb};
-use staged::store::{FileEvent, Intake, NewJob, Store, StoreOptions};
+use staged::store::{CallbackGate, FileEvent, Intake, NewJob, Store, StoreOptions};
 
 fn opts(db: &TestDb) -> StoreOptions {
     StoreOptions::from_config(&db.config().database, Duration::from_secs(3600))
@@ -59,6 +59,7 @@ both_backends!(
     completion_is_queued_with_the_counts,
     new_jobs_are_born_claimed_by_their_daemon,
     a_clean_close_gives_claims_up,
+    callback_claim_passes_over_blocked_destinations,
 );
 
 async fn submit_then_read(kind: Kind) {
@@ -438,5 +439,58 @@ async fn intake_survives_its_connection_being_dropped_postgres() {
         Intake::Duplicate
     );
     assert!(store.job_summary(2).await.unwrap().is_some());
+    store.close().await;
+}
+
+/// A destination with no room is left out of the callback claim: its rows, however many
+/// and however early due, are neither claimed nor in the way of another destination's; one
+/// with some room gets no more than that; and a backing-off destination gives only rows
+/// past their grace.
+async fn callback_claim_passes_over_blocked_destinations(kind: Kind) {
+    let db = TestDb::new(kind).await;
+    let store = Store::open(&opts(&db)).await.unwrap();
+    let at = |id: i64, host: &str| NewJob {
+        notify_url: format!("http://{host}/cb/{id}"),
+        ..job(id, &[&format!("p/{id}")])
+    };
+    // 600 rows for a, due first (more than one read of the claim takes); then 3 for b and
+    // 3 for c.
+    const A: i64 = 600;
+    let mut posts = tokio::task::JoinSet::new();
+    for id in 0..A + 6 {
+        let host = match id {
+            _ if id < A => "a",
+            _ if id < A + 3 => "b:8080",
+            _ => "C",
+        };
+        let (store, j) = (store.clone(), at(id, host));
+        posts.spawn(async move { store.submit(j).await.unwrap() });
+    }
+    posts.join_all().await;
+    let paths: Vec<FileEvent> = (0..A + 6).map(|id| ready(&format!("p/{id}"), 1)).collect();
+    store.apply_file_events(&paths[..A as usize]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    store.apply_file_events(&paths[A as usize..]).await.unwrap();
+
+    let gate = CallbackGate {
+        busy: vec!["http://a:80".into()],
+        backing_off: vec!["http://c:80".into()],
+        room: [("http://b:8080".to_string(), 2)].into(),
+        default_room: 10,
+    };
+    let rows = store.claim_callbacks("t", 60_000, 10, &gate).await.unwrap();
+    let mut ids: Vec<_> = rows.iter().map(|r| (r.job_id, r.origin.clone())).collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        vec![
+            (A, "http://b:8080".to_string()),
+            (A + 1, "http://b:8080".to_string())
+        ],
+        "only b, and only as many as its room"
+    );
+    // With nothing blocked, a's rows come first again.
+    let rows = store.claim_due_callbacks("t", 60_000, 3).await.unwrap();
+    assert!(rows.iter().all(|r| r.origin == "http://a:80"), "{rows:?}");
     store.close().await;
 }

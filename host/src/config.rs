@@ -245,11 +245,23 @@ pub struct CallbacksConfig {
     pub username: String,
     /// HTTP basic-auth password (RESULT_PASSWORD).
     pub password: Option<Secret>,
-    /// Most callbacks sent in any 60 seconds (the original's 200 a minute).
+    /// Most callback attempts started to one destination (scheme, host and port) in any
+    /// 60 seconds (the original's 200 a minute, which went to one ASVO). Each destination
+    /// has its own budget, so failing attempts spend only their own destination's.
     pub per_minute: u32,
-    /// Callbacks in flight at once; a slow endpoint holds one slot, not the queue.
+    /// Callback attempts in flight at once, in all; an attempt unanswered after
+    /// `slow_after_ms` gives its slot back (see `slow_max`).
     pub concurrency: usize,
-    /// Seconds one attempt may take; only a 200 answer counts as delivered.
+    /// Attempts in flight at once to one destination; while a destination is failing
+    /// (connection errors, timeouts, 5xx, 429), one probe at a time after its backoff.
+    pub per_host_concurrency: usize,
+    /// Milliseconds after which an unanswered attempt stops holding one of the
+    /// `concurrency` slots, so that hanging endpoints cannot hold them all for the timeout.
+    pub slow_after_ms: u64,
+    /// Most such slow attempts open at once; beyond it a slow attempt keeps its slot.
+    pub slow_max: usize,
+    /// Seconds one attempt may take; only a 200 answer to the POST itself counts as
+    /// delivered (redirects are not followed).
     pub timeout_secs: u64,
     /// Seconds to wait before an error callback (codes 100-199), so that ASVO has
     /// recorded the job it just posted (the original waited ~2 s).
@@ -269,6 +281,9 @@ impl Default for CallbacksConfig {
             password: None,
             per_minute: 200,
             concurrency: 16,
+            per_host_concurrency: 4,
+            slow_after_ms: 2_000,
+            slow_max: 256,
             timeout_secs: 30,
             error_delay_secs: 2,
             retry_min_secs: 10,
@@ -610,8 +625,15 @@ impl Config {
         if db.max_connections < 2 {
             bail!("database.max_connections: must be at least 2");
         }
-        if self.callbacks.per_minute == 0 || self.callbacks.concurrency == 0 {
-            bail!("callbacks.per_minute and callbacks.concurrency: must be at least 1");
+        let cb = &self.callbacks;
+        if cb.per_minute == 0 || cb.concurrency == 0 || cb.per_host_concurrency == 0 {
+            bail!(
+                "callbacks.per_minute, callbacks.concurrency and callbacks.per_host_concurrency: \
+                 must be at least 1"
+            );
+        }
+        if cb.slow_after_ms == 0 || cb.timeout_secs == 0 {
+            bail!("callbacks.slow_after_ms and callbacks.timeout_secs: must be at least 1");
         }
         if self.jobs.sweep_interval_secs == 0 || self.jobs.lease_secs == 0 {
             bail!("jobs.sweep_interval_secs and jobs.lease_secs: must be at least 1");

@@ -13,6 +13,9 @@
 //! - Finishing a delivery (history row, removal of the job and its files, removal of the
 //!   outbox row) happens in one transaction and only while the lease is still ours, so a
 //!   callback is finalized once even if two daemons raced to deliver it.
+//! - A callback is claimed only when it is about to be attempted: the claim passes over the
+//!   rows of a destination that is busy or backing off (see [`Store::claim_callbacks`]),
+//!   so they hold no lease and no slot, and a bad destination cannot fill the claim.
 
 use std::collections::HashMap;
 
@@ -52,6 +55,48 @@ pub struct OutboxRow {
     pub comment: String,
     pub attempts: i64,
     pub give_up_ms: Option<i64>,
+    /// The destination, as [`callback_origin`] gives it.
+    pub origin: String,
+}
+
+/// The destination of a callback: scheme, host and port (the default port spelled out),
+/// lower case. Per-destination limits, backoff and budgets are keyed by it. A URL that does
+/// not parse (intake refuses those) is its own destination, so it costs only itself.
+pub fn callback_origin(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(u) => match (u.host_str(), u.port_or_known_default()) {
+            (Some(host), Some(port)) => format!("{}://{}:{}", u.scheme(), host, port),
+            (Some(host), None) => format!("{}://{}", u.scheme(), host),
+            _ => url.to_string(),
+        },
+        Err(_) => url.to_string(),
+    }
+}
+
+/// Which callbacks a claim may take, by destination ([`callback_origin`]).
+#[derive(Debug, Clone)]
+pub struct CallbackGate {
+    /// Destinations with no room now (as many attempts in flight as allowed, or their
+    /// budget spent): none of their rows is claimed.
+    pub busy: Vec<String>,
+    /// Destinations backing off after failures: only their rows past the grace period
+    /// are claimed, to be removed without another attempt.
+    pub backing_off: Vec<String>,
+    /// Rows each destination may take now, for those with less than `default_room`.
+    pub room: HashMap<String, usize>,
+    /// Rows any other destination may take.
+    pub default_room: usize,
+}
+
+impl Default for CallbackGate {
+    fn default() -> Self {
+        Self {
+            busy: Vec::new(),
+            backing_off: Vec::new(),
+            room: HashMap::new(),
+            default_room: usize::MAX,
+        }
+    }
 }
 
 /// A finished job, for the dashboard.
@@ -67,6 +112,9 @@ pub struct HistoryRow {
     pub delivered: bool,
     pub comment: String,
 }
+
+/// Reads of the outbox one callback claim may make (see [`Store::claim_callbacks`]).
+const CLAIM_READS: usize = 8;
 
 // Counts of a job's files, as a SELECT list over `jobs j`.
 const COUNTS: &str = "(SELECT count(*) FROM job_files f WHERE f.job_id = j.job_id AND f.ready), \
@@ -321,46 +369,130 @@ impl Store {
         Ok(n)
     }
 
-    /// Claims up to `limit` callbacks that are due.
+    /// Claims up to `limit` callbacks that are due, whatever their destination.
     pub async fn claim_due_callbacks(
         &self,
         owner: &str,
         lease_ms: i64,
         limit: i64,
     ) -> Result<Vec<OutboxRow>, StoreError> {
-        // As with jobs, a claim moves the due time to the lease's end.
-        const PICK: &str = "SELECT job_id FROM notify_outbox \
-             WHERE next_attempt_ms <= $3 ORDER BY next_attempt_ms LIMIT $4";
-        const RETURNING: &str = "RETURNING job_id, notify_url, return_code, total_files, \
-             ready_files, error_files, comment, attempts, give_up_ms";
+        self.claim_callbacks(owner, lease_ms, limit, &CallbackGate::default())
+            .await
+    }
+
+    /// Claims up to `limit` due callbacks that `gate` lets through, in due order.
+    ///
+    /// Only rows about to be attempted are claimed: a row whose destination is busy or
+    /// backing off stays unclaimed and due, costing neither a delivery slot nor a lease
+    /// (another daemon, or this one once the destination has room, takes it). The
+    /// exception is a row of a destination that is backing off whose grace period is over:
+    /// it is claimed so that the caller can remove it without another attempt.
+    ///
+    /// The candidates are read first and claimed by a second, conditional UPDATE that
+    /// only takes rows still due, so two daemons never both claim a row. A claimed row gets
+    /// its destination (`origin`) recorded. When a read is full of rows none of which may
+    /// go, their destinations are recorded too and the read repeated, so that it leaves a
+    /// blocked destination's rows out in SQL: they cannot starve the rows behind them.
+    pub async fn claim_callbacks(
+        &self,
+        owner: &str,
+        lease_ms: i64,
+        limit: i64,
+        gate: &CallbackGate,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        if limit <= 0 {
+            return Ok(Vec::new());
+        }
         let now = now_ms();
-        let rows = match &self.backend {
-            Backend::Sqlite(p) => {
-                sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                    "UPDATE notify_outbox SET lease_owner = $1, lease_until_ms = $2, next_attempt_ms = $2 \
-                     WHERE job_id IN ({PICK}) {RETURNING}"
-                )))
-                .bind(owner)
-                .bind(now + lease_ms)
-                .bind(now)
-                .bind(limit)
-                .fetch_all(p)
-                .await?
+        let b = &self.backend;
+        let candidates_sql = format!(
+            "SELECT job_id, notify_url, origin, give_up_ms FROM notify_outbox \
+             WHERE next_attempt_ms <= $1 AND (origin IS NULL OR origin NOT IN {blocked} \
+                 OR (give_up_ms <= $1 AND origin IN {backing_off})) \
+             ORDER BY next_attempt_ms LIMIT $4",
+            blocked = json_values(b, "$2", "text"),
+            backing_off = json_values(b, "$3", "text"),
+        );
+        let backing_off = serde_json::to_string(&gate.backing_off).expect("strings serialize");
+        let classify_sql = format!(
+            "UPDATE notify_outbox SET origin = u.o FROM {} AS u \
+             WHERE notify_outbox.job_id = u.id AND notify_outbox.origin IS NULL",
+            json_rows(b, "$1", &[("id", "bigint"), ("o", "text")])
+        );
+        let blocked: Vec<&String> = gate.busy.iter().chain(gate.backing_off.iter()).collect();
+        let blocked = serde_json::to_string(&blocked).expect("strings serialize");
+        let mut room: HashMap<String, usize> = HashMap::new();
+        let mut take: Vec<(i64, String)> = Vec::new();
+        // Read more than we may take: some candidates belong to destinations with less
+        // room than rows.
+        let mut window = (limit * 4).max(64);
+        // A read full of rows none of which may go (a blocked destination's, not yet known
+        // to be its) records their destination, a write, and reads again, a bounded number
+        // of times; otherwise the rows are only read.
+        for _ in 0..CLAIM_READS {
+            let candidates: Vec<(i64, String, Option<String>, Option<i64>)> = with_pool!(b, p =>
+                sqlx::query_as(sqlx::AssertSqlSafe(candidates_sql.as_str()))
+                    .bind(now).bind(&blocked).bind(&backing_off).bind(window)
+                    .fetch_all(p).await?);
+            let full = candidates.len() as i64 == window;
+            let mut classify: Vec<(i64, String)> = Vec::new();
+            for (job_id, url, origin, give_up_ms) in candidates {
+                let known = origin.is_some();
+                let origin = origin.unwrap_or_else(|| callback_origin(&url));
+                let expired = give_up_ms.is_some_and(|g| g <= now);
+                let wanted = if gate.backing_off.contains(&origin) {
+                    expired
+                } else if gate.busy.contains(&origin) {
+                    false
+                } else {
+                    let left = room.entry(origin.clone()).or_insert_with(|| {
+                        gate.room.get(&origin).copied().unwrap_or(gate.default_room)
+                    });
+                    let fits = *left > 0;
+                    *left = left.saturating_sub(1);
+                    fits
+                };
+                if wanted && (take.len() as i64) < limit {
+                    take.push((job_id, origin));
+                } else if !known {
+                    classify.push((job_id, origin));
+                }
             }
-            Backend::Postgres(p) => {
-                sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                    "UPDATE notify_outbox SET lease_owner = $1, lease_until_ms = $2, next_attempt_ms = $2 \
-                     WHERE job_id IN ({PICK} FOR UPDATE SKIP LOCKED) {RETURNING}"
-                )))
-                .bind(owner)
-                .bind(now + lease_ms)
-                .bind(now)
-                .bind(limit)
-                .fetch_all(p)
-                .await?
+            if !take.is_empty() || !full || classify.is_empty() {
+                break;
             }
-        };
-        Ok(rows)
+            let rows = serde_json::to_string(&classify).expect("strings and integers serialize");
+            with_pool!(b, p => sqlx::query(sqlx::AssertSqlSafe(classify_sql.as_str()))
+                .bind(rows).execute(p).await?.rows_affected());
+            window = window.max(512);
+        }
+        if take.is_empty() {
+            return Ok(Vec::new());
+        }
+        // As with jobs, a claim moves the due time to the lease's end; a row claimed by
+        // someone else since it was read is no longer due and is left alone.
+        let sql = format!(
+            "UPDATE notify_outbox SET lease_owner = $2, lease_until_ms = $3, \
+                 next_attempt_ms = $3, origin = u.o \
+             FROM {} AS u \
+             WHERE notify_outbox.job_id = u.id AND notify_outbox.next_attempt_ms <= $4 \
+             RETURNING job_id, notify_url, return_code, total_files, ready_files, error_files, \
+                 comment, attempts, give_up_ms, origin",
+            json_rows(b, "$1", &[("id", "bigint"), ("o", "text")])
+        );
+        let rows = serde_json::to_string(&take).expect("strings and integers serialize");
+        let mut claimed: Vec<OutboxRow> = with_pool!(b, p =>
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(rows).bind(owner).bind(now + lease_ms).bind(now)
+                .fetch_all(p).await?);
+        // RETURNING gives no order; keep the due order of the read.
+        let order: HashMap<i64, usize> = take
+            .iter()
+            .enumerate()
+            .map(|(i, (id, _))| (*id, i))
+            .collect();
+        claimed.sort_by_key(|r| order.get(&r.job_id).copied().unwrap_or(usize::MAX));
+        Ok(claimed)
     }
 
     /// A delivery attempt failed: try again at `next_ms`.

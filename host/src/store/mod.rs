@@ -31,7 +31,7 @@ use sqlx::sqlite::{
 use thiserror::Error;
 
 use crate::config::{DatabaseConfig, SqliteSync, redact_url};
-pub use engine::{HistoryRow, OutboxRow, StageWork, codes};
+pub use engine::{CallbackGate, HistoryRow, OutboxRow, StageWork, callback_origin, codes};
 pub use ingest::IngestOutcome;
 pub use intake::Intake;
 
