@@ -733,6 +733,7 @@ impl Config {
             ("scout.backoff_initial_ms", s.backoff_initial_ms),
             ("scout.backoff_max_ms", s.backoff_max_ms),
             ("kafka.batch_max_wait_ms", self.kafka.batch_max_wait_ms),
+            ("callbacks.slow_after_ms", c.slow_after_ms),
             ("adapter.call_timeout_ms", self.adapter.call_timeout_ms),
             ("adapter.http_timeout_ms", self.adapter.http_timeout_ms),
         ] {

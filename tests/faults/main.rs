@@ -10,9 +10,10 @@
 //! The suite is one test binary with a module per kind of fault, so that it links wasmtime
 //! and librdkafka once.
 
-mod callbacks;
 #[path = "../common/mod.rs"]
 mod common;
+
+mod callbacks;
 mod crash;
 mod http;
 mod ledger;
