@@ -141,12 +141,24 @@ async fn stored_files_sqlite(path: &Path) -> HashMap<i64, i64> {
 const STORED_FILES: &str = "SELECT j.job_id, \
      (SELECT count(*) FROM job_files f WHERE f.job_id = j.job_id) FROM jobs j";
 
+/// The test's count races the daemon's writers for SQLite's locks (and, just after an I/O
+/// fault, the kernel's page cache): a failed read is retried for a bounded time, each
+/// failure printed, before the test gives up.
 async fn stored_files(conn: &mut sqlx::SqliteConnection) -> HashMap<i64, i64> {
-    let rows: Vec<(i64, i64)> = sqlx::query_as(STORED_FILES)
-        .fetch_all(conn)
-        .await
-        .expect("counting stored jobs");
-    rows.into_iter().collect()
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match sqlx::query_as::<_, (i64, i64)>(STORED_FILES)
+            .fetch_all(&mut *conn)
+            .await
+        {
+            Ok(rows) => return rows.into_iter().collect(),
+            Err(e) if std::time::Instant::now() < until => {
+                eprintln!("counting stored jobs failed, retrying: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("counting stored jobs: {e}"),
+        }
+    }
 }
 
 async fn stored_files_pg(url: &str) -> HashMap<i64, i64> {
