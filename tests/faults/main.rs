@@ -13,3 +13,4 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod ledger;
+mod scout;
