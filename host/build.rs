@@ -82,7 +82,12 @@ fn main() {
             adapters.join("Cargo.toml").display()
         );
     }
-    for name in ["adapter_mwa", "adapter_filelist", "adapter_hostile"] {
+    for name in [
+        "adapter_mwa",
+        "adapter_filelist",
+        "adapter_hostile",
+        "adapter_legacy",
+    ] {
         let wasm = out.join(format!("{name}.wasm"));
         assert!(wasm.exists(), "{} was not built", wasm.display());
     }

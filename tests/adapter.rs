@@ -122,9 +122,10 @@ async fn mwa_lookup_failures_are_typed() {
         ResolveError::NotFound(_) => {}
         other => panic!("no files should be not-found: {other:?}"),
     }
+    // A 5xx, a timeout or no connection at all is an outage, not an answer: the job waits.
     match resolve(json!({"obs_id": 500})).await {
-        ResolveError::LookupFailed(m) => assert!(m.contains("HTTP 500"), "{m}"),
-        other => panic!("500 should be lookup-failed: {other:?}"),
+        ResolveError::Unavailable(m) => assert!(m.contains("HTTP 500"), "{m}"),
+        other => panic!("500 should be unavailable: {other:?}"),
     }
     match resolve(json!({"obs_id": 999})).await {
         ResolveError::LookupFailed(m) => assert!(m.contains("not a JSON object"), "{m}"),
@@ -136,10 +137,23 @@ async fn mwa_lookup_failures_are_typed() {
     }
     let started = Instant::now();
     match resolve(json!({"obs_id": 888})).await {
-        ResolveError::LookupFailed(m) => assert!(m.contains("within"), "{m}"),
-        other => panic!("a slow answer should be lookup-failed: {other:?}"),
+        ResolveError::Unavailable(m) => assert!(m.contains("within"), "{m}"),
+        other => panic!("a slow answer should be unavailable: {other:?}"),
     }
     assert!(started.elapsed() < Duration::from_secs(2));
+    let dead = {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    };
+    let mut c = adapter_config("mwa");
+    c.http_allow = vec![dead.to_string()];
+    let url = format!("http://{dead}/metadata/data_files");
+    c.settings = settings(&[("data_files_url", &url)]);
+    let down = load(&c).await;
+    match down.resolve_observation(&json!({"obs_id": 1000})).await {
+        Err(ResolveError::Unavailable(m)) => assert!(m.contains("1000"), "{m}"),
+        other => panic!("no connection should be unavailable: {other:?}"),
+    }
     match resolve(json!({"obs_id": "x"})).await {
         ResolveError::Invalid(m) => assert!(m.contains("not an MWA observation"), "{m}"),
         other => panic!("a bad obs should be invalid: {other:?}"),
@@ -251,7 +265,7 @@ async fn report_and_comment_carry_the_original_facts() {
         error_files: strings(&["mwa/a/b/file1"]),
         missing_files: strings(&["mwa/a/b/file2"]),
     };
-    for name in ["mwa", "filelist"] {
+    for name in ["mwa", "filelist", "legacy"] {
         let a = load(&adapter_config(name)).await;
         let report = a.failure_report(&job).await.unwrap();
         assert_eq!(
@@ -274,6 +288,46 @@ async fn report_and_comment_carry_the_original_facts() {
             assert!(comment.contains(fact), "{name}: {comment:?} lacks {fact:?}");
         }
     }
+}
+
+/// A component built against `staging:adapter@1.0.0` (before `resolve-error` had
+/// `unavailable`) still loads, and every export works through the host's 1.0.0 bindings,
+/// its imports served by the current `host` interface.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adapter_built_against_1_0_still_loads_and_works() {
+    let legacy = load(&adapter_config("legacy")).await;
+    assert_eq!(legacy.wit_version(), "1.0.0");
+    assert_eq!(legacy.info().name, "legacy");
+    assert_eq!(load(&adapter_config("mwa")).await.wit_version(), "1.1.0");
+
+    let files = json!({"files": ["legacy/a", "legacy/b"]});
+    legacy.validate_observation(&files).unwrap();
+    assert_eq!(
+        legacy.resolve_observation(&files).await.unwrap(),
+        strings(&["legacy/a", "legacy/b"])
+    );
+    for (fail, expect) in [
+        ("invalid", "Invalid"),
+        ("not-found", "NotFound"),
+        ("lookup-failed", "LookupFailed"),
+    ] {
+        let e = legacy
+            .resolve_observation(&json!({ "fail": fail }))
+            .await
+            .unwrap_err();
+        assert!(format!("{e:?}").starts_with(expect), "{fail}: {e:?}");
+    }
+    assert_eq!(
+        legacy
+            .map_event_paths(&strings(&["legacy/x", "other/y"]))
+            .await
+            .unwrap(),
+        vec![Some("legacy/x".to_string()), None]
+    );
+    assert_eq!(
+        legacy.stage_paths(&strings(&["legacy/x"])).await.unwrap(),
+        strings(&["legacy/x"])
+    );
 }
 
 /// Each misbehaviour fails its own call with a typed error, within the bounds, and the

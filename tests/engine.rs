@@ -395,7 +395,8 @@ async fn delete_cancels_only_unshared_paths() {
     app.stop().await;
 }
 
-/// Scout refusing the request (a 4xx other than 403) ends the job with code 102.
+/// Scout refusing the request (a 4xx other than 403) for good ends the job with code 102:
+/// a body too large is first sent in halves, but one path too large alone is a refusal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scout_refusal_gives_code_102() {
     // The simulator refuses bodies over 200 bytes with 413; the client allows larger ones.
@@ -412,7 +413,7 @@ async fn scout_refusal_gives_code_102() {
     })
     .await;
     let long: Vec<String> = (0..10)
-        .map(|i| format!("mwa/a/rather/long/path/number/{i}.fits"))
+        .map(|i| format!("mwa/a/{}/number/{i}.fits", "rather-long-".repeat(20)))
         .collect();
     let (status, _) = app
         .post_job(json!({"job_id": 10, "files": long, "notify_url": receiver.url()}))
@@ -576,14 +577,19 @@ async fn observation_through_the_mwa_adapter_with_a_mount_prefix() {
     app.stop().await;
 }
 
-/// An observation the metadata service does not know: callback 101; a failing metadata
-/// service: callback 100.
+/// An observation the metadata service does not know: callback 101; one it refuses (a
+/// definite answer, not an outage): callback 100. An outage delays the job instead (see
+/// the fault suite).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn observation_lookup_failures_give_101_and_100() {
     use staged::sim::metadata::MetadataSim;
-    let metadata = MetadataSim::start(std::collections::HashMap::new())
-        .await
-        .unwrap();
+    let metadata = MetadataSim::start_at(
+        "127.0.0.1:0".parse().unwrap(),
+        std::collections::HashMap::new(),
+        [43],
+    )
+    .await
+    .unwrap();
     let receiver = Receiver::start().await;
     let app = TestApp::start_with(Kind::Sqlite, |c| {
         quick(c);
@@ -602,8 +608,6 @@ async fn observation_lookup_failures_give_101_and_100() {
     let got = receiver.wait_delivered(1, Duration::from_secs(20)).await;
     assert_eq!(got[0].body["return_code"], 101, "{}", got[0].body);
     assert_eq!(got[0].body["comment"], "No files to stage.");
-    // Now the metadata service is gone: the lookup fails.
-    drop(metadata);
     let (status, _) = app
         .post_job(json!({"job_id": 22, "notify_url": receiver.url(), "obs": {"obs_id": 43}}))
         .await;
@@ -614,6 +618,15 @@ async fn observation_lookup_failures_give_101_and_100() {
         .find(|r| r.body["job_id"] == 22)
         .expect("callback for job 22");
     assert_eq!(second.body["return_code"], 100, "{}", second.body);
+    assert!(
+        second.body["comment"]
+            .as_str()
+            .unwrap()
+            .contains("HTTP 400"),
+        "{}",
+        second.body
+    );
+    drop(metadata);
     app.stop().await;
 }
 

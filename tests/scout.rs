@@ -1,6 +1,7 @@
 //! The Scout client against the simulator, over real HTTP on loopback: login and token
-//! refresh, request splitting, fail-over, ejection, refusals; and the API endpoints that ask
-//! Scout (`/filestatus/`, `/get_stats/`).
+//! refresh per node, request splitting (by the limits, and after a 413), fail-over past
+//! dead, slow, forbidding and garbling nodes, ejection, refusals; and the API endpoints that
+//! ask Scout (`/filestatus/`, `/get_stats/`).
 
 mod common;
 
@@ -29,7 +30,11 @@ fn settings(nodes: &[String]) -> ScoutSettings {
 }
 
 async fn sim(n: usize) -> (ScoutSim, Vec<SimNode>) {
-    let sim = ScoutSim::new(SimSettings::default()).unwrap();
+    sim_with(n, SimSettings::default()).await
+}
+
+async fn sim_with(n: usize, settings: SimSettings) -> (ScoutSim, Vec<SimNode>) {
+    let sim = ScoutSim::new(settings).unwrap();
     let mut nodes = Vec::new();
     for _ in 0..n {
         nodes.push(sim.serve_loopback().await.unwrap());
@@ -66,10 +71,10 @@ async fn logs_in_once_and_reuses_the_token() {
     assert!(client.file_status("a").await.is_ok());
     client.stage(&paths(2, 10), "2").await.unwrap();
     let c = sim.counters();
-    assert_eq!(c.logins, 1);
+    assert_eq!(c.logins, 2, "one per node");
     assert_eq!(c.stage_requests, 2);
     assert_eq!(c.staged_paths, 5);
-    assert_eq!(client.counters().logins, 1);
+    assert_eq!(client.counters().logins, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,14 +90,15 @@ async fn hundred_concurrent_calls_share_one_login_and_one_refresh() {
             assert_eq!(r.unwrap().unwrap().offlineblocks, 16);
         }
     };
-    // No token yet: a hundred callers, one login.
-    run_100(client.clone()).await;
-    assert_eq!(sim.counters().logins, 1);
-    // The token expires: a hundred 403s, one refresh, every call retried once and served.
-    sim.expire_tokens();
+    // No token yet: a hundred callers, one login per node.
     run_100(client.clone()).await;
     assert_eq!(sim.counters().logins, 2);
-    assert_eq!(client.counters().logins, 2);
+    // The tokens expire: a hundred 403s, one refresh per node, every call retried once on
+    // its node and served.
+    sim.expire_tokens();
+    run_100(client.clone()).await;
+    assert_eq!(sim.counters().logins, 4);
+    assert_eq!(client.counters().logins, 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -138,8 +144,22 @@ async fn a_4xx_is_a_refusal_and_is_not_retried() {
     client.file_status("warm-up").await.unwrap();
     let hits = || nodes.iter().map(SimNode::hits).sum::<u64>();
 
+    // A body the node refuses as too large is sent again in halves...
+    let before = hits() - sim.counters().logins;
+    assert_eq!(client.stage(&paths(5_000, 1_000), "9").await.unwrap(), 2);
+    assert_eq!(
+        hits() - sim.counters().logins - before,
+        3,
+        "the whole once, then its two halves"
+    );
+    assert_eq!(client.counters().splits, 1);
+    assert!(sim.counters().largest_stage_body <= SimSettings::default().max_body_bytes);
+    // ...down to a single path: one path too large for the node is a refusal.
     let before = hits();
-    let err = client.stage(&paths(5_000, 1_000), "9").await.unwrap_err();
+    let err = client
+        .stage(&paths(1, 5 * 1024 * 1024), "9")
+        .await
+        .unwrap_err();
     assert!(
         matches!(err, ScoutError::Refused { status: 413, .. }),
         "{err}"
@@ -154,7 +174,7 @@ async fn a_4xx_is_a_refusal_and_is_not_retried() {
         "{err}"
     );
     assert_eq!(hits() - before, 1, "one request, no retry");
-    assert_eq!(sim.counters().stage_requests, 0);
+    assert_eq!(sim.counters().stage_requests, 2);
 
     // Bad credentials: the login is refused once, not retried.
     let mut s = settings(&urls(&nodes));
@@ -199,7 +219,10 @@ async fn fails_over_past_a_dead_node_and_a_slow_one() {
         stats[1].failures >= 1 && stats[1].successes == 0,
         "{stats:?}"
     );
-    assert_eq!(stats[2].successes, 21, "20 stages and the login: {stats:?}");
+    assert_eq!(
+        stats[2].successes, 20,
+        "20 stages (the login is part of the first): {stats:?}"
+    );
     assert!(stats[0].ejected && stats[1].ejected && !stats[2].ejected);
     assert!(stats[2].latency_us_total > 0);
 }
@@ -246,6 +269,57 @@ async fn every_node_down_is_unavailable_after_retries_and_cancel_is_best_effort(
     let client = ScoutClient::new(settings(&urls(&nodes))).unwrap();
     assert!(client.cancel(&paths(3, 10), "1").await);
     assert_eq!(sim.counters().cancel_requests, 1);
+}
+
+/// Tokens good only on the node that issued them, and a node that refuses every token: each
+/// node logs in for itself, the forbidding node is a failure of that node, and every call is
+/// served by the others (never a 403 refusal).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_node_tokens_and_a_forbidding_node() {
+    let (sim, nodes) = sim_with(
+        3,
+        SimSettings {
+            per_node_tokens: true,
+            ..SimSettings::default()
+        },
+    )
+    .await;
+    nodes[1].set_forbidden_fraction(1.0);
+    let client = ScoutClient::new(settings(&urls(&nodes))).unwrap();
+    for i in 0..30 {
+        client.stage(&paths(1, 10), &i.to_string()).await.unwrap();
+        client.file_status(&format!("f/{i}")).await.unwrap();
+    }
+    assert_eq!(sim.counters().stage_requests, 30);
+    let stats = client.node_stats();
+    assert_eq!(stats[1].successes, 0, "{stats:?}");
+    assert!(client.counters().forbidden_after_login >= 1);
+    assert_eq!(client.counters().refusals, 0);
+    // Every node refuses every token: the tape system is unavailable, not refusing.
+    for n in &nodes {
+        n.set_forbidden_fraction(1.0);
+    }
+    let err = client.stage(&paths(1, 10), "x").await.unwrap_err();
+    assert!(matches!(err, ScoutError::Unavailable { .. }), "{err}");
+}
+
+/// A node answering 200 with an HTML page (a proxy in front of it) is a failure of that
+/// node, whether to a login, a stage request or a file status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_answering_something_not_json_is_passed_over() {
+    let (sim, nodes) = sim(3).await;
+    nodes[0].set_garbage_fraction(1.0);
+    let client = ScoutClient::new(settings(&urls(&nodes))).unwrap();
+    for i in 0..10 {
+        client.stage(&paths(1, 10), &i.to_string()).await.unwrap();
+        assert_eq!(client.file_status("f").await.unwrap().offlineblocks, 16);
+    }
+    assert_eq!(
+        sim.counters().stage_requests,
+        10,
+        "every stage reached a real node"
+    );
+    assert_eq!(client.node_stats()[0].successes, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,4 +18,5 @@ mod crash;
 mod http;
 mod ledger;
 mod props;
+mod scout;
 mod store;

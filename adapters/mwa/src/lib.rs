@@ -1,5 +1,9 @@
 //! The Murchison Widefield Array adapter: the original staging service's MWA logic behind
-//! `staging:adapter@1.0.0`.
+//! `staging:adapter@1.1.0`.
+//!
+//! A metadata service that cannot be asked now (no connection, no answer in time, a 5xx)
+//! is `unavailable`, so the job waits for it; only an answer that says no or cannot be
+//! read is `lookup-failed`.
 //!
 //! Invariant: a job path is `mwa/<bucket>/<folder>/<file>` (empty parts skipped), whichever
 //! way it was reached: from an observation lookup, or from a tape-system event name, which
@@ -120,13 +124,24 @@ impl Guest for Mwa {
         };
         let url = query_url(&base, &obs);
         let answer = host::http_get(&url).map_err(|e| {
-            ResolveError::LookupFailed(format!("data_files lookup for {}: {e}", obs.obs_id))
+            let why = format!("data_files lookup for {}: {e}", obs.obs_id);
+            if e.starts_with("refused: ") {
+                ResolveError::LookupFailed(why)
+            } else {
+                ResolveError::Unavailable(why)
+            }
         })?;
         match answer.status {
             200 => {}
             404 => {
                 return Err(ResolveError::NotFound(format!(
                     "no files found for observation {}",
+                    obs.obs_id
+                )));
+            }
+            s @ 500..=599 => {
+                return Err(ResolveError::Unavailable(format!(
+                    "data_files lookup for {} answered HTTP {s}",
                     obs.obs_id
                 )));
             }

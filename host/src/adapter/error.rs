@@ -56,8 +56,9 @@ pub enum AdapterError {
     },
 }
 
-/// `resolve-observation` gave no files. The first three are the adapter's answers; the
-/// job engine turns them into HTTP 400, callback 101 and callback 100.
+/// `resolve-observation` gave no files. All but `Adapter` are the adapter's answers; the
+/// job engine turns `Invalid` and `LookupFailed` into callback 100, `NotFound` into 101,
+/// and retries `Unavailable` with back-off until the job expires.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ResolveError {
     #[error("invalid observation: {0}")]
@@ -66,6 +67,8 @@ pub enum ResolveError {
     NotFound(String),
     #[error("observation lookup failed: {0}")]
     LookupFailed(String),
+    #[error("metadata service unavailable: {0}")]
+    Unavailable(String),
     #[error(transparent)]
     Adapter(#[from] AdapterError),
 }
@@ -80,7 +83,7 @@ pub enum LoadError {
     },
     #[error("{path} is not a WebAssembly component: {message}")]
     Compile { path: String, message: String },
-    #[error("{path} is not a staging:adapter@1.0.0 component: {message}")]
+    #[error("{path} is not a staging:adapter@1.0 or @1.1 component: {message}")]
     NotAnAdapter { path: String, message: String },
     #[error("{path}: the adapter failed its load check: {source}")]
     Check { path: String, source: AdapterError },

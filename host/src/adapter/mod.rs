@@ -10,8 +10,9 @@
 //! - Every call is bounded (time, memory, stack, bytes in and out, HTTP); a failure is an
 //!   [`AdapterError`] for that call alone, logged with the adapter's name.
 //! - An adapter is in service only after it compiled, linked against exactly the imports we
-//!   grant (the `host` interface and an empty WASI), answered `info` and gave a usable
-//!   observation schema.
+//!   grant (the `host` interface and an empty WASI), matched the exports of a package
+//!   version the host speaks (the current one, or 1.0.0: see `runtime`), answered `info`
+//!   and gave a usable observation schema.
 //! - A swap is one atomic pointer store: a call holds the `Arc<LoadedAdapter>` it started
 //!   with and finishes on it; a new file that fails its checks never replaces the old one.
 
@@ -33,7 +34,58 @@ pub use error::{AdapterError, LoadError, ReloadError, ResolveError};
 pub use policy::Limits;
 
 use crate::config::AdapterConfig;
-use runtime::{Adapter, AdapterPre, CallState, Shared};
+use runtime::{Adapter, AdapterPre, CallState, Shared, v1_0};
+
+/// The package version of `wit/adapter.wit`, the newest the host speaks.
+pub const WIT_VERSION: &str = "1.1.0";
+
+/// A compiled adapter, typed against the package version it was built for.
+enum Pre {
+    Current(AdapterPre<CallState>),
+    V1_0(v1_0::AdapterPre<CallState>),
+}
+
+impl Pre {
+    /// Types `instance_pre` against the current version, else against 1.0.0.
+    fn new(instance_pre: wasmtime::component::InstancePre<CallState>) -> wasmtime::Result<Pre> {
+        match AdapterPre::new(instance_pre.clone()) {
+            Ok(p) => Ok(Pre::Current(p)),
+            Err(current) => match v1_0::AdapterPre::new(instance_pre) {
+                Ok(p) => Ok(Pre::V1_0(p)),
+                // The current version's complaint is the one worth reading.
+                Err(_) => Err(current),
+            },
+        }
+    }
+
+    fn version(&self) -> &'static str {
+        match self {
+            Pre::Current(_) => WIT_VERSION,
+            Pre::V1_0(_) => "1.0.0",
+        }
+    }
+}
+
+/// Runs one export on either version's bindings, with `$body` written once: it compiles
+/// against each version's generated types, which share names where the versions agree.
+macro_rules! on_pre {
+    ($pre:expr, $shared:expr, $export:expr, |$a:ident, $s:ident| $body:expr) => {
+        match $pre {
+            Pre::Current(p) => {
+                runtime::call(p, $shared, $export, move |$a, $s| {
+                    Box::pin(async move { $body })
+                })
+                .await
+            }
+            Pre::V1_0(p) => {
+                runtime::call(p, $shared, $export, move |$a, $s| {
+                    Box::pin(async move { $body })
+                })
+                .await
+            }
+        }
+    };
+}
 
 /// Who an adapter says it is.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -59,6 +111,17 @@ pub struct JobSummaryForAdapter {
 impl JobSummaryForAdapter {
     fn to_wit(&self) -> runtime::JobSummary {
         runtime::JobSummary {
+            job_id: self.job_id,
+            return_code: self.return_code,
+            total_files: self.total_files,
+            ready_files: self.ready_files,
+            error_files: self.error_files.clone(),
+            missing_files: self.missing_files.clone(),
+        }
+    }
+
+    fn to_wit_1_0(&self) -> v1_0::JobSummary {
+        v1_0::JobSummary {
             job_id: self.job_id,
             return_code: self.return_code,
             total_files: self.total_files,
@@ -228,7 +291,7 @@ impl Source {
             .linker
             .instantiate_pre(&component)
             .map_err(not_adapter)?;
-        let pre = AdapterPre::new(instance_pre).map_err(not_adapter)?;
+        let pre = Pre::new(instance_pre).map_err(not_adapter)?;
         let shared = Arc::new(Shared {
             // Until `info` answers, errors name the file.
             name: file_name(&path),
@@ -261,14 +324,14 @@ pub struct LoadedAdapter {
     info: AdapterInfo,
     schema: Value,
     validator: jsonschema::Validator,
-    pre: AdapterPre<CallState>,
+    pre: Pre,
     shared: Arc<Shared>,
     allocator: &'static str,
 }
 
 impl LoadedAdapter {
     async fn check(
-        pre: AdapterPre<CallState>,
+        pre: Pre,
         mut shared: Arc<Shared>,
         path: &Path,
         allocator: &'static str,
@@ -277,14 +340,16 @@ impl LoadedAdapter {
             path: path.display().to_string(),
             source,
         };
-        let info = runtime::call(&pre, &shared, "info", |a, s| Box::pin(a.call_info(s)))
-            .await
-            .map_err(failed)?;
-        let info = AdapterInfo {
-            name: info.name,
-            version: info.version,
-            telescope: info.telescope,
-        };
+        let info = on_pre!(&pre, &shared, "info", |a, s| a.call_info(s).await.map(
+            |i| {
+                AdapterInfo {
+                    name: i.name,
+                    version: i.version,
+                    telescope: i.telescope,
+                }
+            }
+        ))
+        .map_err(failed)?;
         if info.name.is_empty() || info.name.len() > 64 {
             return Err(failed(AdapterError::BadOutput {
                 adapter: shared.name.clone(),
@@ -295,10 +360,9 @@ impl LoadedAdapter {
         if let Some(s) = Arc::get_mut(&mut shared) {
             s.name = info.name.clone();
         }
-        let schema_text = runtime::call(&pre, &shared, "observation-schema", |a, s| {
-            Box::pin(a.call_observation_schema(s))
-        })
-        .await
+        let schema_text = on_pre!(&pre, &shared, "observation-schema", |a, s| a
+            .call_observation_schema(s)
+            .await)
         .map_err(failed)?;
         let schema_err = |message: String| LoadError::Schema {
             path: path.display().to_string(),
@@ -323,6 +387,11 @@ impl LoadedAdapter {
     /// Name, version and telescope, as answered at load.
     pub fn info(&self) -> &AdapterInfo {
         &self.info
+    }
+
+    /// The version of the `staging:adapter` package the component was built against.
+    pub fn wit_version(&self) -> &'static str {
+        self.pre.version()
     }
 
     /// The JSON Schema of `obs`, as answered at load (for `/openapi.json`).
@@ -395,24 +464,43 @@ impl LoadedAdapter {
     }
 
     /// The files of an observation (already valid against the schema). The job engine
-    /// calls it once when it takes up a job created with `obs`; `Invalid` becomes the
-    /// job's 400 (or callback 100 if the job was already acknowledged), `NotFound` callback
-    /// 101, `LookupFailed` and `Adapter` callback 100.
+    /// calls it once when it takes up a job created with `obs`, after the 202: `Invalid`
+    /// and `LookupFailed` become callback 100, `NotFound` 101, `Adapter` 199, and
+    /// `Unavailable` a retry with back-off until the job expires.
     pub async fn resolve_observation(&self, obs: &Value) -> Result<Vec<String>, ResolveError> {
         const EXPORT: &str = "resolve-observation";
         let text = obs.to_string();
         self.logged(self.check_input(EXPORT, text.len()))?;
-        let out = runtime::call(&self.pre, &self.shared, EXPORT, move |a, s| {
-            Box::pin(async move { a.call_resolve_observation(s, &text).await })
-        })
-        .await;
+        let out = match &self.pre {
+            Pre::Current(p) => {
+                runtime::call(p, &self.shared, EXPORT, move |a, s| {
+                    Box::pin(async move { a.call_resolve_observation(s, &text).await })
+                })
+                .await
+            }
+            Pre::V1_0(p) => {
+                runtime::call(p, &self.shared, EXPORT, move |a, s| {
+                    Box::pin(async move {
+                        use v1_0::WitResolveError as Old;
+                        let out = a.call_resolve_observation(s, &text).await?;
+                        Ok::<_, wasmtime::Error>(out.map_err(|e| match e {
+                            Old::Invalid(m) => runtime::WitResolveError::Invalid(m),
+                            Old::NotFound(m) => runtime::WitResolveError::NotFound(m),
+                            Old::LookupFailed(m) => runtime::WitResolveError::LookupFailed(m),
+                        }))
+                    })
+                })
+                .await
+            }
+        };
         let out = self.logged(out)?;
         let bytes = match &out {
             Ok(paths) => strings_bytes(paths),
             Err(
                 runtime::WitResolveError::Invalid(m)
                 | runtime::WitResolveError::NotFound(m)
-                | runtime::WitResolveError::LookupFailed(m),
+                | runtime::WitResolveError::LookupFailed(m)
+                | runtime::WitResolveError::Unavailable(m),
             ) => m.len(),
         };
         self.logged(self.check_output(EXPORT, bytes))?;
@@ -427,6 +515,7 @@ impl LoadedAdapter {
             Err(runtime::WitResolveError::Invalid(m)) => Err(ResolveError::Invalid(m)),
             Err(runtime::WitResolveError::NotFound(m)) => Err(ResolveError::NotFound(m)),
             Err(runtime::WitResolveError::LookupFailed(m)) => Err(ResolveError::LookupFailed(m)),
+            Err(runtime::WitResolveError::Unavailable(m)) => Err(ResolveError::Unavailable(m)),
         }
     }
 
@@ -441,10 +530,9 @@ impl LoadedAdapter {
         self.check_input(EXPORT, strings_bytes(names))?;
         let names = names.to_vec();
         let expected = names.len();
-        let out = runtime::call(&self.pre, &self.shared, EXPORT, move |a, s| {
-            Box::pin(async move { a.call_map_event_paths(s, &names).await })
-        })
-        .await;
+        let out = on_pre!(&self.pre, &self.shared, EXPORT, |a, s| a
+            .call_map_event_paths(s, &names)
+            .await);
         let out = self.logged(out)?;
         let bytes = out
             .iter()
@@ -467,10 +555,9 @@ impl LoadedAdapter {
         self.check_input(EXPORT, strings_bytes(paths))?;
         let paths = paths.to_vec();
         let expected = paths.len();
-        let out = runtime::call(&self.pre, &self.shared, EXPORT, move |a, s| {
-            Box::pin(async move { a.call_stage_paths(s, &paths).await })
-        })
-        .await;
+        let out = on_pre!(&self.pre, &self.shared, EXPORT, |a, s| a
+            .call_stage_paths(s, &paths)
+            .await);
         let out = self.logged(out)?;
         self.logged(self.check_output(EXPORT, strings_bytes(&out)))?;
         if out.len() != expected {
@@ -504,18 +591,35 @@ impl LoadedAdapter {
         job: &JobSummaryForAdapter,
     ) -> Result<String, AdapterError> {
         self.check_input(export, job.bytes())?;
-        let summary = job.to_wit();
         let report = export == "failure-report";
-        let out = runtime::call(&self.pre, &self.shared, export, move |a, s| {
-            Box::pin(async move {
-                if report {
-                    a.call_failure_report(s, &summary).await
-                } else {
-                    a.call_callback_comment(s, &summary).await
-                }
-            })
-        })
-        .await;
+        let out = match &self.pre {
+            Pre::Current(p) => {
+                let summary = job.to_wit();
+                runtime::call(p, &self.shared, export, move |a, s| {
+                    Box::pin(async move {
+                        if report {
+                            a.call_failure_report(s, &summary).await
+                        } else {
+                            a.call_callback_comment(s, &summary).await
+                        }
+                    })
+                })
+                .await
+            }
+            Pre::V1_0(p) => {
+                let summary = job.to_wit_1_0();
+                runtime::call(p, &self.shared, export, move |a, s| {
+                    Box::pin(async move {
+                        if report {
+                            a.call_failure_report(s, &summary).await
+                        } else {
+                            a.call_callback_comment(s, &summary).await
+                        }
+                    })
+                })
+                .await
+            }
+        };
         let out = self.logged(out)?;
         self.logged(self.check_output(export, out.len()))?;
         Ok(out)
@@ -556,6 +660,7 @@ pub async fn inspect(path: &Path, config: &AdapterConfig) -> Result<Vec<String>,
         format!("name:      {}", a.info.name),
         format!("version:   {}", a.info.version),
         format!("telescope: {}", a.info.telescope),
+        format!("contract:  staging:adapter@{}", a.wit_version()),
         "observation schema:".to_string(),
         serde_json::to_string_pretty(&a.schema).unwrap_or_default(),
         "self-test:".to_string(),

@@ -3,6 +3,13 @@
 //!
 //! Invariant: a store serves exactly one export call and is dropped after it, whatever the
 //! outcome, so a trap, a timeout or a guest's corrupted state never reaches another call.
+//!
+//! Two sets of bindings: the current package version (`wit/adapter.wit`) and, in [`v1_0`],
+//! version 1.0.0 (`wit/1.0.0/adapter.wit`), for components built against it. The linker
+//! defines only the current `host` interface: wasmtime resolves a component's import of
+//! `host@1.0.0` to it by semver, which is sound because `host` did not change. The exports
+//! differ (a 1.0.0 `resolve-error` has one case fewer, and wasmtime checks variants case by
+//! case), so a component is typed against one set or the other at load.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -26,6 +33,47 @@ wasmtime::component::bindgen!({
 
 pub use staging::adapter::host::{HttpResponse, Level};
 pub use staging::adapter::types::ResolveError as WitResolveError;
+
+/// Bindings of `staging:adapter@1.0.0`, used only for the exports of components built
+/// against it; their imports are served by the current `host` (see the module docs).
+pub mod v1_0 {
+    wasmtime::component::bindgen!({
+        path: "../wit/1.0.0",
+        world: "adapter",
+        imports: { "staging:adapter/host.http-get": async },
+        exports: { default: async },
+    });
+
+    pub use staging::adapter::types::ResolveError as WitResolveError;
+}
+
+/// Compiled and linked bindings of either version, instantiable into a call's store.
+pub trait Bindings: Send + Sync + 'static {
+    type Instance: Send + Sync;
+    fn engine(&self) -> &wasmtime::Engine;
+    fn instantiate<'a>(&'a self, store: &'a mut Store<CallState>)
+    -> CallFuture<'a, Self::Instance>;
+}
+
+impl Bindings for AdapterPre<CallState> {
+    type Instance = Adapter;
+    fn engine(&self) -> &wasmtime::Engine {
+        AdapterPre::engine(self)
+    }
+    fn instantiate<'a>(&'a self, store: &'a mut Store<CallState>) -> CallFuture<'a, Adapter> {
+        Box::pin(self.instantiate_async(store))
+    }
+}
+
+impl Bindings for v1_0::AdapterPre<CallState> {
+    type Instance = v1_0::Adapter;
+    fn engine(&self) -> &wasmtime::Engine {
+        v1_0::AdapterPre::engine(self)
+    }
+    fn instantiate<'a>(&'a self, store: &'a mut Store<CallState>) -> CallFuture<'a, v1_0::Adapter> {
+        Box::pin(self.instantiate_async(store))
+    }
+}
 
 /// What every call of one loaded adapter shares: read-only after load.
 pub struct Shared {
@@ -186,12 +234,16 @@ impl staging::adapter::host::Host for CallState {
     }
 }
 
+/// Starts the reason of an `http-get` error that asking again cannot cure (the WIT's
+/// contract since 1.1.0); any other error may pass.
+const REFUSED: &str = "refused: ";
+
 /// The allow-listed GET: no redirects, bounded in time and, while streaming, in size.
 async fn http_get(shared: &Shared, url: &str, budget: usize) -> Result<HttpResponse, String> {
-    let parsed = url::Url::parse(url).map_err(|e| format!("not a URL: {e}"))?;
+    let parsed = url::Url::parse(url).map_err(|e| format!("{REFUSED}not a URL: {e}"))?;
     if !shared.allow.allows(&parsed) {
         return Err(format!(
-            "{} is not in the adapter's HTTP allow-list ({})",
+            "{REFUSED}{} is not in the adapter's HTTP allow-list ({})",
             crate::config::redact_url(url),
             shared.allow
         ));
@@ -208,14 +260,16 @@ async fn http_get(shared: &Shared, url: &str, budget: usize) -> Result<HttpRespo
             && len > budget as u64
         {
             return Err(format!(
-                "the answer of {len} bytes is over the limit of {budget}"
+                "{REFUSED}the answer of {len} bytes is over the limit of {budget}"
             ));
         }
         let mut body = Vec::new();
         let mut resp = resp;
         while let Some(chunk) = resp.chunk().await.map_err(|e| request_error(&e, shared))? {
             if body.len() + chunk.len() > budget {
-                return Err(format!("the answer is over the limit of {budget} bytes"));
+                return Err(format!(
+                    "{REFUSED}the answer is over the limit of {budget} bytes"
+                ));
             }
             body.extend_from_slice(&chunk);
         }
@@ -251,11 +305,11 @@ pub type CallFuture<'a, R> = Pin<Box<dyn Future<Output = wasmtime::Result<R>> + 
 
 /// Runs one export in a fresh store: instantiate, call, classify the outcome. The store is
 /// dropped when this returns.
-pub async fn call<R: Send>(
-    pre: &AdapterPre<CallState>,
+pub async fn call<B: Bindings, R: Send>(
+    pre: &B,
     shared: &Arc<Shared>,
     export: &'static str,
-    f: impl for<'a> FnOnce(&'a Adapter, &'a mut Store<CallState>) -> CallFuture<'a, R> + Send,
+    f: impl for<'a> FnOnce(&'a B::Instance, &'a mut Store<CallState>) -> CallFuture<'a, R> + Send,
 ) -> Result<R, AdapterError> {
     let limits = &shared.limits;
     // Never closed: the semaphore lives as long as the engine.
@@ -275,10 +329,7 @@ pub async fn call<R: Send>(
     });
     let name = || shared.name.clone();
     let run = async {
-        let instance = pre
-            .instantiate_async(&mut store)
-            .await
-            .map_err(|e| (true, e))?;
+        let instance = pre.instantiate(&mut store).await.map_err(|e| (true, e))?;
         f(&instance, &mut store).await.map_err(|e| (false, e))
     };
     // The tokio timeout covers what the epoch cannot: time spent awaiting host imports.

@@ -80,6 +80,7 @@ impl Resolver for AdapterResolver {
                 Err(adapter::ResolveError::Invalid(why)) => Err(ResolveError::LookupFailed(
                     format!("invalid observation: {why}"),
                 )),
+                Err(adapter::ResolveError::Unavailable(why)) => Err(ResolveError::Unavailable(why)),
                 Err(adapter::ResolveError::Adapter(e)) => {
                     Err(ResolveError::Internal(e.to_string()))
                 }

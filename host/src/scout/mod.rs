@@ -2,13 +2,22 @@
 //! and cache state, spread over every configured node with no load balancer in front.
 //!
 //! Invariants:
-//! - One login serves every task. A 403 triggers one token refresh, shared by every call that
-//!   saw the same stale token (a hundred concurrent 403s cause one login), then one retry.
-//! - Only transient failures are retried (connect errors, timeouts, 5xx): on the next node at
-//!   once, then round after round with exponential back-off and jitter. Any other 4xx is a
-//!   refusal and is returned at once, never retried.
+//! - Each node has its own token, got by logging in on that node, so the client works
+//!   whether the tape system's tokens are per node or cluster-wide. A 403 triggers one
+//!   refresh of that node's token, shared by every call that saw the same stale token (a
+//!   hundred concurrent 403s cause one login per node), then one retry on that node.
+//! - Only a definite refusal ends a call early: a 4xx other than 403 (413 on a stage or
+//!   cancel request first splits the request, see below), or a login refused with a 4xx.
+//!   Anything else is a failure of the one node (connect error, timeout, 5xx, a 403 even
+//!   with a fresh token, an answer that is not the JSON the API promises): the next node
+//!   is tried at once, then round after round with exponential back-off and jitter.
 //! - A stage or cancel request never holds more than `max_paths_per_request` paths nor more
-//!   than `max_body_bytes` of JSON: the body size is computed exactly before sending.
+//!   than `max_body_bytes` of JSON: the body size is computed exactly before sending. A node
+//!   that still answers 413 gets the request again in halves, down to a single path; only a
+//!   single path refused with 413 is a refusal.
+//! - Nodes are picked by load: of two candidates from the rotation, the one with fewer
+//!   calls in flight and the lower recent latency (see `nodes`), so a slow node carries
+//!   less of the load without being dropped.
 //! - Cancel is best effort: a failure is counted and logged, never returned.
 
 mod nodes;
@@ -19,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use reqwest::{Method, StatusCode};
-use serde::de::{self, Deserializer};
+use serde::de::{self, DeserializeOwned, Deserializer};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use thiserror::Error;
@@ -32,15 +41,12 @@ pub use nodes::NodeStats;
 
 #[derive(Debug, Error)]
 pub enum ScoutError {
-    /// Scout answered with a 4xx other than 403, or 403 again after a fresh login.
+    /// Scout answered with a 4xx other than 403 (to a login: any 4xx but 403).
     #[error("Scout refused the request: HTTP {status}: {body}")]
     Refused { status: u16, body: String },
     /// Every attempt failed transiently.
     #[error("Scout unavailable after {attempts} attempts: {last}")]
     Unavailable { attempts: u32, last: String },
-    /// A 2xx answer whose body is not what the API promises.
-    #[error("unexpected answer from Scout: {0}")]
-    BadAnswer(String),
     /// One path alone makes a request body larger than the limit.
     #[error("a path of {len} bytes does not fit in a stage request of at most {limit} bytes")]
     PathTooLong { len: usize, limit: usize },
@@ -90,6 +96,10 @@ pub struct ScoutCounters {
     pub cancel_failures: u64,
     pub refusals: u64,
     pub retries: u64,
+    /// 403s that a fresh token from the same node did not cure (the node's failure).
+    pub forbidden_after_login: u64,
+    /// Stage or cancel requests split in two after a 413.
+    pub splits: u64,
 }
 
 #[derive(Default)]
@@ -99,6 +109,8 @@ struct Counters {
     cancel_failures: AtomicU64,
     refusals: AtomicU64,
     retries: AtomicU64,
+    forbidden_after_login: AtomicU64,
+    splits: AtomicU64,
 }
 
 /// Timeouts, limits and retry policy, from `[scout]`.
@@ -185,12 +197,27 @@ struct Inner {
     http: reqwest::Client,
     settings: ScoutSettings,
     pool: NodePool,
+    /// One per node, in the pool's order.
+    tokens: Vec<NodeToken>,
+    counters: Counters,
+}
+
+/// A node's token.
+#[derive(Default)]
+struct NodeToken {
     /// The current token and its generation; the generation tells a caller whether the
     /// token it saw fail has already been replaced.
     token: RwLock<(Option<String>, u64)>,
     /// Held while logging in, so that concurrent refreshes collapse into one.
     login: Mutex<()>,
-    counters: Counters,
+}
+
+/// Why a call did not succeed on one node.
+enum NodeFailure {
+    /// Definite: the call ends with this error.
+    Refused(ScoutError),
+    /// This node's failure: try another.
+    Transient(String),
 }
 
 /// How a call retries.
@@ -238,13 +265,13 @@ impl ScoutClient {
             .build()
             .map_err(|e| ScoutError::Setup(e.to_string()))?;
         let pool = NodePool::new(settings.nodes.clone(), settings.eject);
+        let tokens = (0..pool.len()).map(|_| NodeToken::default()).collect();
         Ok(ScoutClient {
             inner: Arc::new(Inner {
                 http,
                 settings,
                 pool,
-                token: RwLock::new((None, 0)),
-                login: Mutex::new(()),
+                tokens,
                 counters: Counters::default(),
             }),
         })
@@ -262,6 +289,8 @@ impl ScoutClient {
             cancel_failures: c.cancel_failures.load(Ordering::Relaxed),
             refusals: c.refusals.load(Ordering::Relaxed),
             retries: c.retries.load(Ordering::Relaxed),
+            forbidden_after_login: c.forbidden_after_login.load(Ordering::Relaxed),
+            splits: c.splits.load(Ordering::Relaxed),
         }
     }
 
@@ -269,23 +298,57 @@ impl ScoutClient {
     /// the limits need. `key` is the job id. Returns the number of requests sent. On error,
     /// the batches before it were accepted; staging again is harmless.
     pub async fn stage(&self, paths: &[String], key: &str) -> Result<usize, ScoutError> {
-        let batches = self.batches(paths, key)?;
-        let n = batches.len();
-        for body in batches {
-            let path = self.inner.settings.stage_path.clone();
-            self.call(Method::PUT, &path, None, Some(body), Retry::Full)
-                .await?;
-            self.inner
-                .counters
-                .stage_requests
-                .fetch_add(1, Ordering::Relaxed);
+        let path = self.inner.settings.stage_path.clone();
+        self.send_batches(&path, paths, key).await
+    }
+
+    /// Sends `paths` in batches within the limits, splitting a batch a node refuses as too
+    /// large (413) into halves. Returns the number of requests accepted.
+    async fn send_batches(
+        &self,
+        endpoint: &str,
+        paths: &[String],
+        key: &str,
+    ) -> Result<usize, ScoutError> {
+        let mut todo: Vec<std::ops::Range<usize>> = self.batches(paths, key)?;
+        // Sent in order: the queue's front is the next batch.
+        todo.reverse();
+        let mut sent = 0;
+        while let Some(range) = todo.pop() {
+            let body = self.body_for(&paths[range.clone()], key);
+            match self
+                .call::<Value>(Method::PUT, endpoint, None, Some(&body), Retry::Full)
+                .await
+            {
+                Ok(_) => {
+                    sent += 1;
+                    self.inner
+                        .counters
+                        .stage_requests
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Err(ScoutError::Refused { status: 413, .. }) if range.len() > 1 => {
+                    self.inner.counters.splits.fetch_add(1, Ordering::Relaxed);
+                    let mid = range.start + range.len() / 2;
+                    tracing::info!(
+                        key,
+                        paths = range.len(),
+                        bytes = body.len(),
+                        "Scout refused a request as too large; sending it in halves"
+                    );
+                    todo.push(mid..range.end);
+                    todo.push(range.start..mid);
+                }
+                Err(e) => return Err(e),
+            }
         }
-        Ok(n)
+        Ok(sent)
     }
 
     /// Asks Scout to drop pending recalls of `paths`. Best effort: returns whether every
     /// request succeeded; failures are counted and logged.
     pub async fn cancel(&self, paths: &[String], key: &str) -> bool {
+        let path = self.inner.settings.cancel_path.clone();
         let batches = match self.batches(paths, key) {
             Ok(b) => b,
             Err(e) => {
@@ -293,13 +356,10 @@ impl ScoutClient {
                 return false;
             }
         };
+        // Each batch on its own: one that fails does not keep the others from being sent.
         let mut all = true;
-        for body in batches {
-            let path = self.inner.settings.cancel_path.clone();
-            if let Err(e) = self
-                .call(Method::PUT, &path, None, Some(body), Retry::Full)
-                .await
-            {
+        for range in batches {
+            if let Err(e) = self.send_batches(&path, &paths[range], key).await {
                 self.cancel_failed(key, &e);
                 all = false;
             }
@@ -318,37 +378,39 @@ impl ScoutClient {
     /// The state of one file.
     pub async fn file_status(&self, path: &str) -> Result<FileStatus, ScoutError> {
         let ep = self.inner.settings.file_path.clone();
-        let body = self
-            .call(Method::GET, &ep, Some(("path", path)), None, Retry::Full)
-            .await?;
-        serde_json::from_slice(&body)
-            .map_err(|e| ScoutError::BadAnswer(format!("file status: {e}")))
+        self.call(Method::GET, &ep, Some(("path", path)), None, Retry::Full)
+            .await
     }
 
     /// The disk cache's figures. Tries each node once, without back-off: a caller showing
     /// them would rather show nothing than wait.
     pub async fn cache_state(&self) -> Result<CacheState, ScoutError> {
         let ep = self.inner.settings.cachestate_path.clone();
-        let body = self
-            .call(Method::GET, &ep, None, None, Retry::OnePass)
-            .await?;
-        serde_json::from_slice(&body)
-            .map_err(|e| ScoutError::BadAnswer(format!("cache state: {e}")))
+        self.call(Method::GET, &ep, None, None, Retry::OnePass)
+            .await
     }
 
-    /// Splits `paths` into stage/cancel bodies within both limits.
-    fn batches(&self, paths: &[String], key: &str) -> Result<Vec<Vec<u8>>, ScoutError> {
+    /// One stage or cancel body.
+    fn body_for(&self, chunk: &[String], key: &str) -> Vec<u8> {
         let s = &self.inner.settings;
-        let body_for = |chunk: &[String]| -> Vec<u8> {
-            let mut body = s.stage_extra.clone();
-            body.insert("path".into(), Value::from(chunk.to_vec()));
-            body.insert("copy".into(), Value::from(0));
-            body.insert("inode".into(), Value::Array(Vec::new()));
-            body.insert("key".into(), Value::from(key));
-            body.insert("topic".into(), Value::from(s.topic.as_str()));
-            serde_json::to_vec(&body).expect("strings serialize")
-        };
-        let overhead = body_for(&[]).len();
+        let mut body = s.stage_extra.clone();
+        body.insert("path".into(), Value::from(chunk.to_vec()));
+        body.insert("copy".into(), Value::from(0));
+        body.insert("inode".into(), Value::Array(Vec::new()));
+        body.insert("key".into(), Value::from(key));
+        body.insert("topic".into(), Value::from(s.topic.as_str()));
+        serde_json::to_vec(&body).expect("strings serialize")
+    }
+
+    /// Splits `paths` into ranges whose stage/cancel bodies (with `key`) are within both
+    /// limits.
+    fn batches(
+        &self,
+        paths: &[String],
+        key: &str,
+    ) -> Result<Vec<std::ops::Range<usize>>, ScoutError> {
+        let s = &self.inner.settings;
+        let overhead = self.body_for(&[], key).len();
         let mut out = Vec::new();
         let mut start = 0;
         let mut size = overhead;
@@ -364,7 +426,7 @@ impl ScoutClient {
             // Every path but a request's first is preceded by a comma.
             let cost = len + usize::from(count > 0);
             if count == s.max_paths_per_request || size + cost > s.max_body_bytes {
-                out.push(body_for(&paths[start..i]));
+                out.push(start..i);
                 start = i;
                 size = overhead + len;
             } else {
@@ -372,29 +434,29 @@ impl ScoutClient {
             }
         }
         if start < paths.len() {
-            out.push(body_for(&paths[start..]));
+            out.push(start..paths.len());
         }
-        debug_assert!(out.iter().all(|b| b.len() <= s.max_body_bytes));
         Ok(out)
     }
 
-    /// The current token, logging in if there is none.
-    async fn token(&self) -> Result<(String, u64), ScoutError> {
+    /// Node `i`'s current token and its generation, logging in there if it has none.
+    async fn token(&self, i: usize) -> Result<(String, u64), NodeFailure> {
         {
-            let t = self.inner.token.read().await;
+            let t = self.inner.tokens[i].token.read().await;
             if let (Some(tok), generation) = &*t {
                 return Ok((tok.clone(), *generation));
             }
         }
-        self.refresh(0).await
+        self.refresh(i, 0).await
     }
 
-    /// Replaces the token known as generation `stale`. Callers that saw the same stale
-    /// token wait on one login and share its result.
-    async fn refresh(&self, stale: u64) -> Result<(String, u64), ScoutError> {
-        let _one_login = self.inner.login.lock().await;
+    /// Replaces node `i`'s token known as generation `stale` by logging in on that node.
+    /// Callers that saw the same stale token wait on one login and share its result.
+    async fn refresh(&self, i: usize, stale: u64) -> Result<(String, u64), NodeFailure> {
+        let slot = &self.inner.tokens[i];
+        let _one_login = slot.login.lock().await;
         {
-            let t = self.inner.token.read().await;
+            let t = slot.token.read().await;
             if let (Some(tok), generation) = &*t
                 && *generation != stale
             {
@@ -407,87 +469,49 @@ impl ScoutClient {
             "pass": s.password,
         }))
         .expect("strings serialize");
-        let ep = s.login_path.clone();
         self.inner.counters.logins.fetch_add(1, Ordering::Relaxed);
-        let answer = self.exchange_all(Method::POST, &ep, None, Some(&body), None, Retry::Full);
-        let bytes = match answer.await? {
-            Some(b) => b,
-            None => {
-                return Err(ScoutError::Refused {
-                    status: 403,
-                    body: "login refused".into(),
-                });
+        let base = &self.inner.pool.node(i).base;
+        let bytes = match self
+            .exchange(base, Method::POST, &s.login_path, None, Some(&body), None)
+            .await
+        {
+            Outcome::Ok(b) => b,
+            // A login is not authenticated: a 403 to it is the node misbehaving, not our
+            // credentials being wrong (that is a 401).
+            Outcome::Forbidden => {
+                return Err(NodeFailure::Transient("login answered HTTP 403".into()));
             }
+            Outcome::Refused(status, body) => {
+                return Err(NodeFailure::Refused(ScoutError::Refused { status, body }));
+            }
+            Outcome::Transient(why) => return Err(NodeFailure::Transient(format!("login: {why}"))),
         };
         #[derive(Deserialize)]
         struct Login {
             response: String,
         }
         let token = serde_json::from_slice::<Login>(&bytes)
-            .map_err(|e| ScoutError::BadAnswer(format!("login: {e}")))?
+            .map_err(|e| NodeFailure::Transient(format!("login answer is not a token: {e}")))?
             .response;
-        let mut t = self.inner.token.write().await;
+        let mut t = slot.token.write().await;
         t.0 = Some(token.clone());
         t.1 += 1;
         Ok((token, t.1))
     }
 
-    /// One authenticated call: the token, the exchange, and on 403 one refresh and retry.
-    async fn call(
-        &self,
-        method: Method,
-        endpoint: &str,
-        query: Option<(&str, &str)>,
-        body: Option<Vec<u8>>,
-        retry: Retry,
-    ) -> Result<Vec<u8>, ScoutError> {
-        let (token, generation) = self.token().await?;
-        let first = self
-            .exchange_all(
-                method.clone(),
-                endpoint,
-                query,
-                body.as_deref(),
-                Some(&token),
-                retry,
-            )
-            .await?;
-        if let Some(b) = first {
-            return Ok(b);
-        }
-        let (token, _) = self.refresh(generation).await?;
-        match self
-            .exchange_all(
-                method,
-                endpoint,
-                query,
-                body.as_deref(),
-                Some(&token),
-                retry,
-            )
-            .await?
-        {
-            Some(b) => Ok(b),
-            None => {
-                self.inner.counters.refusals.fetch_add(1, Ordering::Relaxed);
-                Err(ScoutError::Refused {
-                    status: 403,
-                    body: "forbidden even after a fresh login".into(),
-                })
-            }
-        }
-    }
-
-    /// The exchange over the nodes with fail-over and retries. `Ok(None)` is a 403.
-    async fn exchange_all(
+    /// One authenticated call, over the nodes with fail-over and retries. On each node: its
+    /// token (logging in there if needed), the exchange, and on 403 one refresh of that
+    /// node's token and one retry there. A 403 even after the refresh, a login that did not
+    /// work, or an answer that does not parse as `T` is a failure of that node, and the next
+    /// node is tried: only a definite refusal (a 4xx other than 403) ends the call early.
+    async fn call<T: DeserializeOwned>(
         &self,
         method: Method,
         endpoint: &str,
         query: Option<(&str, &str)>,
         body: Option<&[u8]>,
-        token: Option<&str>,
         retry: Retry,
-    ) -> Result<Option<Vec<u8>>, ScoutError> {
+    ) -> Result<T, ScoutError> {
         let s = &self.inner.settings;
         let pool = &self.inner.pool;
         let rounds = match retry {
@@ -508,32 +532,22 @@ impl ScoutClient {
                     self.inner.counters.retries.fetch_add(1, Ordering::Relaxed);
                 }
                 attempts += 1;
-                let started = Instant::now();
-                let outcome = self
-                    .exchange(
-                        &pool.node(i).base,
-                        method.clone(),
-                        endpoint,
-                        query,
-                        body,
-                        token,
-                    )
-                    .await;
-                match outcome {
-                    Outcome::Ok(b) => {
+                let _busy = pool.busy(i);
+                let mut started = Instant::now();
+                match self
+                    .on_node::<T>(i, &method, endpoint, query, body, &mut started)
+                    .await
+                {
+                    Ok(v) => {
                         pool.answered(i, started.elapsed(), true);
-                        return Ok(Some(b));
+                        return Ok(v);
                     }
-                    Outcome::Forbidden => {
-                        pool.answered(i, started.elapsed(), false);
-                        return Ok(None);
-                    }
-                    Outcome::Refused(status, body) => {
+                    Err(NodeFailure::Refused(e)) => {
                         pool.answered(i, started.elapsed(), false);
                         self.inner.counters.refusals.fetch_add(1, Ordering::Relaxed);
-                        return Err(ScoutError::Refused { status, body });
+                        return Err(e);
                     }
-                    Outcome::Transient(why) => {
+                    Err(NodeFailure::Transient(why)) => {
                         pool.failed(i);
                         tracing::debug!(node = %pool.node(i).base, endpoint, error = %why, "Scout call failed, trying another node");
                         last = format!("{}: {why}", pool.node(i).base);
@@ -543,6 +557,50 @@ impl ScoutClient {
         }
         tracing::warn!(endpoint, attempts, error = %last, "Scout unavailable");
         Err(ScoutError::Unavailable { attempts, last })
+    }
+
+    /// The call on node `i`, with at most one token refresh. `started` is reset once the
+    /// node's token is at hand, so that a login does not count as the node's latency.
+    async fn on_node<T: DeserializeOwned>(
+        &self,
+        i: usize,
+        method: &Method,
+        endpoint: &str,
+        query: Option<(&str, &str)>,
+        body: Option<&[u8]>,
+        started: &mut Instant,
+    ) -> Result<T, NodeFailure> {
+        let base = &self.inner.pool.node(i).base;
+        let (token, generation) = self.token(i).await?;
+        *started = Instant::now();
+        let mut outcome = self
+            .exchange(base, method.clone(), endpoint, query, body, Some(&token))
+            .await;
+        if matches!(outcome, Outcome::Forbidden) {
+            let (token, _) = self.refresh(i, generation).await?;
+            outcome = self
+                .exchange(base, method.clone(), endpoint, query, body, Some(&token))
+                .await;
+        }
+        match outcome {
+            Outcome::Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                let text: String = String::from_utf8_lossy(&bytes).chars().take(80).collect();
+                NodeFailure::Transient(format!("answer is not the JSON expected ({e}): {text:?}"))
+            }),
+            Outcome::Forbidden => {
+                self.inner
+                    .counters
+                    .forbidden_after_login
+                    .fetch_add(1, Ordering::Relaxed);
+                Err(NodeFailure::Transient(
+                    "HTTP 403 even with a fresh token from this node".into(),
+                ))
+            }
+            Outcome::Refused(status, body) => {
+                Err(NodeFailure::Refused(ScoutError::Refused { status, body }))
+            }
+            Outcome::Transient(why) => Err(NodeFailure::Transient(why)),
+        }
     }
 
     async fn exchange(

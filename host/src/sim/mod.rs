@@ -8,7 +8,10 @@
 //! - Every staged path yields exactly one Kafka message in the production JSON format on the
 //!   request's topic: at once for a file already on disk, otherwise after `recall_delay`
 //!   (unless cancelled first), with an `Error` for a configurable fraction of recalls.
-//! - All nodes share one tape system (tokens, files); latency and failures are per node.
+//! - All nodes share one tape system (files, and tokens unless `per_node_tokens`, when a
+//!   token is good only on the node that issued it); latency and failures are per node.
+//! - A node can be taught to misbehave: slow answers, 503s, 403s to valid tokens (a 403
+//!   storm), and 200 answers whose body is not JSON (a proxy's error page).
 
 pub mod metadata;
 
@@ -60,6 +63,8 @@ pub struct SimSettings {
     pub stage_path: String,
     pub cancel_path: String,
     pub cachestate_path: String,
+    /// Tokens are good only on the node that issued them.
+    pub per_node_tokens: bool,
 }
 
 impl Default for SimSettings {
@@ -79,6 +84,7 @@ impl Default for SimSettings {
             stage_path: "/v1/request/batchstage".into(),
             cancel_path: "/v1/request/cancelbatchstage".into(),
             cachestate_path: "/v1/fscache".into(),
+            per_node_tokens: false,
         }
     }
 }
@@ -99,7 +105,9 @@ pub struct ScoutSim {
 
 struct Shared {
     settings: SimSettings,
-    tokens: Mutex<HashMap<String, Instant>>,
+    /// Token to (issued, issuing node).
+    tokens: Mutex<HashMap<String, (Instant, usize)>>,
+    nodes_served: AtomicUsize,
     files: Mutex<HashMap<String, FileState>>,
     cancelled: Mutex<HashSet<String>>,
     cache_state: Mutex<Value>,
@@ -117,10 +125,25 @@ struct Shared {
 /// Per-node behaviour and counters.
 #[derive(Default)]
 pub struct NodeControl {
+    id: usize,
     latency_ms: AtomicU64,
     /// Failure fraction in millionths; failures answer 503.
     fail_ppm: AtomicU64,
+    /// Fraction in millionths of authenticated requests answered 403 whatever the token.
+    forbid_ppm: AtomicU64,
+    /// Fraction in millionths of requests answered 200 with a body that is not JSON.
+    garbage_ppm: AtomicU64,
     hits: AtomicU64,
+    forbidden: AtomicU64,
+}
+
+fn ppm(fraction: f64) -> u64 {
+    (fraction.clamp(0.0, 1.0) * 1e6) as u64
+}
+
+fn happens(ppm: &AtomicU64) -> bool {
+    let ppm = ppm.load(Ordering::Relaxed);
+    ppm > 0 && rand::rng().random_range(0..1_000_000) < ppm
 }
 
 /// One node serving the simulator on a listener.
@@ -145,8 +168,29 @@ impl SimNode {
 
     /// Answer this fraction (0..=1) of requests with 503.
     pub fn set_failure_fraction(&self, fraction: f64) {
-        let ppm = (fraction.clamp(0.0, 1.0) * 1e6) as u64;
-        self.control.fail_ppm.store(ppm, Ordering::Relaxed);
+        self.control
+            .fail_ppm
+            .store(ppm(fraction), Ordering::Relaxed);
+    }
+
+    /// Answer this fraction (0..=1) of authenticated requests with 403, however fresh the
+    /// token (logins still work).
+    pub fn set_forbidden_fraction(&self, fraction: f64) {
+        self.control
+            .forbid_ppm
+            .store(ppm(fraction), Ordering::Relaxed);
+    }
+
+    /// Answer this fraction (0..=1) of requests, logins included, with 200 and an HTML page.
+    pub fn set_garbage_fraction(&self, fraction: f64) {
+        self.control
+            .garbage_ppm
+            .store(ppm(fraction), Ordering::Relaxed);
+    }
+
+    /// Requests this node answered with 403.
+    pub fn forbidden(&self) -> u64 {
+        self.control.forbidden.load(Ordering::Relaxed)
     }
 
     /// Requests this node received.
@@ -202,6 +246,7 @@ impl ScoutSim {
             shared: Arc::new(Shared {
                 settings,
                 tokens: Mutex::new(HashMap::new()),
+                nodes_served: AtomicUsize::new(0),
                 files: Mutex::new(HashMap::new()),
                 cancelled: Mutex::new(HashSet::new()),
                 cache_state: Mutex::new(cache),
@@ -221,7 +266,10 @@ impl ScoutSim {
     /// Serves the API on `listener` as one more node.
     pub fn serve(&self, listener: TcpListener) -> std::io::Result<SimNode> {
         let addr = listener.local_addr()?;
-        let control = Arc::new(NodeControl::default());
+        let control = Arc::new(NodeControl {
+            id: self.shared.nodes_served.fetch_add(1, Ordering::Relaxed),
+            ..NodeControl::default()
+        });
         let s = &self.shared.settings;
         let state = NodeState {
             shared: self.shared.clone(),
@@ -318,32 +366,61 @@ struct NodeState {
 }
 
 impl NodeState {
-    /// The node's own behaviour, before any handler runs: latency, then injected failure.
-    /// Returns whether the request goes on.
-    async fn gate(&self) -> bool {
+    /// The node's own behaviour, before any handler runs: latency, then an injected
+    /// failure or non-JSON answer. Returns the answer that replaces the handler's, if any.
+    async fn gate(&self) -> Option<Response> {
         self.control.hits.fetch_add(1, Ordering::Relaxed);
         let latency = self.control.latency_ms.load(Ordering::Relaxed);
         if latency > 0 {
             tokio::time::sleep(Duration::from_millis(latency)).await;
         }
-        let ppm = self.control.fail_ppm.load(Ordering::Relaxed);
-        ppm == 0 || rand::rng().random_range(0..1_000_000) >= ppm
+        if happens(&self.control.fail_ppm) {
+            return Some(
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    axum::Json(json!({"response": "injected failure"})),
+                )
+                    .into_response(),
+            );
+        }
+        if happens(&self.control.garbage_ppm) {
+            return Some(
+                (
+                    StatusCode::OK,
+                    [(axum::http::header::CONTENT_TYPE, "text/html")],
+                    "<html><body>502 Bad Gateway (from a proxy)</body></html>",
+                )
+                    .into_response(),
+            );
+        }
+        None
     }
 
-    /// Whether the request carries a live token.
+    /// Whether the request carries a live token good on this node.
     fn authorize(&self, headers: &HeaderMap) -> bool {
+        if happens(&self.control.forbid_ppm) {
+            self.control.forbidden.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
         let token = headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        token.is_some_and(|t| {
+        let ok = token.is_some_and(|t| {
             self.shared
                 .tokens
                 .lock()
                 .unwrap()
                 .get(t)
-                .is_some_and(|issued| issued.elapsed() < self.shared.settings.token_ttl)
-        })
+                .is_some_and(|(issued, node)| {
+                    issued.elapsed() < self.shared.settings.token_ttl
+                        && (!self.shared.settings.per_node_tokens || *node == self.control.id)
+                })
+        });
+        if !ok {
+            self.control.forbidden.fetch_add(1, Ordering::Relaxed);
+        }
+        ok
     }
 }
 
@@ -360,14 +437,9 @@ async fn node_gate(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    if node.gate().await {
-        next.run(req).await
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({"response": "injected failure"})),
-        )
-            .into_response()
+    match node.gate().await {
+        Some(answer) => answer,
+        None => next.run(req).await,
     }
 }
 
@@ -386,7 +458,7 @@ async fn login(State(node): State<NodeState>, body: Bytes) -> Response {
                 .tokens
                 .lock()
                 .unwrap()
-                .insert(token.clone(), Instant::now());
+                .insert(token.clone(), (Instant::now(), node.control.id));
             axum::Json(json!({ "response": token })).into_response()
         }
         Ok(_) => (
