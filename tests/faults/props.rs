@@ -777,6 +777,10 @@ fn adapter_results_are_accepted_as_documented_or_refused_typed() {
                             AdapterError::BadOutput { .. } | AdapterError::OutputTooLarge { .. },
                         ),
                     ) => {}
+                    // The service answered: only a 5xx says it is unavailable for now.
+                    Err(ResolveError::Unavailable(why)) => {
+                        prop_assert!(status >= 500, "unavailable on a {}: {}", status, why);
+                    }
                     Err(ResolveError::Adapter(e)) => {
                         return Err(TestCaseError::fail(format!(
                             "the adapter failed instead of answering: {e}"
