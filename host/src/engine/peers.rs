@@ -144,5 +144,6 @@ pub fn parts(scout: Option<ScoutClient>, adapters: Adapters) -> super::EnginePar
         }),
         resolver: Some(Arc::new(AdapterResolver(adapters.clone()))),
         wording: Arc::new(AdapterWording(adapters)),
+        ingest: None,
     }
 }
