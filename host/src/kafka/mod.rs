@@ -18,6 +18,9 @@
 //!   of the topic (a new group, expired offsets) an old recall is not this job's, and the
 //!   file may have left the disk cache since. The job's own stage request brings a fresh
 //!   message (see `store::ingest`); such events are counted as `stale`.
+//! - A consumer that stays out of its group while the brokers answer (librdkafka did for
+//!   25 s and more after an outage longer than the session) is re-created, after 8 s and
+//!   then at doubling intervals.
 //! - Each daemon is a static member of its group (`group.instance.id`, stable across its
 //!   restarts and distinct between daemons): a restarted daemon takes its partitions back
 //!   at once instead of waiting out its dead predecessor's session.
@@ -474,6 +477,8 @@ impl Ingest {
         // The batch being applied; it gives the batch back with whether it was applied.
         let mut inflight: Option<BoxFuture<'_, (Batch, bool)>> = None;
         let mut inflight_len = 0usize;
+        let mut group_check = tokio::time::interval(Duration::from_secs(1));
+        group_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.status
                 .set_in_hand(next.messages.len() + inflight.as_ref().map_or(0, |_| inflight_len));
@@ -543,6 +548,32 @@ impl Ingest {
                         };
                     }
                 },
+                _ = group_check.tick() => {
+                    if !self.status.rejoin_due() {
+                        continue;
+                    }
+                    tracing::warn!(
+                        "the Kafka consumer stays out of its group while the brokers answer; re-creating it"
+                    );
+                    // As after a fatal error: the batch being applied is finished and
+                    // committed; what was read beyond it is read again by the new client.
+                    if let Some(f) = inflight.take() {
+                        let (batch, applied) = f.await;
+                        if !applied {
+                            break;
+                        }
+                        self.finish_batch(&consumer, &batch);
+                    }
+                    next = Batch::default();
+                    deadline = None;
+                    consumer = match self.recreate(consumer, &mut stopped).await {
+                        Some(c) => c,
+                        None => {
+                            self.status.set_running(false);
+                            return;
+                        }
+                    };
+                }
                 _ = sleep_until_some(deadline), if deadline.is_some() && inflight.is_none() => {}
                 _ = sleep_until_some(paused_until), if paused_until.is_some() && !may_read => {
                     paused_until = None;

@@ -15,6 +15,12 @@ use std::time::{Duration, Instant};
 
 use crate::store::now_ms;
 
+/// A member that has not settled in its group for this long while a broker answers is
+/// re-created (a join normally takes a few seconds).
+pub(crate) const REJOIN_AFTER: Duration = Duration::from_secs(8);
+/// The longest wait between two re-creations.
+pub(crate) const REJOIN_MAX: Duration = Duration::from_secs(120);
+
 /// Cheap to clone; all clones see the same consumer.
 #[derive(Clone)]
 pub struct IngestStatus {
@@ -50,6 +56,10 @@ struct Inner {
     in_hand: AtomicI64,
     /// Batches done at the last observation, to see progress between two.
     batches_seen: AtomicU64,
+    /// Re-creations since the member was last settled.
+    rejoins: AtomicI64,
+    /// When the consumer was last re-created for want of a group (Unix ms; 0 = never).
+    rejoined_ms: AtomicI64,
     /// Since when the consumer is stalled (Unix ms; 0 = not stalled).
     stalled_ms: AtomicI64,
     stalls: AtomicU64,
@@ -126,6 +136,8 @@ impl IngestStatus {
                 progress_ms: AtomicI64::new(now_ms()),
                 in_hand: AtomicI64::new(0),
                 batches_seen: AtomicU64::new(0),
+                rejoins: AtomicI64::new(0),
+                rejoined_ms: AtomicI64::new(0),
                 stalled_ms: AtomicI64::new(0),
                 stalls: AtomicU64::new(0),
                 stale: AtomicU64::new(0),
@@ -175,6 +187,33 @@ impl IngestStatus {
     pub fn behind(&self) -> bool {
         let g = self.group();
         g.lag.is_some_and(|l| l >= self.inner.behind_lag) || g.stalled_since_ms.is_some()
+    }
+
+    /// Whether to re-create the client so that it joins its group again: the member was
+    /// last seen out of its group, and has not settled for [`REJOIN_AFTER`] (its statistics
+    /// may have stopped meanwhile: a stuck client is re-created all the same), doubled after each
+    /// re-creation that did not settle it (up to [`REJOIN_MAX`], so that a slow rebalance
+    /// is never cut short for ever). After every broker was gone for longer than the
+    /// session, librdkafka stayed out of its group for 25 s and more; a new client joins
+    /// in a few seconds. Marks the re-creation when it answers true.
+    pub(crate) fn rejoin_due(&self) -> bool {
+        let i = &self.inner;
+        let now = now_ms();
+        let unsettled = i.unsettled_ms.load(Ordering::Relaxed);
+        if i.in_group.load(Ordering::Relaxed) || unsettled == 0 {
+            i.rejoins.store(0, Ordering::Relaxed);
+            return false;
+        }
+        let tries = i.rejoins.load(Ordering::Relaxed).min(8);
+        let wait =
+            (REJOIN_AFTER.as_millis() as i64 * (1 << tries)).min(REJOIN_MAX.as_millis() as i64);
+        let since = unsettled.max(i.rejoined_ms.load(Ordering::Relaxed));
+        let due = now - since > wait;
+        if due {
+            i.rejoined_ms.store(now, Ordering::Relaxed);
+            i.rejoins.fetch_add(1, Ordering::Relaxed);
+        }
+        due
     }
 
     pub(crate) fn set_in_hand(&self, messages: usize) {
@@ -277,8 +316,14 @@ impl IngestStatus {
         self.inner.all_down_ms.store(0, Ordering::Relaxed);
     }
 
+    /// Keeps the start of the outage: librdkafka repeats the report while it lasts.
     pub(crate) fn all_brokers_down(&self) {
-        self.inner.all_down_ms.store(now_ms(), Ordering::Relaxed);
+        let _ = self.inner.all_down_ms.compare_exchange(
+            0,
+            now_ms(),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
     }
 
     pub(crate) fn message_received(&self) {
