@@ -96,22 +96,29 @@ impl Broker {
     }
 }
 
-/// A message in the production format, with `at` (`HH:MM:SS` on 2022-02-04) as CompleteTime.
+/// The day the recall times of these tests fall on: tomorrow (fixed for the run), so that
+/// every recall completed after the jobs it settles were created.
+fn day() -> chrono::NaiveDate {
+    static DAY: std::sync::OnceLock<chrono::NaiveDate> = std::sync::OnceLock::new();
+    *DAY.get_or_init(|| (chrono::Utc::now() + chrono::Duration::days(1)).date_naive())
+}
+
+/// A message in the production format, with `at` (`HH:MM:SS` on [`day`]) as CompleteTime.
 fn message(path: &str, at: &str, error: &str) -> String {
     json!({
         "Inode": 45871,
         "Filename": path,
-        "RequestTime": "2022-02-04 03:01:38 +0000 GMT",
-        "CompleteTime": format!("2022-02-04 {at} +0000 GMT"),
+        "RequestTime": format!("{} 03:01:38 +0000 GMT", day()),
+        "CompleteTime": format!("{} {at} +0000 GMT", day()),
         "Error": error,
     })
     .to_string()
 }
 
-/// Unix ms of `2022-02-04 HH:MM:SS` UTC.
+/// Unix ms of `HH:MM:SS` on [`day`], UTC.
 fn at_ms(at: &str) -> i64 {
-    let secs: Vec<i64> = at.split(':').map(|x| x.parse().unwrap()).collect();
-    (1_643_932_800 + secs[0] * 3600 + secs[1] * 60 + secs[2]) * 1000
+    let t = chrono::NaiveTime::parse_from_str(at, "%H:%M:%S").unwrap();
+    day().and_time(t).and_utc().timestamp_millis()
 }
 
 async fn open_store(db: &TestDb) -> Store {

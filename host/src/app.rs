@@ -66,19 +66,18 @@ pub async fn start(config: &Config) -> anyhow::Result<Server> {
     let ingest = match config.kafka.brokers.is_empty() {
         true => None,
         false => Some(
-            kafka::start(
-                &config.kafka,
+            kafka::start_with(
+                kafka_client(&config.kafka, addr),
+                kafka::IngestSettings::from_config(&config.kafka),
                 store.clone(),
                 Arc::new(kafka::AdapterMapper(adapters.clone())),
             )
             .context("starting the Kafka consumer")?,
         ),
     };
-    let engine = Engine::start(
-        store.clone(),
-        config,
-        engine::peers::parts(scout.clone(), adapters.clone()),
-    );
+    let mut parts = engine::peers::parts(scout.clone(), adapters.clone());
+    parts.ingest = ingest.as_ref().map(|i| i.status());
+    let engine = Engine::start(store.clone(), config, parts);
     let mut state = AppState::new(store.clone(), config);
     state.adapters = adapters.clone();
     state.scout = scout;
@@ -177,4 +176,20 @@ pub async fn shutdown_signal() {
     {
         let _ = ctrl_c.await;
     }
+}
+
+/// The Kafka client for `[kafka]`, with this daemon's `group.instance.id` (the configured
+/// one, or derived from the address it listens on).
+fn kafka_client(
+    c: &crate::config::KafkaConfig,
+    listen: std::net::SocketAddr,
+) -> rdkafka::ClientConfig {
+    let mut client = kafka::client_config(c);
+    if c.instance_id.is_empty() && !c.extra.contains_key("group.instance.id") {
+        client.set(
+            "group.instance.id",
+            kafka::default_instance_id(&c.client_id, listen),
+        );
+    }
+    client
 }

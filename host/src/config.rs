@@ -396,6 +396,17 @@ pub struct KafkaConfig {
     pub batch_max_wait_ms: u64,
     /// Larger messages are counted as malformed and skipped, in bytes.
     pub max_message_bytes: usize,
+    /// How far the tape system's clock may be behind ours, in seconds: a recall message
+    /// whose `CompleteTime` is older than a job by more than this does not settle that
+    /// job's file (it was a recall for someone else, before the job asked).
+    pub clock_skew_secs: u64,
+    /// Seconds without a committed batch while messages wait (or without settled group
+    /// membership) before the consumer counts as stalled: logged, and `kafka_alive` false.
+    pub stall_secs: u64,
+    /// `group.instance.id` (static membership). Empty: derived from `client_id`, the host
+    /// name and the listen address, which stays the same across restarts of one daemon and
+    /// differs between daemons on one host.
+    pub instance_id: String,
     /// Further librdkafka properties, e.g. `{ "session.timeout.ms" = "10000" }`; they override
     /// the values derived from the keys above.
     pub extra: BTreeMap<String, String>,
@@ -416,6 +427,9 @@ impl Default for KafkaConfig {
             batch_max_messages: 5_000,
             batch_max_wait_ms: 200,
             max_message_bytes: 65_536,
+            clock_skew_secs: 300,
+            stall_secs: 60,
+            instance_id: String::new(),
             extra: BTreeMap::new(),
         }
     }
@@ -795,6 +809,17 @@ impl Config {
         }
         if k.batch_max_messages == 0 {
             bail!("kafka.batch_max_messages: must be at least 1");
+        }
+        if k.stall_secs == 0 {
+            bail!("kafka.stall_secs: must be at least 1");
+        }
+        if k.instance_id.len() > 249
+            || !k
+                .instance_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            bail!("kafka.instance_id: at most 249 of the characters a-z A-Z 0-9 . _ -");
         }
         if k.security_protocol.uses_sasl() && k.username.is_empty() {
             bail!(

@@ -16,6 +16,7 @@ mod common;
 mod callbacks;
 mod crash;
 mod http;
+mod kafka;
 mod ledger;
 mod props;
 mod scout;

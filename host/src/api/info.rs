@@ -16,7 +16,9 @@ use utoipa::ToSchema;
 use super::AppState;
 use super::error::ApiError;
 use super::input::{QueryParams, json_body, null_body};
-use super::models::{ErrorResult, FilesMap, GlobalStatistics, JobList, JobStatus};
+use super::models::{
+    ErrorResult, FilesMap, GlobalStatistics, JobList, JobStatus, KafkaConsumerStats,
+};
 use crate::reports;
 
 /// Liveness: 200 with a `null` body.
@@ -49,6 +51,17 @@ pub async fn stats(State(app): State<AppState>) -> Result<Json<GlobalStatistics>
         out.kafka_alive = k.alive();
         out.kafkad_heartbeat = k.heartbeat_ms().map(secs);
         out.last_message = k.last_message_ms().map(secs);
+        let g = k.group();
+        let c = k.counters();
+        out.kafka_consumer = Some(KafkaConsumerStats {
+            in_group: g.in_group,
+            assigned_partitions: g.assigned,
+            lag: g.lag,
+            stalled_since: g.stalled_since_ms.map(secs),
+            stalls: c.stalls,
+            stale_messages: c.stale,
+            malformed_messages: c.malformed,
+        });
     }
     // The cache figures stay null when Scout is not configured or does not answer in time:
     // the rest of the statistics must not wait on the tape system.

@@ -97,6 +97,7 @@ impl AppState {
         models::JobStatus,
         models::JobList,
         models::GlobalStatistics,
+        models::KafkaConsumerStats,
         models::ErrorResult,
         info::FileStatusRequest
     ))

@@ -108,6 +108,31 @@ pub struct GlobalStatistics {
     pub totdatasz: Option<i64>,
     pub nonreleaseable: Option<i64>,
     pub pending: Option<i64>,
+    /// Not in the original: where the Kafka consumer stands (null without Kafka). What
+    /// `kafka_alive` is decided from.
+    pub kafka_consumer: Option<KafkaConsumerStats>,
+}
+
+/// The Kafka consumer's group membership, lag and stalls (an addition to the original's
+/// statistics).
+#[derive(Debug, Default, Serialize, ToSchema)]
+pub struct KafkaConsumerStats {
+    /// A settled member of its consumer group.
+    pub in_group: bool,
+    /// Partitions assigned to this daemon; null until known.
+    pub assigned_partitions: Option<i64>,
+    /// Messages waiting on those partitions past the committed offsets; null until known.
+    pub lag: Option<i64>,
+    /// Unix seconds since when the consumer is stalled (messages wait and none is
+    /// committed, or no settled group membership, for `kafka.stall_secs`); null when not.
+    pub stalled_since: Option<f64>,
+    /// Stalls since the daemon started.
+    pub stalls: u64,
+    /// Recall messages not taken as a job's recall because they completed before the job
+    /// asked for the file.
+    pub stale_messages: u64,
+    /// Malformed messages skipped since the daemon started.
+    pub malformed_messages: u64,
 }
 
 /// Every error answer.

@@ -19,6 +19,10 @@
 //! - Completion is event-driven: the ingest transaction that completes a job queues its
 //!   callback and wakes the notifier. The periodic sweep only expires jobs and catches what a
 //!   crashed daemon left behind.
+//! - A restage (asking Scout again for files it accepted already) waits while the Kafka
+//!   consumer is behind (more than a batch of messages queued, or stalled): the answers
+//!   are likely queued already, and asking again for every waiting path would only add to
+//!   the tape system's load. A first stage, or a retry after a failed one, never waits.
 //!
 //! The engine talks to its peers through the small traits below, so that tests and
 //! `staged demo` can point it at simulators over real sockets.
@@ -92,6 +96,8 @@ pub struct EngineCounters {
     pub callbacks_failed_attempts: AtomicU64,
     pub callbacks_abandoned: AtomicU64,
     pub expired: AtomicU64,
+    /// Restages put off by an interval because the Kafka consumer was behind.
+    pub restages_deferred: AtomicU64,
 }
 
 /// What the engine is built from.
@@ -99,6 +105,8 @@ pub struct EngineParts {
     pub stager: Option<Arc<dyn Stager>>,
     pub resolver: Option<Arc<dyn Resolver>>,
     pub wording: Arc<dyn Wording>,
+    /// The Kafka consumer, when there is one: restages wait while it is behind.
+    pub ingest: Option<crate::kafka::IngestStatus>,
 }
 
 /// Tunables in one place, from `[jobs]` and `[callbacks]`.
@@ -159,6 +167,7 @@ impl Engine {
                 stager: parts.stager.clone(),
                 resolver: parts.resolver.clone(),
                 wording: parts.wording.clone(),
+                ingest: parts.ingest.clone(),
             },
             timings: timings.clone(),
             error_delay: Duration::from_secs(config.callbacks.error_delay_secs),
@@ -332,6 +341,30 @@ impl StageWorker {
                 .collect();
             return self.store.mark_stage_retry(&retry).await;
         };
+        // Jobs in `waiting` had their files accepted by Scout already: this is a restage.
+        if let Some(ingest) = self.parts.ingest.as_ref().filter(|i| i.behind()) {
+            let (restage, first): (Vec<&StageWork>, Vec<&StageWork>) =
+                due.into_iter().partition(|w| w.state == "waiting");
+            due = first;
+            if !restage.is_empty() {
+                let next = now_ms() + self.timings.restage_interval.as_millis() as i64;
+                let deferred: Vec<(i64, i64)> = restage.iter().map(|w| (w.job_id, next)).collect();
+                self.counters
+                    .restages_deferred
+                    .fetch_add(deferred.len() as u64, Ordering::Relaxed);
+                let g = ingest.group();
+                tracing::info!(
+                    jobs = deferred.len(),
+                    lag = g.lag.unwrap_or(-1),
+                    stalled = g.stalled_since_ms.is_some(),
+                    "restage put off: the Kafka consumer is behind, so the recall messages are likely queued"
+                );
+                self.store.mark_staged(&deferred).await?;
+            }
+            if due.is_empty() {
+                return Ok(());
+            }
+        }
         let ids: Vec<i64> = due.iter().map(|w| w.job_id).collect();
         let mut paths = self.store.waiting_paths(&ids).await?;
         let calls: Vec<_> = due

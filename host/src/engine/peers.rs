@@ -145,5 +145,6 @@ pub fn parts(scout: Option<ScoutClient>, adapters: Adapters) -> super::EnginePar
         }),
         resolver: Some(Arc::new(AdapterResolver(adapters.clone()))),
         wording: Arc::new(AdapterWording(adapters)),
+        ingest: None,
     }
 }

@@ -10,8 +10,20 @@
 //!   types, too large) is counted, logged at a bounded rate and skipped with its batch; one
 //!   about a file no job wants is counted, not logged.
 //! - A store failure is retried with back-off, the batch held in memory and uncommitted; a
-//!   lost broker is reconnected forever (librdkafka's own back-off), and the API keeps
-//!   serving meanwhile. [`IngestStatus`] reports what the consumer really sees.
+//!   lost broker is reconnected forever (librdkafka's own back-off, capped at a few
+//!   seconds so that a returning broker is used within seconds), and the API keeps serving
+//!   meanwhile. [`IngestStatus`] reports what the consumer really sees, stalls included.
+//! - A recall message never settles a file for a job that asked for it after the recall
+//!   completed (`CompleteTime` before the job, beyond `clock_skew_secs`): after a replay
+//!   of the topic (a new group, expired offsets) an old recall is not this job's, and the
+//!   file may have left the disk cache since. The job's own stage request brings a fresh
+//!   message (see `store::ingest`); such events are counted as `stale`.
+//! - A consumer that stays out of its group while the brokers answer (librdkafka did for
+//!   25 s and more after an outage longer than the session) is re-created, after 8 s and
+//!   then at doubling intervals.
+//! - Each daemon is a static member of its group (`group.instance.id`, stable across its
+//!   restarts and distinct between daemons): a restarted daemon takes its partitions back
+//!   at once instead of waiting out its dead predecessor's session.
 
 mod status;
 
@@ -124,8 +136,17 @@ pub fn client_config(c: &KafkaConfig) -> ClientConfig {
         .set("auto.offset.reset", "earliest")
         .set("statistics.interval.ms", STATS_INTERVAL_MS.to_string())
         .set("reconnect.backoff.ms", "100")
-        .set("reconnect.backoff.max.ms", "10000")
+        // librdkafka doubles the wait after every failed connection; with a broker gone
+        // for a minute the wait grew to its cap, and that cap is how late the consumer
+        // noticed the broker back.
+        .set(
+            "reconnect.backoff.max.ms",
+            RECONNECT_BACKOFF_MAX_MS.to_string(),
+        )
         .set("security.protocol", c.security_protocol.as_str());
+    if !c.instance_id.is_empty() {
+        cfg.set("group.instance.id", &c.instance_id);
+    }
     if c.security_protocol.uses_sasl() {
         cfg.set("sasl.mechanism", c.sasl_mechanism.as_str())
             .set("sasl.username", &c.username)
@@ -153,6 +174,36 @@ pub fn builtin_features() -> Result<String, KafkaError> {
 /// How often librdkafka reports broker states; the liveness heartbeat follows it.
 const STATS_INTERVAL_MS: u64 = 1000;
 
+/// Longest wait between two connection attempts to a lost broker.
+const RECONNECT_BACKOFF_MAX_MS: u64 = 2000;
+
+/// The default `group.instance.id` of a daemon: its client id, host name and listen
+/// address. A restart of the same daemon gives the same id (so Kafka hands its partitions
+/// straight back); two daemons on one host listen on different addresses. Characters Kafka
+/// does not accept in the id become `_`.
+pub fn default_instance_id(client_id: &str, listen: std::net::SocketAddr) -> String {
+    let id = format!("{client_id}-{}-{listen}", hostname());
+    let id: String = id
+        .chars()
+        .map(|c| match c {
+            'a'..='z' | 'A'..='Z' | '0'..='9' | '.' | '_' | '-' => c,
+            _ => '_',
+        })
+        .collect();
+    id.chars().take(249).collect()
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes at most that.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "localhost".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
 /// Batch bounds and limits, from `[kafka]`.
 #[derive(Debug, Clone)]
 pub struct IngestSettings {
@@ -160,6 +211,10 @@ pub struct IngestSettings {
     pub batch_max_messages: usize,
     pub batch_max_wait: Duration,
     pub max_message_bytes: usize,
+    /// How far the tape system's clock may be behind ours (see [`Store::apply_ingest_batch`]).
+    pub clock_skew: Duration,
+    /// Lag without progress for this long is a stall.
+    pub stall_after: Duration,
 }
 
 impl IngestSettings {
@@ -169,6 +224,8 @@ impl IngestSettings {
             batch_max_messages: c.batch_max_messages,
             batch_max_wait: Duration::from_millis(c.batch_max_wait_ms),
             max_message_bytes: c.max_message_bytes,
+            clock_skew: Duration::from_secs(c.clock_skew_secs),
+            stall_after: Duration::from_secs(c.stall_secs),
         }
     }
 }
@@ -214,7 +271,11 @@ pub fn start_with(
     store: Store,
     mapper: Arc<dyn PathMapper>,
 ) -> Result<IngestHandle, IngestError> {
-    let status = IngestStatus::new(Duration::from_millis(STATS_INTERVAL_MS * 5));
+    let status = IngestStatus::new(
+        Duration::from_millis(STATS_INTERVAL_MS * 5),
+        settings.stall_after,
+        settings.batch_max_messages as i64,
+    );
     let consumer = create_consumer(&client, &settings.topic, &status)?;
     let (stop, stopped) = watch::channel(false);
     let ingest = Ingest {
@@ -224,6 +285,7 @@ pub fn start_with(
         mapper,
         status: status.clone(),
         malformed_log: RateLimited::new(Duration::from_secs(10)),
+        stale_log: RateLimited::new(Duration::from_secs(60)),
         error_log: RateLimited::new(Duration::from_secs(30)),
         stopped,
     };
@@ -240,6 +302,7 @@ fn create_consumer(
     let consumer: StreamConsumer<Context> = client
         .create_with_context(Context {
             status: status.clone(),
+            topic: topic.to_string(),
             log_limit: RateLimited::new(Duration::from_secs(30)),
         })
         .map_err(IngestError::Config)?;
@@ -255,14 +318,46 @@ fn create_consumer(
 /// Sees librdkafka's broker states and errors: the source of the liveness figures.
 struct Context {
     status: IngestStatus,
+    topic: String,
     log_limit: RateLimited,
 }
 
 impl ClientContext for Context {
     fn stats(&self, stats: Statistics) {
-        if stats.brokers.values().any(|b| b.state == "UP") {
-            self.status.heartbeat();
+        if !stats.brokers.values().any(|b| b.state == "UP") {
+            return;
         }
+        self.status.heartbeat();
+        let (in_group, assigned) = match &stats.cgrp {
+            Some(g) => (
+                g.state == "up" && g.join_state == "steady",
+                Some(i64::from(g.assignment_size)),
+            ),
+            None => (false, None),
+        };
+        // The messages not read yet on the partitions this member holds: from what was read,
+        // or from the committed offsets before the first read.
+        let unread = stats.topics.get(&self.topic).map(|t| {
+            t.partitions
+                .values()
+                .filter(|p| p.partition >= 0 && p.desired)
+                .map(|p| {
+                    let end = p.hi_offset;
+                    let at = if p.app_offset >= 0 {
+                        p.app_offset
+                    } else {
+                        p.committed_offset
+                    };
+                    if end >= 0 && at >= 0 && end >= at {
+                        end - at
+                    } else {
+                        0
+                    }
+                })
+                .sum::<i64>()
+        });
+        self.status
+            .observe(in_group, assigned, if in_group { unread } else { None });
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -363,6 +458,7 @@ struct Ingest {
     mapper: Arc<dyn PathMapper>,
     status: IngestStatus,
     malformed_log: RateLimited,
+    stale_log: RateLimited,
     /// A lost broker can make every read fail: bound the noise.
     error_log: RateLimited,
     stopped: watch::Receiver<bool>,
@@ -390,12 +486,18 @@ impl Ingest {
         let mut paused_until: Option<Instant> = None;
         // The batch being applied; it gives the batch back with whether it was applied.
         let mut inflight: Option<BoxFuture<'_, (Batch, bool)>> = None;
+        let mut inflight_len = 0usize;
+        let mut group_check = tokio::time::interval(Duration::from_secs(1));
+        group_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            self.status
+                .set_in_hand(next.messages.len() + inflight.as_ref().map_or(0, |_| inflight_len));
             let full = next.messages.len() >= self.settings.batch_max_messages;
             let due = full || deadline.is_some_and(|d| Instant::now() >= d);
             if inflight.is_none() && due {
                 let batch = std::mem::take(&mut next);
                 deadline = None;
+                inflight_len = batch.messages.len();
                 inflight = Some(Box::pin(self.apply(batch, stopped.clone())));
                 continue;
             }
@@ -428,8 +530,11 @@ impl Ingest {
                             tracing::warn!(error = %e, fatal, suppressed, "Kafka consumer error");
                         });
                         if !fatal {
-                            // The batch in hand stays good; reading resumes after a pause.
-                            paused_until = Some(Instant::now() + backoff(recv_errors.min(8)));
+                            // The batch in hand stays good; reading resumes after a pause,
+                            // short (under 2 s): a broker gone for a while yields an error
+                            // per attempt, and a long pause would keep the consumer from
+                            // a broker that came back (and from serving its statistics).
+                            paused_until = Some(Instant::now() + backoff(recv_errors.min(4)));
                             continue;
                         }
                         // A fatal error ends this client. Its last batch is finished and
@@ -453,6 +558,32 @@ impl Ingest {
                         };
                     }
                 },
+                _ = group_check.tick() => {
+                    if !self.status.rejoin_due() {
+                        continue;
+                    }
+                    tracing::warn!(
+                        "the Kafka consumer stays out of its group while the brokers answer; re-creating it"
+                    );
+                    // As after a fatal error: the batch being applied is finished and
+                    // committed; what was read beyond it is read again by the new client.
+                    if let Some(f) = inflight.take() {
+                        let (batch, applied) = f.await;
+                        if !applied {
+                            break;
+                        }
+                        self.finish_batch(&consumer, &batch);
+                    }
+                    next = Batch::default();
+                    deadline = None;
+                    consumer = match self.recreate(consumer, &mut stopped).await {
+                        Some(c) => c,
+                        None => {
+                            self.status.set_running(false);
+                            return;
+                        }
+                    };
+                }
                 _ = sleep_until_some(deadline), if deadline.is_some() && inflight.is_none() => {}
                 _ = sleep_until_some(paused_until), if paused_until.is_some() && !may_read => {
                     paused_until = None;
@@ -572,8 +703,20 @@ impl Ingest {
             if events.is_empty() {
                 break;
             }
-            match self.store.apply_ingest_batch(&events).await {
+            let skew_ms = self.settings.clock_skew.as_millis() as i64;
+            match self.store.apply_ingest_batch(&events, skew_ms).await {
                 Ok(outcome) => {
+                    if outcome.stale > 0 {
+                        self.status.count_stale(outcome.stale);
+                        self.stale_log.log(|suppressed| {
+                            tracing::warn!(
+                                events = outcome.stale,
+                                suppressed,
+                                clock_skew_secs = self.settings.clock_skew.as_secs(),
+                                "recall messages older than the jobs waiting for their files were not taken as their recall (a replayed topic, or the tape system's clock behind ours)"
+                            );
+                        });
+                    }
                     self.status.batch_applied(
                         events.len() as u64,
                         outcome.changed,
@@ -664,6 +807,36 @@ mod tests {
             }
             Parsed::Malformed(w) => panic!("{w}"),
         }
+    }
+
+    #[test]
+    fn instance_ids_are_stable_per_daemon_and_distinct_between_daemons() {
+        let a: std::net::SocketAddr = "127.0.0.1:8000".parse().unwrap();
+        let b: std::net::SocketAddr = "[::1]:8001".parse().unwrap();
+        let id = default_instance_id("staged", a);
+        assert_eq!(
+            id,
+            default_instance_id("staged", a),
+            "the same after a restart"
+        );
+        assert_ne!(
+            id,
+            default_instance_id("staged", b),
+            "two daemons on one host"
+        );
+        for id in [id, default_instance_id("staged", b)] {
+            assert!(
+                id.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')),
+                "{id}"
+            );
+            assert!(id.starts_with("staged-") && id.ends_with("8000") || id.ends_with("8001"));
+        }
+        let cfg = client_config(&KafkaConfig {
+            instance_id: "daemon-1".into(),
+            ..KafkaConfig::default()
+        });
+        assert_eq!(cfg.get("group.instance.id"), Some("daemon-1"));
     }
 
     #[test]

@@ -1,8 +1,12 @@
 //! What the consumer has seen, shared with the API (`/get_stats/`) and metrics.
 //!
-//! Invariant: the figures come from the consumer itself (librdkafka's broker states, the
-//! messages read, the batches applied), never from a constant; a stopped consumer is not
-//! alive, and neither is one whose brokers stopped answering.
+//! Invariant: the figures come from the consumer itself (librdkafka's broker states, group
+//! state and partition offsets, the messages read, the batches applied), never from a
+//! constant. Alive means: running, a broker answering, a settled member of its group (its
+//! partitions assigned), and not stalled. Stalled means: messages wait on the partitions
+//! this member holds (the broker's high watermark is ahead of the committed offset) and no
+//! batch has been committed for the stall window, or the member has not settled in its
+//! group for that long. A stall is logged when it starts and when it ends.
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -10,6 +14,12 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::store::now_ms;
+
+/// A member that has not settled in its group for this long while a broker answers is
+/// re-created (a join normally takes a few seconds).
+pub(crate) const REJOIN_AFTER: Duration = Duration::from_secs(8);
+/// The longest wait between two re-creations.
+pub(crate) const REJOIN_MAX: Duration = Duration::from_secs(120);
 
 /// Cheap to clone; all clones see the same consumer.
 #[derive(Clone)]
@@ -27,6 +37,33 @@ struct Inner {
     last_known_message_ms: AtomicI64,
     /// A heartbeat older than this means the broker is not answering.
     alive_window: Duration,
+    /// No progress for this long while there is lag, or no settled group membership for
+    /// this long, is a stall.
+    stall_after: Duration,
+    /// A lag of this many messages (a batch) means the consumer is behind.
+    behind_lag: i64,
+    /// Partitions this member holds (-1: not known yet).
+    assigned: AtomicI64,
+    /// Messages waiting on those partitions past the committed offsets (-1: not known).
+    lag: AtomicI64,
+    /// A settled member of the group (joined, partitions assigned).
+    in_group: AtomicBool,
+    /// Since when the member has not been settled in its group (Unix ms; 0 = settled).
+    unsettled_ms: AtomicI64,
+    /// When the consumer last made progress: a batch committed, or nothing to read (Unix ms).
+    progress_ms: AtomicI64,
+    /// Messages read and not yet committed (the batch being filled and the one applied).
+    in_hand: AtomicI64,
+    /// Batches done at the last observation, to see progress between two.
+    batches_seen: AtomicU64,
+    /// Re-creations since the member was last settled.
+    rejoins: AtomicI64,
+    /// When the consumer was last re-created for want of a group (Unix ms; 0 = never).
+    rejoined_ms: AtomicI64,
+    /// Since when the consumer is stalled (Unix ms; 0 = not stalled).
+    stalled_ms: AtomicI64,
+    stalls: AtomicU64,
+    stale: AtomicU64,
     messages: AtomicU64,
     batches: AtomicU64,
     handled: AtomicU64,
@@ -61,10 +98,28 @@ pub struct IngestCounters {
     pub commit_failures: u64,
     pub consumer_errors: u64,
     pub mapping_errors: u64,
+    /// Events that completed before the job waiting for the file asked for it (a replayed
+    /// topic, or clocks further apart than `kafka.clock_skew_secs`): not taken as its recall.
+    pub stale: u64,
+    /// Stalls seen (see the module documentation).
+    pub stalls: u64,
+}
+
+/// Where the consumer stands in its group, as of librdkafka's last statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupState {
+    /// A settled member of its group.
+    pub in_group: bool,
+    /// Partitions assigned to it (None: not known yet).
+    pub assigned: Option<i64>,
+    /// Messages waiting on them past the committed offsets (None: not known).
+    pub lag: Option<i64>,
+    /// Unix ms since when the consumer is stalled.
+    pub stalled_since_ms: Option<i64>,
 }
 
 impl IngestStatus {
-    pub(crate) fn new(alive_window: Duration) -> Self {
+    pub(crate) fn new(alive_window: Duration, stall_after: Duration, behind_lag: i64) -> Self {
         IngestStatus {
             inner: Arc::new(Inner {
                 running: AtomicBool::new(false),
@@ -72,6 +127,20 @@ impl IngestStatus {
                 all_down_ms: AtomicI64::new(0),
                 last_known_message_ms: AtomicI64::new(0),
                 alive_window,
+                stall_after,
+                behind_lag: behind_lag.max(1),
+                assigned: AtomicI64::new(-1),
+                lag: AtomicI64::new(-1),
+                in_group: AtomicBool::new(false),
+                unsettled_ms: AtomicI64::new(now_ms()),
+                progress_ms: AtomicI64::new(now_ms()),
+                in_hand: AtomicI64::new(0),
+                batches_seen: AtomicU64::new(0),
+                rejoins: AtomicI64::new(0),
+                rejoined_ms: AtomicI64::new(0),
+                stalled_ms: AtomicI64::new(0),
+                stalls: AtomicU64::new(0),
+                stale: AtomicU64::new(0),
                 messages: AtomicU64::new(0),
                 batches: AtomicU64::new(0),
                 handled: AtomicU64::new(0),
@@ -87,7 +156,8 @@ impl IngestStatus {
         }
     }
 
-    /// The consumer runs and a broker answered within the window.
+    /// The consumer runs, a broker answered within the window, the member is settled in
+    /// its group, and it is not stalled.
     pub fn alive(&self) -> bool {
         let i = &self.inner;
         let hb = i.heartbeat_ms.load(Ordering::Relaxed);
@@ -95,6 +165,116 @@ impl IngestStatus {
             && hb > 0
             && i.all_down_ms.load(Ordering::Relaxed) == 0
             && now_ms() - hb <= i.alive_window.as_millis() as i64
+            && i.in_group.load(Ordering::Relaxed)
+            && i.stalled_ms.load(Ordering::Relaxed) == 0
+    }
+
+    /// Group membership, assignment, lag and stall, as last observed.
+    pub fn group(&self) -> GroupState {
+        let i = &self.inner;
+        let known = |a: &AtomicI64| Some(a.load(Ordering::Relaxed)).filter(|&v| v >= 0);
+        GroupState {
+            in_group: i.in_group.load(Ordering::Relaxed),
+            assigned: known(&i.assigned),
+            lag: known(&i.lag),
+            stalled_since_ms: Some(i.stalled_ms.load(Ordering::Relaxed)).filter(|&t| t > 0),
+        }
+    }
+
+    /// Messages are known to wait for this consumer (more than a batch of them, or a
+    /// stall): their files' jobs will hear of them without asking the tape system again.
+    /// A consumer keeping up has less than a batch in hand at any time.
+    pub fn behind(&self) -> bool {
+        let g = self.group();
+        g.lag.is_some_and(|l| l >= self.inner.behind_lag) || g.stalled_since_ms.is_some()
+    }
+
+    /// Whether to re-create the client so that it joins its group again: the member was
+    /// last seen out of its group, and has not settled for [`REJOIN_AFTER`] (its statistics
+    /// may have stopped meanwhile: a stuck client is re-created all the same), doubled after each
+    /// re-creation that did not settle it (up to [`REJOIN_MAX`], so that a slow rebalance
+    /// is never cut short for ever). After every broker was gone for longer than the
+    /// session, librdkafka stayed out of its group for 25 s and more; a new client joins
+    /// in a few seconds. Marks the re-creation when it answers true.
+    pub(crate) fn rejoin_due(&self) -> bool {
+        let i = &self.inner;
+        let now = now_ms();
+        let unsettled = i.unsettled_ms.load(Ordering::Relaxed);
+        if i.in_group.load(Ordering::Relaxed) || unsettled == 0 {
+            i.rejoins.store(0, Ordering::Relaxed);
+            return false;
+        }
+        let tries = i.rejoins.load(Ordering::Relaxed).min(8);
+        let wait =
+            (REJOIN_AFTER.as_millis() as i64 * (1 << tries)).min(REJOIN_MAX.as_millis() as i64);
+        let since = unsettled.max(i.rejoined_ms.load(Ordering::Relaxed));
+        let due = now - since > wait;
+        if due {
+            i.rejoined_ms.store(now, Ordering::Relaxed);
+            i.rejoins.fetch_add(1, Ordering::Relaxed);
+        }
+        due
+    }
+
+    pub(crate) fn set_in_hand(&self, messages: usize) {
+        self.inner.in_hand.store(messages as i64, Ordering::Relaxed);
+    }
+
+    /// Takes in one observation of the group (from librdkafka's statistics): whether the
+    /// member is settled, its partitions, and the messages on them not read yet (`unread`;
+    /// the messages read and not committed are added here). Decides, and logs, stalls.
+    pub(crate) fn observe(&self, in_group: bool, assigned: Option<i64>, unread: Option<i64>) {
+        let i = &self.inner;
+        let now = now_ms();
+        let lag = unread.map(|u| u + i.in_hand.load(Ordering::Relaxed));
+        i.in_group.store(in_group, Ordering::Relaxed);
+        i.assigned.store(assigned.unwrap_or(-1), Ordering::Relaxed);
+        i.lag.store(lag.unwrap_or(-1), Ordering::Relaxed);
+        if in_group {
+            i.unsettled_ms.store(0, Ordering::Relaxed);
+        } else {
+            let _ = i
+                .unsettled_ms
+                .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        }
+        let batches = i.batches.load(Ordering::Relaxed);
+        let advanced = i.batches_seen.swap(batches, Ordering::Relaxed) != batches;
+        if advanced || lag.is_none_or(|l| l <= 0) {
+            i.progress_ms.store(now, Ordering::Relaxed);
+        }
+        let window = i.stall_after.as_millis() as i64;
+        let unsettled = i.unsettled_ms.load(Ordering::Relaxed);
+        let why = if unsettled > 0 && now - unsettled > window {
+            Some("no partitions assigned: the member has not settled in its group")
+        } else if now - i.progress_ms.load(Ordering::Relaxed) > window {
+            Some("messages wait on the assigned partitions and none was committed")
+        } else {
+            None
+        };
+        let was = i.stalled_ms.load(Ordering::Relaxed);
+        match (why, was) {
+            (Some(why), 0) => {
+                i.stalled_ms.store(now, Ordering::Relaxed);
+                i.stalls.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    reason = why,
+                    lag = lag.unwrap_or(-1),
+                    assigned = assigned.unwrap_or(-1),
+                    window_secs = i.stall_after.as_secs(),
+                    "Kafka consumer stalled"
+                );
+            }
+            (None, since) if since > 0 => {
+                i.stalled_ms.store(0, Ordering::Relaxed);
+                tracing::info!(
+                    stalled_ms = now - since,
+                    lag = lag.unwrap_or(-1),
+                    assigned = assigned.unwrap_or(-1),
+                    "Kafka consumer resumed"
+                );
+            }
+            _ => {}
+        }
     }
 
     /// Unix ms when the Kafka connection last answered.
@@ -122,6 +302,8 @@ impl IngestStatus {
             commit_failures: l(&i.commit_failures),
             consumer_errors: l(&i.consumer_errors),
             mapping_errors: l(&i.mapping_errors),
+            stale: l(&i.stale),
+            stalls: l(&i.stalls),
         }
     }
 
@@ -134,8 +316,14 @@ impl IngestStatus {
         self.inner.all_down_ms.store(0, Ordering::Relaxed);
     }
 
+    /// Keeps the start of the outage: librdkafka repeats the report while it lasts.
     pub(crate) fn all_brokers_down(&self) {
-        self.inner.all_down_ms.store(now_ms(), Ordering::Relaxed);
+        let _ = self.inner.all_down_ms.compare_exchange(
+            0,
+            now_ms(),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
     }
 
     pub(crate) fn message_received(&self) {
@@ -147,6 +335,10 @@ impl IngestStatus {
         let i = &self.inner;
         i.batches.fetch_add(1, Ordering::Relaxed);
         i.handled.fetch_add(messages, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_stale(&self, events: u64) {
+        self.inner.stale.fetch_add(events, Ordering::Relaxed);
     }
 
     pub(crate) fn batch_applied(&self, events: u64, changed: u64, unknown: u64, any_known: bool) {
@@ -226,16 +418,42 @@ mod tests {
 
     #[test]
     fn alive_needs_running_and_a_fresh_heartbeat() {
-        let s = IngestStatus::new(Duration::from_secs(60));
+        let s = IngestStatus::new(Duration::from_secs(60), Duration::from_secs(60), 10);
         assert!(!s.alive());
         s.set_running(true);
         assert!(!s.alive(), "no heartbeat yet");
         s.heartbeat();
+        assert!(!s.alive(), "not in the group yet");
+        s.observe(true, Some(2), Some(0));
         assert!(s.alive());
         s.all_brokers_down();
         assert!(!s.alive());
         s.heartbeat();
         s.set_running(false);
         assert!(!s.alive());
+    }
+
+    #[test]
+    fn lag_without_commits_is_a_stall_and_commits_end_it() {
+        let s = IngestStatus::new(Duration::from_secs(60), Duration::ZERO, 100);
+        s.set_running(true);
+        s.heartbeat();
+        s.observe(true, Some(2), Some(0));
+        assert!(s.alive() && !s.behind());
+        std::thread::sleep(Duration::from_millis(5));
+        s.observe(true, Some(2), Some(7));
+        assert!(!s.alive(), "lag and no batch committed");
+        assert!(s.behind());
+        assert_eq!(s.counters().stalls, 1);
+        s.batch_done(7);
+        s.observe(true, Some(2), Some(3));
+        assert!(s.alive(), "a batch was committed since");
+        s.set_in_hand(4);
+        s.observe(true, Some(2), Some(0));
+        assert_eq!(s.group().lag, Some(4), "read and not committed is lag too");
+        assert!(s.alive(), "a batch was committed since");
+        std::thread::sleep(Duration::from_millis(5));
+        s.observe(false, None, None);
+        assert!(!s.alive(), "left its group");
     }
 }

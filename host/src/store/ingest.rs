@@ -3,9 +3,16 @@
 //! Invariants:
 //! - A batch's changes, and the callbacks of the jobs it completed, are written in one
 //!   transaction ([`Store::apply_file_events`]); re-applying a batch changes nothing.
-//! - The count of events about paths no job holds is a figure for metrics only: it is read
-//!   after the transaction, and only for the paths that changed nothing, so it never decides
-//!   what is written and costs nothing when every event was wanted.
+//! - On the ingest path, an event that completed before a job asked for the file (its
+//!   `CompleteTime` older than the job's creation by more than the allowed clock skew) does
+//!   not settle that job's file: a replayed topic (a new consumer group, expired or lost
+//!   offsets) must not pass an old recall off as this job's. The job's own stage request,
+//!   made after it was stored, makes the tape system report the file again with a fresh
+//!   time (at once when it is still on disk), and that event settles it.
+//! - The counts of events about paths no job holds, and of stale events, are figures for
+//!   metrics only: they are read after the transaction, and only for the paths that changed
+//!   nothing, so they never decide what is written and cost nothing when every event was
+//!   wanted.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -25,6 +32,9 @@ pub struct IngestOutcome {
     pub changed: u64,
     /// Events whose path no job holds.
     pub unknown: u64,
+    /// Events that changed nothing because they completed before a job waiting for the
+    /// path asked for it.
+    pub stale: u64,
 }
 
 /// What applying events did to the store.
@@ -36,49 +46,75 @@ struct Applied {
 }
 
 impl Store {
-    /// Applies `events` (one transaction) and counts those about paths no job holds.
+    /// Applies `events` (one transaction) as the ingest does: an event older than a job's
+    /// creation by more than `skew_ms` does not settle that job's file. Counts the events
+    /// about paths no job holds, and the stale ones.
     pub async fn apply_ingest_batch(
         &self,
         events: &[FileEvent],
+        skew_ms: i64,
     ) -> Result<IngestOutcome, StoreError> {
-        let applied = self.apply(events).await?;
-        // A path that changed nothing is either held by no job or already settled (a
-        // duplicate or a redelivery); only those need looking up.
-        let idle: HashSet<&str> = events
-            .iter()
-            .map(|e| e.path.as_str())
-            .filter(|p| !applied.matched.contains(*p))
-            .collect();
-        let unknown = if idle.is_empty() {
-            0
-        } else {
-            let idle: Vec<&str> = idle.into_iter().collect();
-            let unknown = self.unknown_paths(&idle).await?;
+        let applied = self.apply(events, Some(skew_ms.max(0))).await?;
+        // A path that changed nothing is held by no job, already settled (a duplicate or a
+        // redelivery), or waited for by jobs younger than the event; only those need
+        // looking up.
+        let mut idle: BTreeMap<&str, i64> = BTreeMap::new();
+        for e in events {
+            if !applied.matched.contains(e.path.as_str()) {
+                idle.entry(e.path.as_str())
+                    .and_modify(|t| *t = (*t).max(e.at_ms))
+                    .or_insert(e.at_ms);
+            }
+        }
+        if idle.is_empty() {
+            return Ok(IngestOutcome {
+                changed: applied.changed,
+                ..IngestOutcome::default()
+            });
+        }
+        let idle: Vec<(&str, i64)> = idle.into_iter().collect();
+        let (unknown, stale) = self.idle_paths(&idle, skew_ms.max(0)).await?;
+        let count = |set: &HashSet<String>| {
             events
                 .iter()
-                .filter(|e| unknown.contains(e.path.as_str()))
+                .filter(|e| set.contains(e.path.as_str()))
                 .count() as u64
         };
         Ok(IngestOutcome {
             changed: applied.changed,
-            unknown,
+            unknown: count(&unknown),
+            stale: count(&stale),
         })
     }
 
-    /// The distinct `paths` that no job holds.
-    pub async fn unknown_paths(&self, paths: &[&str]) -> Result<HashSet<String>, StoreError> {
-        if paths.is_empty() {
-            return Ok(HashSet::new());
-        }
+    /// Of `paths` (each with its newest event time), those no job holds, and those a job
+    /// still waits for that was created after that time (less `skew_ms`).
+    async fn idle_paths(
+        &self,
+        paths: &[(&str, i64)],
+        skew_ms: i64,
+    ) -> Result<(HashSet<String>, HashSet<String>), StoreError> {
         let sql = format!(
-            "SELECT DISTINCT e.v FROM {} AS e \
-             WHERE NOT EXISTS (SELECT 1 FROM job_files f WHERE f.path = e.v)",
-            json_values(&self.backend, "$1", "text")
+            "SELECT e.p, \
+                 NOT EXISTS (SELECT 1 FROM job_files f WHERE f.path = e.p), \
+                 EXISTS (SELECT 1 FROM job_files f JOIN jobs j ON j.job_id = f.job_id \
+                         WHERE f.path = e.p AND NOT f.ready AND e.t < j.created_ms - $2) \
+             FROM {} AS e",
+            json_rows(&self.backend, "$1", &[("p", "text"), ("t", "bigint")])
         );
-        let json = serde_json::to_string(paths).expect("strings serialize");
-        let rows: Vec<String> = super::with_pool!(&self.backend, p =>
-            sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).bind(json).fetch_all(p).await?);
-        Ok(rows.into_iter().collect())
+        let json = serde_json::to_string(paths).expect("strings and integers serialize");
+        let rows: Vec<(String, bool, bool)> = super::with_pool!(&self.backend, p =>
+            sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(json).bind(skew_ms).fetch_all(p).await?);
+        let mut unknown = HashSet::new();
+        let mut stale = HashSet::new();
+        for (path, is_unknown, is_stale) in rows {
+            if is_unknown {
+                unknown.insert(path);
+            } else if is_stale {
+                stale.insert(path);
+            }
+        }
+        Ok((unknown, stale))
     }
 
     /// Applies a batch of tape-system events in one transaction, to every job holding each
@@ -88,11 +124,20 @@ impl Store {
     /// In the same transaction, every job the batch made complete (all files ready or
     /// failed) gets its callback queued (code 0, or 5 when a file failed), so completion
     /// never waits for a periodic sweep. Returns the number of job files whose state changed.
+    ///
+    /// Every event counts, whatever its time; the ingest uses [`Store::apply_ingest_batch`],
+    /// which ignores events older than the jobs they would settle.
     pub async fn apply_file_events(&self, events: &[FileEvent]) -> Result<u64, StoreError> {
-        Ok(self.apply(events).await?.changed)
+        Ok(self.apply(events, None).await?.changed)
     }
 
-    async fn apply(&self, events: &[FileEvent]) -> Result<Applied, StoreError> {
+    /// `skew_ms`: when given, an event settles only the files of jobs created no later
+    /// than `skew_ms` after it.
+    async fn apply(
+        &self,
+        events: &[FileEvent],
+        skew_ms: Option<i64>,
+    ) -> Result<Applied, StoreError> {
         let (ready, failed): (Vec<&FileEvent>, Vec<&FileEvent>) =
             events.iter().partition(|e| e.error.is_none());
         let b = &self.backend;
@@ -100,21 +145,49 @@ impl Store {
         // ([path, time] for READY, [path, message] for FAILED).
         // A failed file keeps its (never empty) message when it later becomes ready, so
         // `error_msg IS NOT NULL` on a row READY changed means it had been settled already.
-        let ready_sql = format!(
-            "UPDATE job_files SET ready = TRUE, error = FALSE, \
-                 ready_ms = coalesce(job_files.ready_ms, e.t) \
-             FROM {} AS e \
-             WHERE job_files.path = e.p AND NOT job_files.ready \
-             RETURNING job_files.job_id, job_files.path, job_files.error_msg IS NOT NULL",
-            json_rows(b, "$1", &[("p", "text"), ("t", "bigint")])
-        );
-        let failed_sql = format!(
-            "UPDATE job_files SET error = TRUE, error_msg = coalesce(e.m, '') \
-             FROM {} AS e \
-             WHERE job_files.path = e.p AND NOT job_files.ready AND NOT job_files.error \
-             RETURNING job_files.job_id, job_files.path",
-            json_rows(b, "$1", &[("p", "text"), ("m", "text")])
-        );
+        // With a skew, each file's job is joined (one primary-key probe per file changed)
+        // for its creation time. A path's events in one batch travel as their earliest
+        // and latest times: the latest decides whether the file is settled, the earliest
+        // one that is not stale becomes its ready time.
+        let ready_cols = [("p", "text"), ("t", "bigint"), ("t1", "bigint")];
+        let ready_sql = match skew_ms {
+            None => format!(
+                "UPDATE job_files SET ready = TRUE, error = FALSE, \
+                     ready_ms = coalesce(job_files.ready_ms, e.t) \
+                 FROM {} AS e \
+                 WHERE job_files.path = e.p AND NOT job_files.ready \
+                 RETURNING job_files.job_id, job_files.path, job_files.error_msg IS NOT NULL",
+                json_rows(b, "$1", &ready_cols)
+            ),
+            Some(_) => format!(
+                "UPDATE job_files SET ready = TRUE, error = FALSE, \
+                     ready_ms = coalesce(job_files.ready_ms, \
+                         CASE WHEN e.t >= j.created_ms - $2 THEN e.t ELSE e.t1 END) \
+                 FROM {} AS e, jobs AS j \
+                 WHERE job_files.path = e.p AND NOT job_files.ready \
+                     AND j.job_id = job_files.job_id AND e.t1 >= j.created_ms - $2 \
+                 RETURNING job_files.job_id, job_files.path, job_files.error_msg IS NOT NULL",
+                json_rows(b, "$1", &ready_cols)
+            ),
+        };
+        let failed_cols = [("p", "text"), ("m", "text"), ("t1", "bigint")];
+        let failed_sql = match skew_ms {
+            None => format!(
+                "UPDATE job_files SET error = TRUE, error_msg = coalesce(e.m, '') \
+                 FROM {} AS e \
+                 WHERE job_files.path = e.p AND NOT job_files.ready AND NOT job_files.error \
+                 RETURNING job_files.job_id, job_files.path",
+                json_rows(b, "$1", &failed_cols)
+            ),
+            Some(_) => format!(
+                "UPDATE job_files SET error = TRUE, error_msg = coalesce(e.m, '') \
+                 FROM {} AS e, jobs AS j \
+                 WHERE job_files.path = e.p AND NOT job_files.ready AND NOT job_files.error \
+                     AND j.job_id = job_files.job_id AND e.t1 >= j.created_ms - $2 \
+                 RETURNING job_files.job_id, job_files.path",
+                json_rows(b, "$1", &failed_cols)
+            ),
+        };
         // Each job's counts move by what the batch did to its files; the jobs that are now
         // complete come back.
         let settle_sql = format!(
@@ -157,23 +230,38 @@ impl Store {
         );
         // One row per path, in path order (index probes in order): the earliest ready
         // time, and one of the error messages.
-        let mut ready_rows: BTreeMap<&str, i64> = BTreeMap::new();
+        let mut ready_rows: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
         for e in &ready {
             ready_rows
                 .entry(e.path.as_str())
-                .and_modify(|t| *t = (*t).min(e.at_ms))
-                .or_insert(e.at_ms);
+                .and_modify(|(first, last)| {
+                    *first = (*first).min(e.at_ms);
+                    *last = (*last).max(e.at_ms);
+                })
+                .or_insert((e.at_ms, e.at_ms));
         }
-        let mut failed_rows: BTreeMap<&str, &str> = BTreeMap::new();
+        let mut failed_rows: BTreeMap<&str, (&str, i64)> = BTreeMap::new();
         for e in &failed {
             failed_rows
                 .entry(e.path.as_str())
-                .or_insert(e.error.as_deref().unwrap_or(""));
+                .and_modify(|(_, last)| *last = (*last).max(e.at_ms))
+                .or_insert((e.error.as_deref().unwrap_or(""), e.at_ms));
         }
-        let ready_json = serde_json::to_string(&ready_rows.into_iter().collect::<Vec<_>>())
-            .expect("strings and integers always serialize");
-        let failed_json = serde_json::to_string(&failed_rows.into_iter().collect::<Vec<_>>())
-            .expect("strings always serialize");
+        let ready_json = serde_json::to_string(
+            &ready_rows
+                .into_iter()
+                .map(|(p, (first, last))| (p, first, last))
+                .collect::<Vec<_>>(),
+        )
+        .expect("strings and integers always serialize");
+        let failed_json = serde_json::to_string(
+            &failed_rows
+                .into_iter()
+                .map(|(p, (m, last))| (p, m, last))
+                .collect::<Vec<_>>(),
+        )
+        .expect("strings and integers always serialize");
+        let skew = skew_ms.unwrap_or(0);
         let now = now_ms();
 
         let (changed, completed) = in_tx!(b, tx => {
@@ -183,17 +271,21 @@ impl Store {
                 sqlx::raw_sql(PG_PROBE_BY_INDEX).execute(&mut *tx).await?;
             }
             if !ready.is_empty() {
-                let rows = sqlx::query_as::<_, (i64, String, bool)>(sqlx::AssertSqlSafe(ready_sql))
-                    .bind(ready_json)
-                    .fetch_all(&mut *tx)
-                    .await?;
+                let mut q = sqlx::query_as::<_, (i64, String, bool)>(sqlx::AssertSqlSafe(ready_sql))
+                    .bind(ready_json);
+                if skew_ms.is_some() {
+                    q = q.bind(skew);
+                }
+                let rows = q.fetch_all(&mut *tx).await?;
                 changed.extend(rows.into_iter().map(|(j, p, was)| (j, p, true, was)));
             }
             if !failed.is_empty() {
-                let rows = sqlx::query_as::<_, (i64, String)>(sqlx::AssertSqlSafe(failed_sql))
-                    .bind(failed_json)
-                    .fetch_all(&mut *tx)
-                    .await?;
+                let mut q = sqlx::query_as::<_, (i64, String)>(sqlx::AssertSqlSafe(failed_sql))
+                    .bind(failed_json);
+                if skew_ms.is_some() {
+                    q = q.bind(skew);
+                }
+                let rows = q.fetch_all(&mut *tx).await?;
                 changed.extend(rows.into_iter().map(|(j, p)| (j, p, false, false)));
             }
             // Per job: (files newly settled, change in failed files). A file READY changed
