@@ -397,8 +397,9 @@ pub struct KafkaConfig {
     /// Larger messages are counted as malformed and skipped, in bytes.
     pub max_message_bytes: usize,
     /// How far the tape system's clock may be behind ours, in seconds: a recall message
-    /// whose `CompleteTime` is older than a job by more than this does not settle that
-    /// job's file (it was a recall for someone else, before the job asked).
+    /// whose `RequestTime` and `CompleteTime` are both older than a job by more than this
+    /// does not settle that job's file (it was a recall for someone else, before the job
+    /// asked).
     pub clock_skew_secs: u64,
     /// Seconds without a committed batch while messages wait (or without settled group
     /// membership) before the consumer counts as stalled: logged, and `kafka_alive` false.
@@ -728,6 +729,8 @@ impl Config {
             ("callbacks.retry_min_secs", c.retry_min_secs),
             ("callbacks.retry_max_secs", c.retry_max_secs),
             ("callbacks.expired_grace_secs", c.expired_grace_secs),
+            ("kafka.clock_skew_secs", self.kafka.clock_skew_secs),
+            ("kafka.stall_secs", self.kafka.stall_secs),
         ] {
             if v > MAX_DURATION_SECS {
                 bail!("{key}: must be at most {MAX_DURATION_SECS} seconds (100 years)");

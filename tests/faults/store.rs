@@ -886,6 +886,21 @@ async fn sqlite_io_error() {
     app.stop().await;
     let stored = stored_files_sqlite(&db_path).await;
     let stored_n = complete(&acknowledged, &stored).min(complete(&acknowledged, &live));
+    for (phase, answers) in [
+        ("before", &before),
+        ("during", &during),
+        ("settling", &settle),
+        ("after", &after),
+    ] {
+        for id in answers.acknowledged() {
+            let (l, s) = (live.get(&id), stored.get(&id));
+            if l != Some(&(FILES_PER_JOB as i64)) || s != Some(&(FILES_PER_JOB as i64)) {
+                eprintln!(
+                    "sqlite I/O error: job {id}, acknowledged {phase} the fault: files stored while running {l:?}, after the stop {s:?}"
+                );
+            }
+        }
+    }
     let row = Row {
         fault: "sqlite I/O error",
         backend: "sqlite",

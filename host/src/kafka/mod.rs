@@ -14,7 +14,8 @@
 //!   seconds so that a returning broker is used within seconds), and the API keeps serving
 //!   meanwhile. [`IngestStatus`] reports what the consumer really sees, stalls included.
 //! - A recall message never settles a file for a job that asked for it after the recall
-//!   completed (`CompleteTime` before the job, beyond `clock_skew_secs`): after a replay
+//!   was requested and completed (`RequestTime` and `CompleteTime` both before the job,
+//!   beyond `clock_skew_secs`): after a replay
 //!   of the topic (a new group, expired offsets) an old recall is not this job's, and the
 //!   file may have left the disk cache since. The job's own stage request brings a fresh
 //!   message (see `store::ingest`); such events are counted as `stale`.
@@ -405,6 +406,8 @@ struct Recall {
     filename: String,
     #[serde(rename = "Error", default)]
     error: Option<String>,
+    #[serde(rename = "RequestTime", default)]
+    request_time: Option<String>,
     #[serde(rename = "CompleteTime", default)]
     complete_time: Option<String>,
 }
@@ -422,8 +425,9 @@ fn parse_time_ms(s: &str) -> Option<i64> {
 }
 
 /// Reads one message body: an event, or why it is malformed (the consumer counts and skips
-/// those). Never panics, whatever the bytes. `fallback_ms` is the event's time when the
-/// body gives no readable `CompleteTime` (the consumer passes the broker's timestamp).
+/// those). Never panics, whatever the bytes. The event's time is the later of
+/// `RequestTime` and `CompleteTime`; `fallback_ms` when the body gives neither readably
+/// (the consumer passes the broker's timestamp).
 pub fn parse(payload: Option<&[u8]>, max_bytes: usize, fallback_ms: i64) -> Parsed {
     let Some(bytes) = payload else {
         return Parsed::Malformed("no payload".into());
@@ -439,10 +443,13 @@ pub fn parse(payload: Option<&[u8]>, max_bytes: usize, fallback_ms: i64) -> Pars
     match serde_json::from_slice::<Recall>(bytes) {
         Ok(r) if r.filename.is_empty() => Parsed::Malformed("empty Filename".into()),
         Ok(r) => Parsed::Event {
-            at_ms: r
-                .complete_time
-                .as_deref()
-                .and_then(parse_time_ms)
+            // The later of the two times: a file already on disk may be reported to a fresh
+            // request with the time it was recalled long ago, and the fresh `RequestTime`
+            // is what shows the message answers this request and is no replay.
+            at_ms: [&r.request_time, &r.complete_time]
+                .into_iter()
+                .filter_map(|t| t.as_deref().and_then(parse_time_ms))
+                .max()
                 .unwrap_or(fallback_ms),
             name: r.filename,
             error: r.error.filter(|e| !e.is_empty()),
@@ -797,6 +804,13 @@ mod tests {
                 assert_eq!(error, None);
                 assert_eq!(at_ms, 1_643_943_752_000);
             }
+            Parsed::Malformed(w) => panic!("{w}"),
+        }
+        // A file already on disk, reported to a fresh request with its old recall time:
+        // the message's time is the request's, so that it is not taken for a replay.
+        let m = br#"{"Filename":"f","RequestTime":"2026-12-02 10:00:00 +0000 GMT","CompleteTime":"2022-02-04 03:02:32 +0000 GMT","Error":""}"#;
+        match parse(Some(m), 1000, 0) {
+            Parsed::Event { at_ms, .. } => assert_eq!(at_ms, 1_796_205_600_000),
             Parsed::Malformed(w) => panic!("{w}"),
         }
         let m = br#"{"Filename":"f","Error":"tape error","CompleteTime":"garbage"}"#;
