@@ -440,6 +440,7 @@ fn kafka_bodies_parse_to_an_event_or_a_malformed_message() {
                 Just("Filename".to_string()),
                 Just("Error".to_string()),
                 Just("CompleteTime".to_string()),
+                Just("RequestTime".to_string()),
                 Just("Inode".to_string()),
             ],
             json_value(),
@@ -469,7 +470,9 @@ fn kafka_bodies_parse_to_an_event_or_a_malformed_message() {
                     TestCaseError::fail(format!("an event from a body that is not JSON: {e}"))
                 })?;
                 prop_assert_eq!(v["Filename"].as_str(), Some(name.as_str()));
-                prop_assert!(at_ms == 42 || v["CompleteTime"].is_string());
+                prop_assert!(
+                    at_ms == 42 || v["CompleteTime"].is_string() || v["RequestTime"].is_string()
+                );
             }
             Parsed::Malformed(why) => prop_assert!(!why.is_empty()),
         }
@@ -479,22 +482,27 @@ fn kafka_bodies_parse_to_an_event_or_a_malformed_message() {
     let recall = (
         any::<String>().prop_filter("a name", |s| !s.is_empty()),
         prop::option::of(any::<String>()),
-        // Any second from 1970 to 2200, and whether the message gives it.
+        // Any second from 1970 to 2200 for each time, and whether the message gives it.
+        prop::option::of(0i64..7_258_118_400),
         prop::option::of(0i64..7_258_118_400),
         any::<u64>(),
     );
     check(
         "well-formed recall messages",
         recall,
-        |(name, error, at, inode)| {
-            let mut m = json!({"Inode": inode, "Filename": name, "RequestTime": "2022-02-04 03:01:38 +0000 GMT"});
+        |(name, error, complete, request, inode)| {
+            let mut m = json!({"Inode": inode, "Filename": name});
             if let Some(e) = &error {
                 m["Error"] = json!(e);
             }
-            if let Some(secs) = at {
-                let t = chrono::DateTime::from_timestamp(secs, 0).unwrap();
-                m["CompleteTime"] = json!(t.format("%Y-%m-%d %H:%M:%S +0000 GMT").to_string());
+            for (key, at) in [("CompleteTime", complete), ("RequestTime", request)] {
+                if let Some(secs) = at {
+                    let t = chrono::DateTime::from_timestamp(secs, 0).unwrap();
+                    m[key] = json!(t.format("%Y-%m-%d %H:%M:%S +0000 GMT").to_string());
+                }
             }
+            // The event's time is the later of the two.
+            let at = complete.max(request);
             let body = m.to_string();
             match parse(Some(body.as_bytes()), 1 << 20, -1) {
                 Parsed::Event {
