@@ -103,12 +103,14 @@ fn day() -> chrono::NaiveDate {
     *DAY.get_or_init(|| (chrono::Utc::now() + chrono::Duration::days(1)).date_naive())
 }
 
-/// A message in the production format, with `at` (`HH:MM:SS` on [`day`]) as CompleteTime.
+/// A message in the production format, with `at` (`HH:MM:SS` on [`day`]) as CompleteTime
+/// and, as the tape system sends them, a RequestTime before it (the message's time is the
+/// later of the two).
 fn message(path: &str, at: &str, error: &str) -> String {
     json!({
         "Inode": 45871,
         "Filename": path,
-        "RequestTime": format!("{} 03:01:38 +0000 GMT", day()),
+        "RequestTime": format!("{} 00:00:00 +0000 GMT", day()),
         "CompleteTime": format!("{} {at} +0000 GMT", day()),
         "Error": error,
     })
