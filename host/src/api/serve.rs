@@ -7,7 +7,7 @@
 //!   open-file limit the daemon started with. When full, the connection idle longest is
 //!   closed to let the new one in; when every connection has a request in hand, new ones
 //!   wait in the kernel's backlog. Accept errors (`EMFILE` and the like) back off instead
-//!   of spinning.
+//!   of spinning, and are logged at most once every 10 s, with their count.
 //! - **time**: a request head must arrive within `header_timeout_secs` of the connection
 //!   being ready for it (hyper's header timer, so slowloris heads are closed); a body must be
 //!   read within `body_timeout_secs` (408); a connection with nothing in hand and no bytes
@@ -126,6 +126,9 @@ fn open_file_limit() -> Option<u64> {
     None
 }
 
+/// The shortest time between two warnings about accept errors.
+const ACCEPT_WARNING_EVERY: Duration = Duration::from_secs(10);
+
 /// What the accept loop and every connection share.
 struct Shared {
     bounds: Bounds,
@@ -216,7 +219,11 @@ pub async fn serve(
     tokio::pin!(stop);
 
     let mut backoff = Duration::ZERO;
+    // Descriptors running out can last: each freed one is taken at once and the next
+    // accept fails again. Warnings are spaced out, each counting the errors since the last.
     let mut failed_accepts: u64 = 0;
+    let mut last_warning: Option<tokio::time::Instant> = None;
+    let mut warned_this_run = false;
     'accept: loop {
         let permit = match slots.clone().try_acquire_owned() {
             Ok(p) => p,
@@ -246,10 +253,10 @@ pub async fn serve(
         };
         let stream = match accepted {
             Ok((stream, _peer)) => {
-                if failed_accepts > 0 {
-                    tracing::info!(failed_accepts, "accepting connections again");
+                if warned_this_run {
+                    tracing::info!("accepting connections again");
+                    warned_this_run = false;
                 }
-                failed_accepts = 0;
                 backoff = Duration::ZERO;
                 stream
             }
@@ -259,8 +266,11 @@ pub async fn serve(
                 // Out of descriptors or memory: retrying at once would spin. Close an idle
                 // connection to free one and wait a little longer each time.
                 failed_accepts += 1;
-                if failed_accepts == 1 || failed_accepts.is_power_of_two() {
+                if last_warning.is_none_or(|t| t.elapsed() >= ACCEPT_WARNING_EVERY) {
                     tracing::warn!(error = %e, failed_accepts, "accept error; backing off");
+                    last_warning = Some(tokio::time::Instant::now());
+                    failed_accepts = 0;
+                    warned_this_run = true;
                 }
                 shared.evict_idlest();
                 backoff = (backoff * 2).clamp(Duration::from_millis(5), Duration::from_secs(1));
