@@ -200,6 +200,7 @@ both_backends!(
     names_are_mapped_once_per_batch,
     stats_report_the_consumer_state,
     simulator_publishes_what_scout_stages,
+    stopping_commits_the_last_batch,
 );
 
 async fn batched_apply(kind: Kind) {
@@ -525,6 +526,95 @@ async fn stats_report_the_consumer_state(kind: Kind) {
     broker.cluster.broker_up(1).unwrap();
     alive(true).await;
     app.stop().await;
+}
+
+/// The daemon stopped right after applying a batch: the group's offsets on the broker
+/// include that batch, so the next member reads only what came after.
+async fn stopping_commits_the_last_batch(kind: Kind) {
+    let broker = Broker::new();
+    let g = group();
+    let kafka = broker.config(&g);
+    let mut app = TestApp::start_with(kind, move |c| c.kafka = kafka).await;
+    let files: Vec<String> = (0..20).map(|i| format!("c/{i}")).collect();
+    let (status, _) = app
+        .post_job(json!({"job_id": 9, "files": files, "notify_url": "http://127.0.0.1:9/"}))
+        .await;
+    assert_eq!(status, 202);
+    for f in &files {
+        broker.ready(f, "03:00:00").await;
+    }
+    let server = app.server.take().unwrap();
+    let status = server.kafka_status().unwrap();
+    wait_for("the messages read", Duration::from_secs(30), async || {
+        status.counters().messages >= 20
+    })
+    .await;
+    // From now the broker answers slowly, so the batch's commit is still on its way when
+    // the daemon stops.
+    broker
+        .cluster
+        .broker_round_trip_time(1, Duration::from_millis(300))
+        .unwrap();
+    wait_for("the batch applied", Duration::from_secs(30), async || {
+        status.counters().handled >= 20
+    })
+    .await;
+    server.stop().await.unwrap();
+    let c = status.counters();
+    assert_eq!(c.commit_failures, 0, "{c:?}");
+    assert!(c.commits >= 1, "the broker confirmed the commits: {c:?}");
+
+    broker
+        .cluster
+        .broker_round_trip_time(1, Duration::ZERO)
+        .unwrap();
+    broker.ready("after/stop", "03:00:01").await;
+    let store = open_store(&app.db).await;
+    let resumed = consume(&broker, &g, &store);
+    read_messages(&resumed, 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        resumed.status().counters().messages,
+        1,
+        "only the message after the stop is read again"
+    );
+    resumed.stop().await;
+    store.close().await;
+}
+
+/// A commit the broker refuses is counted (it costs only a redelivery) and later commits
+/// go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_commits_are_counted() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let db = TestDb::new(Kind::Sqlite).await;
+    let store = open_store(&db).await;
+    submit(&store, 1, &["r/1", "r/2"]).await;
+    let broker = Broker::new();
+    broker.cluster.request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_METADATA_TOO_LARGE; 3],
+    );
+    broker.ready("r/1", "03:00:00").await;
+    let ingest = consume(&broker, &group(), &store);
+    settle(&ingest, 1).await;
+    let status = ingest.status();
+    wait_for(
+        "a refused commit counted",
+        Duration::from_secs(30),
+        async || status.counters().commit_failures >= 1,
+    )
+    .await;
+    broker
+        .cluster
+        .clear_request_errors(RDKafkaApiKey::OffsetCommit);
+    broker.ready("r/2", "03:00:01").await;
+    wait_for("a confirmed commit", Duration::from_secs(30), async || {
+        status.counters().commits >= 1
+    })
+    .await;
+    ingest.stop().await;
+    store.close().await;
 }
 
 async fn simulator_publishes_what_scout_stages(kind: Kind) {

@@ -106,6 +106,16 @@ pub async fn start(config: &Config) -> anyhow::Result<Server> {
 }
 
 impl Server {
+    /// The engine's counters, for statistics and metrics (None once stopping).
+    pub fn engine_counters(&self) -> Option<Arc<engine::EngineCounters>> {
+        self.engine.as_ref().map(|e| e.counters.clone())
+    }
+
+    /// What the Kafka consumer sees, when `[kafka]` is configured.
+    pub fn kafka_status(&self) -> Option<kafka::IngestStatus> {
+        self.ingest.as_ref().map(|i| i.status())
+    }
+
     /// Stops accepting connections, lets in-flight requests finish (up to the grace
     /// period), then closes the store.
     pub async fn stop(mut self) -> anyhow::Result<()> {
@@ -122,8 +132,8 @@ impl Server {
                 self.task.abort();
             }
         }
-        // The batch in hand is applied and committed (or left for redelivery) before the
-        // store closes.
+        // The batch in hand is applied, and the offsets applied so far committed
+        // synchronously (or the batch left for redelivery), before the store closes.
         if let Some(ingest) = self.ingest.take() {
             ingest.stop().await;
         }

@@ -61,6 +61,7 @@ pub async fn stats(State(app): State<AppState>) -> Result<Json<GlobalStatistics>
             stalls: c.stalls,
             stale_messages: c.stale,
             malformed_messages: c.malformed,
+            commit_failures: c.commit_failures,
         });
     }
     // The cache figures stay null when Scout is not configured or does not answer in time:

@@ -133,6 +133,9 @@ pub struct KafkaConsumerStats {
     pub stale_messages: u64,
     /// Malformed messages skipped since the daemon started.
     pub malformed_messages: u64,
+    /// Offset commits that failed since the daemon started (their messages are read again,
+    /// which changes nothing).
+    pub commit_failures: u64,
 }
 
 /// Every error answer.

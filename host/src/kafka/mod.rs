@@ -26,6 +26,7 @@
 //!   restarts and distinct between daemons): a restarted daemon takes its partitions back
 //!   at once instead of waiting out its dead predecessor's session.
 
+mod commit;
 mod status;
 
 use std::collections::HashMap;
@@ -36,12 +37,11 @@ use futures::future::BoxFuture;
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
-use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{Offset, TopicPartitionList};
 use serde::Deserialize;
 use thiserror::Error;
 use tokio::sync::watch;
@@ -50,6 +50,7 @@ use tokio::time::Instant;
 
 use crate::config::KafkaConfig;
 use crate::store::{FileEvent, Store, now_ms};
+use commit::Committer;
 use status::RateLimited;
 pub use status::{IngestCounters, IngestStatus};
 
@@ -172,6 +173,9 @@ pub fn builtin_features() -> Result<String, KafkaError> {
         .get("builtin.features")
 }
 
+/// Longest a stopping (or re-created) consumer waits for its last offset commit.
+const COMMIT_WAIT: Duration = Duration::from_secs(10);
+
 /// How often librdkafka reports broker states; the liveness heartbeat follows it.
 const STATS_INTERVAL_MS: u64 = 1000;
 
@@ -291,7 +295,7 @@ pub fn start_with(
         stopped,
     };
     status.set_running(true);
-    let task = tokio::spawn(ingest.run(consumer));
+    let task = tokio::spawn(ingest.run(Arc::new(consumer)));
     Ok(IngestHandle { status, stop, task })
 }
 
@@ -483,8 +487,9 @@ impl Ingest {
     /// Fills the next batch while the last one is being applied, so that the broker and the
     /// store work at the same time. Offsets are still committed strictly after their batch's
     /// transaction, one batch at a time and in order.
-    async fn run(self, mut consumer: StreamConsumer<Context>) {
+    async fn run(self, mut consumer: Arc<StreamConsumer<Context>>) {
         let mut stopped = self.stopped.clone();
+        let mut committer = self.committer(&consumer);
         let mut recv_errors = 0u32;
         // The batch being filled, and when it is handed over (set by its first message).
         let mut next = Batch::default();
@@ -509,6 +514,8 @@ impl Ingest {
                 continue;
             }
             let may_read = !full && paused_until.is_none_or(|t| Instant::now() >= t);
+            // Set when this client is to be replaced by a new one.
+            let mut replace = false;
             tokio::select! {
                 biased;
                 _ = stopped.changed() => break,
@@ -520,7 +527,7 @@ impl Ingest {
                         // Stopped before it was applied: it stays uncommitted, for redelivery.
                         break;
                     }
-                    self.finish_batch(&consumer, &batch);
+                    self.finish_batch(&committer, &batch);
                 }
                 m = consumer.recv(), if may_read => match m {
                     Ok(m) => {
@@ -544,25 +551,8 @@ impl Ingest {
                             paused_until = Some(Instant::now() + backoff(recv_errors.min(4)));
                             continue;
                         }
-                        // A fatal error ends this client. Its last batch is finished and
-                        // committed through it; what it read beyond that is dropped
-                        // uncommitted and read again by the new client.
-                        if let Some(f) = inflight.take() {
-                            let (batch, applied) = f.await;
-                            if !applied {
-                                break;
-                            }
-                            self.finish_batch(&consumer, &batch);
-                        }
-                        next = Batch::default();
-                        deadline = None;
-                        consumer = match self.recreate(consumer, &mut stopped).await {
-                            Some(c) => c,
-                            None => {
-                                self.status.set_running(false);
-                                return;
-                            }
-                        };
+                        // A fatal error ends this client.
+                        replace = true;
                     }
                 },
                 _ = group_check.tick() => {
@@ -572,54 +562,71 @@ impl Ingest {
                     tracing::warn!(
                         "the Kafka consumer stays out of its group while the brokers answer; re-creating it"
                     );
-                    // As after a fatal error: the batch being applied is finished and
-                    // committed; what was read beyond it is read again by the new client.
-                    if let Some(f) = inflight.take() {
-                        let (batch, applied) = f.await;
-                        if !applied {
-                            break;
-                        }
-                        self.finish_batch(&consumer, &batch);
-                    }
-                    next = Batch::default();
-                    deadline = None;
-                    consumer = match self.recreate(consumer, &mut stopped).await {
-                        Some(c) => c,
-                        None => {
-                            self.status.set_running(false);
-                            return;
-                        }
-                    };
+                    replace = true;
                 }
                 _ = sleep_until_some(deadline), if deadline.is_some() && inflight.is_none() => {}
                 _ = sleep_until_some(paused_until), if paused_until.is_some() && !may_read => {
                     paused_until = None;
                 }
             }
+            if replace {
+                // The old client's batch being applied is finished and committed through
+                // it; what it read beyond that is dropped uncommitted and read again by the
+                // new client.
+                if let Some(f) = inflight.take() {
+                    let (batch, applied) = f.await;
+                    if !applied {
+                        break;
+                    }
+                    self.finish_batch(&committer, &batch);
+                }
+                next = Batch::default();
+                deadline = None;
+                committer.close(COMMIT_WAIT).await;
+                consumer = match self.recreate(consumer, &mut stopped).await {
+                    Some(c) => c,
+                    None => {
+                        self.status.set_running(false);
+                        return;
+                    }
+                };
+                committer = self.committer(&consumer);
+            }
         }
         // Stopping: the batch being applied is finished (the store's retries give up on stop)
-        // and committed if it was applied; the one being filled is left for redelivery.
+        // and committed if it was applied; the one being filled is left for redelivery. The
+        // last commit is waited for: one still on its way when the client closes may never
+        // reach the broker, and the next daemon would read those messages again.
         if let Some(f) = inflight.take() {
             let (batch, applied) = f.await;
             if applied {
-                self.finish_batch(&consumer, &batch);
+                self.finish_batch(&committer, &batch);
             }
         }
+        committer.close(COMMIT_WAIT).await;
         self.status.set_running(false);
         // Leaving the group blocks in librdkafka; keep it off the async workers.
         let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
     }
 
+    fn committer(&self, consumer: &Arc<StreamConsumer<Context>>) -> Committer {
+        Committer::start(
+            consumer.clone(),
+            self.settings.topic.clone(),
+            self.status.clone(),
+        )
+    }
+
     async fn recreate(
         &self,
-        old: StreamConsumer<Context>,
+        old: Arc<StreamConsumer<Context>>,
         stopped: &mut watch::Receiver<bool>,
-    ) -> Option<StreamConsumer<Context>> {
+    ) -> Option<Arc<StreamConsumer<Context>>> {
         let _ = tokio::task::spawn_blocking(move || drop(old)).await;
         let mut attempt = 0;
         loop {
             match create_consumer(&self.client, &self.settings.topic, &self.status) {
-                Ok(c) => return Some(c),
+                Ok(c) => return Some(Arc::new(c)),
                 Err(e) => {
                     attempt += 1;
                     tracing::warn!(error = %e, attempt, "recreating the Kafka consumer failed");
@@ -746,26 +753,10 @@ impl Ingest {
         true
     }
 
-    /// Commits an applied batch's offsets and counts it done.
-    fn finish_batch(&self, consumer: &StreamConsumer<Context>, batch: &Batch) {
-        self.commit(consumer, batch);
+    /// Hands an applied batch's offsets to the committer and counts it done.
+    fn finish_batch(&self, committer: &Committer, batch: &Batch) {
+        committer.commit(&batch.next_offsets);
         self.status.batch_done(batch.messages.len() as u64);
-    }
-
-    fn commit(&self, consumer: &StreamConsumer<Context>, batch: &Batch) {
-        let mut tpl = TopicPartitionList::new();
-        for (&partition, &next) in &batch.next_offsets {
-            if let Err(e) =
-                tpl.add_partition_offset(&self.settings.topic, partition, Offset::Offset(next))
-            {
-                tracing::warn!(error = %e, partition, "building the offset commit");
-            }
-        }
-        // Async: a lost commit only means a harmless redelivery.
-        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-            self.status.count_commit_failure();
-            tracing::warn!(error = %e, "committing Kafka offsets failed; the batch may be redelivered");
-        }
     }
 }
 

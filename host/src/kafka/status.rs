@@ -72,6 +72,7 @@ struct Inner {
     unknown: AtomicU64,
     malformed: AtomicU64,
     store_failures: AtomicU64,
+    commits: AtomicU64,
     commit_failures: AtomicU64,
     consumer_errors: AtomicU64,
     mapping_errors: AtomicU64,
@@ -95,6 +96,10 @@ pub struct IngestCounters {
     pub malformed: u64,
     /// Failed attempts to apply a batch (each retried).
     pub store_failures: u64,
+    /// Offset commits the broker confirmed.
+    pub commits: u64,
+    /// Offset commits that failed: refused when asked, or by the broker (a redelivery of
+    /// those messages follows, which changes nothing).
     pub commit_failures: u64,
     pub consumer_errors: u64,
     pub mapping_errors: u64,
@@ -149,6 +154,7 @@ impl IngestStatus {
                 unknown: AtomicU64::new(0),
                 malformed: AtomicU64::new(0),
                 store_failures: AtomicU64::new(0),
+                commits: AtomicU64::new(0),
                 commit_failures: AtomicU64::new(0),
                 consumer_errors: AtomicU64::new(0),
                 mapping_errors: AtomicU64::new(0),
@@ -299,6 +305,7 @@ impl IngestStatus {
             unknown: l(&i.unknown),
             malformed: l(&i.malformed),
             store_failures: l(&i.store_failures),
+            commits: l(&i.commits),
             commit_failures: l(&i.commit_failures),
             consumer_errors: l(&i.consumer_errors),
             mapping_errors: l(&i.mapping_errors),
@@ -357,6 +364,10 @@ impl IngestStatus {
 
     pub(crate) fn count_store_failure(&self) {
         self.inner.store_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_commit(&self) {
+        self.inner.commits.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn count_commit_failure(&self) {
