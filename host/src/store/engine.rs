@@ -55,7 +55,7 @@ pub struct StageWork {
 
 /// The stage worker's claims of jobs, in their order: first the jobs this daemon accepted
 /// and has not started (born claimed, handed over in memory at intake, so taking them costs
-/// no query), then due jobs from the store ([`Store::claim_due_stage_work`]).
+/// no query), then due jobs from the store (`Store::claim_due_stage_work`).
 ///
 /// Jobs this daemon accepted come through the handoff; the store holds only work that is
 /// due by a timer or left by another (or a crashed) daemon, which waits for the poll

@@ -2,14 +2,19 @@
 //!
 //! One `Store` fronts either SQLite (the embedded default) or PostgreSQL (production, and
 //! several daemons sharing the work); the database URL picks. All SQL lives in this module
-//! and its children. One query text serves both dialects (see [`with_pool!`] and
-//! [`in_tx!`]); where they differ, a [`Backend`] method supplies the fragment: batches of
-//! rows travel as one bound JSON array that [`json_rows`] and [`json_values`] read (with
+//! and its children. One query text serves both dialects (see `with_pool!` and
+//! `in_tx!`); where they differ, a `Backend` method supplies the fragment: batches of
+//! rows travel as one bound JSON array that `json_rows` and `json_values` read (with
 //! `json_each` on SQLite, `jsonb_array_elements` on PostgreSQL), and
-//! [`Backend::skip_locked`] is the row lock of a pick several daemons may race for. The
-//! exceptions are the intake writer's insert (see [`intake`]: on PostgreSQL one statement
+//! `Backend::skip_locked` is the row lock of a pick several daemons may race for. The
+//! exceptions are the intake writer's insert (see `intake`: on PostgreSQL one statement
 //! that `UNNEST`s bound arrays, on a connection the writer keeps) and PostgreSQL's planner
-//! settings for the ingest transaction (see [`ingest`]).
+//! settings for the ingest transaction (see `ingest`).
+//!
+//! What only tests need (applying events with no staleness check, reading the history and
+//! the outbox's size, claiming callbacks with no destination gate) is compiled with the
+//! `test-support` feature, which the integration tests turn on: the daemon itself never
+//! takes those paths, so they are not part of its surface.
 //!
 //! Invariants:
 //! - A job is acknowledged only after the transaction that wrote it (and all its files)
