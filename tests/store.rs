@@ -21,13 +21,18 @@ fn job(id: i64, files: &[&str]) -> NewJob {
     }
 }
 
-/// The ids of the jobs `store` claims (up to `limit`), as the engine claims them: first the
+/// The ids of the jobs `store` claims (up to `limit`), by the engine's own claim: first the
 /// jobs handed over at intake, then due jobs from the store.
 async fn claimed_ids(store: &Store, limit: i64) -> Vec<i64> {
-    let mut work = store.take_handed_over(limit);
-    let room = limit - work.len() as i64;
-    work.extend(store.claim_due_stage_work(room).await.unwrap());
-    work.iter().map(|w| w.job_id).collect()
+    // A fresh claimer has never searched the store, so it searches whenever there is room.
+    let claim = store
+        .stage_claims(Duration::from_secs(3600))
+        .claim(limit)
+        .await;
+    if let Some(e) = claim.search_error {
+        panic!("claiming due jobs failed: {e}");
+    }
+    claim.work.iter().map(|w| w.job_id).collect()
 }
 
 fn ready(path: &str, at_ms: i64) -> FileEvent {

@@ -33,7 +33,7 @@ pub mod wording;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::stream::{self, StreamExt};
@@ -41,7 +41,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, JobsConfig};
-use crate::store::{StageWork, Store, StoreError, codes, now_ms};
+use crate::store::{JobState, StageWork, Store, StoreError, codes, now_ms};
 pub use wording::{BuiltinWording, JobFacts, Wording};
 
 /// Why staging a job's paths did not succeed.
@@ -248,38 +248,16 @@ const STAGE_CONCURRENCY: usize = 64;
 
 impl StageWorker {
     async fn run(self, mut stopped: watch::Receiver<bool>) {
-        // When the store was last searched for due work, and whether that search filled
-        // its claim (then more may be due at once).
-        let mut searched: Option<Instant> = None;
-        let mut search_full = false;
+        let mut claims = self.store.stage_claims(self.timings.poll);
         loop {
             if *stopped.borrow() {
                 return;
             }
-            let mut claimed = self.store.take_handed_over(STAGE_CLAIM);
-            let room = STAGE_CLAIM - claimed.len() as i64;
-            // Jobs this daemon accepted come through the handoff; the store holds only
-            // work that is due by a timer or left by another (or a crashed) daemon, which
-            // waits for the poll interval anyway. Searching it on every wake-up (about
-            // 30 a second under a burst of POSTs) cost a planned query and a round trip
-            // each, almost always finding nothing.
-            let search = room > 0
-                && (claimed.is_empty()
-                    || search_full
-                    || searched.is_none_or(|at| at.elapsed() >= self.timings.poll));
-            if search {
-                match self.store.claim_due_stage_work(room).await {
-                    Ok(due) => {
-                        search_full = due.len() as i64 == room;
-                        claimed.extend(due);
-                    }
-                    Err(e) => {
-                        search_full = false;
-                        tracing::error!(error = %e, "claiming stage work failed");
-                    }
-                }
-                searched = Some(Instant::now());
+            let claim = claims.claim(STAGE_CLAIM).await;
+            if let Some(e) = claim.search_error {
+                tracing::error!(error = %e, "claiming stage work failed");
             }
+            let claimed = claim.work;
             let full = claimed.len() as i64 == STAGE_CLAIM;
             if let Err(e) = self.work(claimed).await {
                 tracing::error!(error = %e, "recording stage work failed; its leases will lapse and it will be retried");
@@ -306,7 +284,7 @@ impl StageWorker {
         // (a lookup future per job, moved through the stream, cost a copy of a large state
         // machine for every new job).
         let (to_resolve, mut due): (Vec<&StageWork>, Vec<&StageWork>) =
-            claimed.iter().partition(|w| w.state == "resolving");
+            claimed.iter().partition(|w| w.state == JobState::Resolving);
         if !to_resolve.is_empty() {
             // Jobs are independent: one slow adapter call must not hold up the others.
             // Collected first: a lazy map inside the stream trips the compiler's lifetime
@@ -344,7 +322,7 @@ impl StageWorker {
         // Jobs in `waiting` had their files accepted by Scout already: this is a restage.
         if let Some(ingest) = self.parts.ingest.as_ref().filter(|i| i.behind()) {
             let (restage, first): (Vec<&StageWork>, Vec<&StageWork>) =
-                due.into_iter().partition(|w| w.state == "waiting");
+                due.into_iter().partition(|w| w.state == JobState::Waiting);
             due = first;
             if !restage.is_empty() {
                 let next = now_ms() + self.timings.restage_interval.as_millis() as i64;

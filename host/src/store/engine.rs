@@ -18,10 +18,19 @@
 //!   so they hold no lease and no slot, and a bad destination cannot fill the claim.
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::{Backend, Store, StoreError, in_tx, json_rows, json_values, now_ms, with_pool};
+use super::{
+    Backend, JobState, Store, StoreError, in_tx, json_rows, json_values, now_ms, with_pool,
+};
+
+// The states the statements below name, spelled as the column holds them.
+const RESOLVING: &str = JobState::Resolving.as_str();
+const STAGING: &str = JobState::Staging.as_str();
+const WAITING: &str = JobState::Waiting.as_str();
+const DONE: &str = JobState::Done.as_str();
 
 /// Return codes of the callback (compat.md).
 pub mod codes {
@@ -38,9 +47,65 @@ pub mod codes {
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct StageWork {
     pub job_id: i64,
-    pub state: String,
+    #[sqlx(try_from = "String")]
+    pub state: JobState,
     pub request_obs: Option<String>,
     pub stage_attempts: i64,
+}
+
+/// The stage worker's claims of jobs, in their order: first the jobs this daemon accepted
+/// and has not started (born claimed, handed over in memory at intake, so taking them costs
+/// no query), then due jobs from the store (`Store::claim_due_stage_work`).
+///
+/// Jobs this daemon accepted come through the handoff; the store holds only work that is
+/// due by a timer or left by another (or a crashed) daemon, which waits for the poll
+/// interval anyway. So the store is searched only when the handoff gave nothing, when the
+/// last search filled its share (more may be due at once), or once a poll interval:
+/// searching it on every wake-up (about 30 a second under a burst of POSTs) cost a planned
+/// query and a round trip each, almost always finding nothing.
+pub struct StageClaims {
+    store: Store,
+    poll: Duration,
+    /// When the store was last searched for due work.
+    searched: Option<Instant>,
+    /// Whether that search filled its share of the claim.
+    search_full: bool,
+}
+
+/// What one claim of stage work took.
+#[derive(Debug)]
+pub struct StageClaim {
+    /// The jobs claimed, handed-over ones first.
+    pub work: Vec<StageWork>,
+    /// The store's search failed; `work` still holds the handed-over jobs.
+    pub search_error: Option<StoreError>,
+}
+
+impl StageClaims {
+    /// Claims up to `limit` jobs.
+    pub async fn claim(&mut self, limit: i64) -> StageClaim {
+        let mut work = self.store.take_handed_over(limit);
+        let room = limit - work.len() as i64;
+        let search = room > 0
+            && (work.is_empty()
+                || self.search_full
+                || self.searched.is_none_or(|at| at.elapsed() >= self.poll));
+        let mut search_error = None;
+        if search {
+            match self.store.claim_due_stage_work(room).await {
+                Ok(due) => {
+                    self.search_full = due.len() as i64 == room;
+                    work.extend(due);
+                }
+                Err(e) => {
+                    self.search_full = false;
+                    search_error = Some(e);
+                }
+            }
+            self.searched = Some(Instant::now());
+        }
+        StageClaim { work, search_error }
+    }
 }
 
 /// A callback to deliver.
@@ -99,7 +164,8 @@ impl Default for CallbackGate {
     }
 }
 
-/// A finished job, for the dashboard.
+/// A finished job, as [`Store::history`] reads it.
+#[cfg(any(test, feature = "test-support"))]
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct HistoryRow {
     pub job_id: i64,
@@ -121,10 +187,20 @@ const COUNTS: &str = "(SELECT count(*) FROM job_files f WHERE f.job_id = j.job_i
      (SELECT count(*) FROM job_files f WHERE f.job_id = j.job_id AND f.error AND NOT f.ready)";
 
 impl Store {
+    /// The stage worker's claims of jobs, searching the store for due ones at least once a
+    /// `poll` interval.
+    pub fn stage_claims(&self, poll: Duration) -> StageClaims {
+        StageClaims {
+            store: self.clone(),
+            poll,
+            searched: None,
+            search_full: false,
+        }
+    }
+
     /// Up to `limit` of the jobs this daemon accepted and has not started yet: they are
-    /// born claimed, so taking them needs no query. The engine takes these first, then
-    /// due jobs from the store ([`Store::claim_due_stage_work`]).
-    pub fn take_handed_over(&self, limit: i64) -> Vec<StageWork> {
+    /// born claimed, so taking them needs no query.
+    fn take_handed_over(&self, limit: i64) -> Vec<StageWork> {
         // A job handed over too close to its lease's end is left to the store's claim.
         self.handoff
             .take(limit.max(0) as usize, now_ms() + self.lease_ms / 4)
@@ -133,17 +209,14 @@ impl Store {
     /// Claims up to `limit` due jobs from the store. A claim moves `next_stage_ms` to the
     /// lease's end, so a claimed job is simply not due to anyone else until its lease
     /// lapses; the pick is then one range of one index, cheap whatever the statistics say.
-    pub async fn claim_due_stage_work(&self, limit: i64) -> Result<Vec<StageWork>, StoreError> {
+    async fn claim_due_stage_work(&self, limit: i64) -> Result<Vec<StageWork>, StoreError> {
         if limit <= 0 {
             return Ok(Vec::new());
         }
         let now = now_ms();
         const PICK: &str = "SELECT job_id FROM jobs \
              WHERE next_stage_ms <= $3 ORDER BY next_stage_ms LIMIT $4";
-        let lock = match &self.backend {
-            Backend::Sqlite(_) => "",
-            Backend::Postgres(_) => "FOR UPDATE SKIP LOCKED",
-        };
+        let lock = self.backend.skip_locked();
         let sql = format!(
             "UPDATE jobs SET lease_owner = $1, lease_until_ms = $2, next_stage_ms = $2 \
              WHERE job_id IN ({PICK} {lock}) \
@@ -164,12 +237,15 @@ impl Store {
     /// Used at shutdown, after the engine stopped.
     pub(crate) async fn release_unstarted(&self) -> Result<u64, StoreError> {
         self.handoff.clear();
-        const SQL: &str = "UPDATE jobs SET next_stage_ms = $2, lease_owner = NULL, \
-                 lease_until_ms = NULL \
-             WHERE lease_owner = $1 AND state <> 'done'";
-        Ok(with_pool!(&self.backend, p => sqlx::query(SQL)
+        let sql = format!(
+            "UPDATE jobs SET next_stage_ms = $2, lease_owner = NULL, lease_until_ms = NULL \
+             WHERE lease_owner = $1 AND state <> '{DONE}'"
+        );
+        Ok(
+            with_pool!(&self.backend, p => sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(&*self.owner).bind(now_ms())
-            .execute(p).await?.rows_affected()))
+            .execute(p).await?.rows_affected()),
+        )
     }
 
     /// Paths of each job that are neither ready nor failed, in one query for all of them.
@@ -198,12 +274,14 @@ impl Store {
 
     /// Paths of a job that no other unfinished job holds (what DELETE may cancel at Scout).
     pub async fn exclusive_paths(&self, job_id: i64) -> Result<Vec<String>, StoreError> {
-        const SQL: &str = "SELECT f.path FROM job_files f WHERE f.job_id = $1 \
+        let sql = format!(
+            "SELECT f.path FROM job_files f WHERE f.job_id = $1 \
              AND NOT EXISTS (SELECT 1 FROM job_files g JOIN jobs k ON k.job_id = g.job_id \
-                             WHERE g.path = f.path AND g.job_id <> f.job_id AND k.state <> 'done') \
-             ORDER BY f.path";
+                             WHERE g.path = f.path AND g.job_id <> f.job_id AND k.state <> '{DONE}') \
+             ORDER BY f.path"
+        );
         Ok(with_pool!(&self.backend, p =>
-            sqlx::query_scalar(SQL).bind(job_id).fetch_all(p).await?))
+            sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).bind(job_id).fetch_all(p).await?))
     }
 
     /// Stores the files an observation resolved to and makes the job due for staging.
@@ -216,10 +294,12 @@ impl Store {
         // The job takes its files only while it is still ours and still unresolved. It
         // stays claimed (not due to others) until this daemon has staged it or the lease
         // lapses.
-        const RESOLVED: &str = "UPDATE jobs SET state = 'staging', total_files = $3, \
+        let resolved = format!(
+            "UPDATE jobs SET state = '{STAGING}', total_files = $3, \
                  next_stage_ms = coalesce(lease_until_ms, $4), updated_ms = $4, \
                  stage_attempts = 0, last_error = NULL \
-             WHERE job_id = $1 AND lease_owner = $2 AND state = 'resolving'";
+             WHERE job_id = $1 AND lease_owner = $2 AND state = '{RESOLVING}'"
+        );
         // `WHERE true` lets SQLite tell the upsert from a join condition.
         let files_sql = format!(
             "INSERT INTO job_files (job_id, path) SELECT $1, u.v FROM {} AS u WHERE true \
@@ -229,7 +309,7 @@ impl Store {
         let files = serde_json::to_string(paths).expect("strings serialize");
         let now = now_ms();
         let ok = in_tx!(&self.backend, tx => {
-            let n = sqlx::query(RESOLVED)
+            let n = sqlx::query(sqlx::AssertSqlSafe(resolved))
                 .bind(job_id)
                 .bind(&*self.owner)
                 .bind(paths.len() as i64)
@@ -256,10 +336,10 @@ impl Store {
             return Ok(());
         }
         let sql = format!(
-            "UPDATE jobs SET state = 'waiting', next_stage_ms = u.next_ms, updated_ms = $2, \
+            "UPDATE jobs SET state = '{WAITING}', next_stage_ms = u.next_ms, updated_ms = $2, \
                  stage_attempts = 0, last_error = NULL, lease_owner = NULL, lease_until_ms = NULL \
              FROM {} AS u \
-             WHERE jobs.job_id = u.id AND jobs.lease_owner = $3 AND jobs.state <> 'done'",
+             WHERE jobs.job_id = u.id AND jobs.lease_owner = $3 AND jobs.state <> '{DONE}'",
             json_rows(
                 &self.backend,
                 "$1",
@@ -284,7 +364,7 @@ impl Store {
                  stage_attempts = stage_attempts + 1, last_error = u.error, \
                  lease_owner = NULL, lease_until_ms = NULL \
              FROM {} AS u \
-             WHERE jobs.job_id = u.id AND jobs.lease_owner = $3 AND jobs.state <> 'done'",
+             WHERE jobs.job_id = u.id AND jobs.lease_owner = $3 AND jobs.state <> '{DONE}'",
             json_rows(
                 &self.backend,
                 "$1",
@@ -313,21 +393,22 @@ impl Store {
             "INSERT INTO notify_outbox (job_id, notify_url, return_code, total_files, \
                  ready_files, error_files, comment, attempts, next_attempt_ms, give_up_ms, created_ms) \
              SELECT j.job_id, j.notify_url, $2, j.total_files, {COUNTS}, $3, 0, $4, $5, $6 \
-             FROM jobs j WHERE j.job_id = $1 AND j.state <> 'done' \
+             FROM jobs j WHERE j.job_id = $1 AND j.state <> '{DONE}' \
              ON CONFLICT (job_id) DO NOTHING"
         );
-        const DONE: &str = "UPDATE jobs SET state = 'done', return_code = $2, next_stage_ms = NULL, \
+        let done = format!(
+            "UPDATE jobs SET state = '{DONE}', return_code = $2, next_stage_ms = NULL, \
                  updated_ms = $3, lease_owner = NULL, lease_until_ms = NULL \
-             WHERE job_id = $1 AND state <> 'done'";
-        let decided = with_pool!(&self.backend, p => {
-            let mut tx = p.begin().await?;
+             WHERE job_id = $1 AND state <> '{DONE}'"
+        );
+        let decided = in_tx!(&self.backend, tx => {
             let n = sqlx::query(sqlx::AssertSqlSafe(insert))
                 .bind(job_id).bind(code).bind(comment).bind(deliver_at_ms).bind(give_up_ms).bind(now)
                 .execute(&mut *tx).await?.rows_affected();
             if n == 1 {
-                sqlx::query(DONE).bind(job_id).bind(code).bind(now).execute(&mut *tx).await?;
+                sqlx::query(sqlx::AssertSqlSafe(done))
+                    .bind(job_id).bind(code).bind(now).execute(&mut *tx).await?;
             }
-            tx.commit().await?;
             n == 1
         });
         if decided {
@@ -344,23 +425,21 @@ impl Store {
             "INSERT INTO notify_outbox (job_id, notify_url, return_code, total_files, \
                  ready_files, error_files, comment, attempts, next_attempt_ms, give_up_ms, created_ms) \
              SELECT j.job_id, j.notify_url, {expired}, j.total_files, {COUNTS}, '', 0, $1, $2, $1 \
-             FROM jobs j WHERE j.state <> 'done' AND j.expires_ms <= $1 \
+             FROM jobs j WHERE j.state <> '{DONE}' AND j.expires_ms <= $1 \
              ON CONFLICT (job_id) DO NOTHING",
             expired = codes::EXPIRED
         );
         let done = format!(
-            "UPDATE jobs SET state = 'done', return_code = {expired}, next_stage_ms = NULL, \
+            "UPDATE jobs SET state = '{DONE}', return_code = {expired}, next_stage_ms = NULL, \
                  updated_ms = $1, lease_owner = NULL, lease_until_ms = NULL \
-             WHERE state <> 'done' AND expires_ms <= $1",
+             WHERE state <> '{DONE}' AND expires_ms <= $1",
             expired = codes::EXPIRED
         );
-        let n = with_pool!(&self.backend, p => {
-            let mut tx = p.begin().await?;
+        let n = in_tx!(&self.backend, tx => {
             let n = sqlx::query(sqlx::AssertSqlSafe(insert))
                 .bind(now).bind(now + grace_ms)
                 .execute(&mut *tx).await?.rows_affected();
             sqlx::query(sqlx::AssertSqlSafe(done)).bind(now).execute(&mut *tx).await?;
-            tx.commit().await?;
             n
         });
         if n > 0 {
@@ -370,6 +449,7 @@ impl Store {
     }
 
     /// Claims up to `limit` callbacks that are due, whatever their destination.
+    #[cfg(any(test, feature = "test-support"))]
     pub async fn claim_due_callbacks(
         &self,
         owner: &str,
@@ -542,8 +622,7 @@ impl Store {
         const HISTORY: &str = "INSERT INTO job_history (job_id, created_ms, finished_ms, return_code, \
                  total_files, ready_files, error_files, delivered, comment) \
              SELECT $1, coalesce((SELECT created_ms FROM jobs WHERE job_id = $1), $2), $2, $3, $4, $5, $6, $7, $8";
-        let finished = with_pool!(&self.backend, p => {
-            let mut tx = p.begin().await?;
+        let finished = in_tx!(&self.backend, tx => {
             let n = sqlx::query(CLAIM).bind(row.job_id).bind(owner)
                 .execute(&mut *tx).await?.rows_affected();
             if n == 1 {
@@ -556,13 +635,13 @@ impl Store {
                 sqlx::query("DELETE FROM jobs WHERE job_id = $1")
                     .bind(row.job_id).execute(&mut *tx).await?;
             }
-            tx.commit().await?;
             n == 1
         });
         Ok(finished)
     }
 
     /// Finished jobs, newest first.
+    #[cfg(any(test, feature = "test-support"))]
     pub async fn history(&self, limit: i64) -> Result<Vec<HistoryRow>, StoreError> {
         const SQL: &str = "SELECT job_id, created_ms, finished_ms, return_code, total_files, \
                  ready_files, error_files, delivered, comment \
@@ -578,7 +657,8 @@ impl Store {
                 .bind(before_ms).execute(p).await?.rows_affected()))
     }
 
-    /// Outbox rows still to deliver (for tests, metrics and the dashboard).
+    /// Outbox rows still to deliver.
+    #[cfg(any(test, feature = "test-support"))]
     pub async fn pending_callbacks(&self) -> Result<i64, StoreError> {
         Ok(with_pool!(&self.backend, p =>
             sqlx::query_scalar("SELECT count(*) FROM notify_outbox").fetch_one(p).await?))

@@ -2,7 +2,10 @@
 //!
 //! Invariants:
 //! - A batch's changes, and the callbacks of the jobs it completed, are written in one
-//!   transaction ([`Store::apply_file_events`]); re-applying a batch changes nothing.
+//!   transaction ([`Store::apply_ingest_batch`]); re-applying a batch changes nothing.
+//! - What the batch's rows are, and how the files it changed move each job's counts, is
+//!   decided by pure functions ([`fold_events`], [`job_deltas`]); the SQL decides which
+//!   files change.
 //! - On the ingest path, an event that completed before a job asked for the file (its
 //!   `CompleteTime` older than the job's creation by more than the allowed clock skew) does
 //!   not settle that job's file: a replayed topic (a new consumer group, expired or lost
@@ -16,7 +19,11 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use super::{Backend, FileEvent, Store, StoreError, codes, in_tx, json_rows, json_values, now_ms};
+use super::{
+    Backend, FileEvent, JobState, Store, StoreError, codes, in_tx, json_rows, json_values, now_ms,
+};
+
+const DONE: &str = JobState::Done.as_str();
 
 /// A batch names a few thousand paths of a table that may hold millions. Matched by index,
 /// each costs one probe; but the planner, misled by the default row estimate of a JSON
@@ -35,6 +42,92 @@ pub struct IngestOutcome {
     /// Events that changed nothing because they completed before a job waiting for the
     /// path asked for it.
     pub stale: u64,
+}
+
+/// A batch of events as its statements read them: one row per path, in path order (index
+/// probes in order).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Folded<'a> {
+    /// Paths reported staged: (path, earliest time, latest time).
+    ready: Vec<(&'a str, i64, i64)>,
+    /// Paths reported failed: (path, the first event's message, latest time).
+    failed: Vec<(&'a str, &'a str, i64)>,
+}
+
+/// Folds a batch into its rows. A path's events in one batch travel as their earliest and
+/// latest times (whatever their order): the latest decides whether the event is stale for a
+/// job, the earliest that is not becomes the file's ready time. A failed path keeps one of
+/// its messages. A path both staged and failed in one batch is in both lists; the staged
+/// row is applied first, and a ready file ignores failures.
+fn fold_events(events: &[FileEvent]) -> Folded<'_> {
+    let mut ready: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
+    let mut failed: BTreeMap<&str, (&str, i64)> = BTreeMap::new();
+    for e in events {
+        match &e.error {
+            None => {
+                ready
+                    .entry(e.path.as_str())
+                    .and_modify(|(first, last)| {
+                        *first = (*first).min(e.at_ms);
+                        *last = (*last).max(e.at_ms);
+                    })
+                    .or_insert((e.at_ms, e.at_ms));
+            }
+            Some(message) => {
+                failed
+                    .entry(e.path.as_str())
+                    .and_modify(|(_, last)| *last = (*last).max(e.at_ms))
+                    .or_insert((message.as_str(), e.at_ms));
+            }
+        }
+    }
+    Folded {
+        ready: ready
+            .into_iter()
+            .map(|(p, (first, last))| (p, first, last))
+            .collect(),
+        failed: failed
+            .into_iter()
+            .map(|(p, (m, last))| (p, m, last))
+            .collect(),
+    }
+}
+
+/// What a batch did to one job file, as the statements report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FileChange {
+    /// The file became ready; `had_failed`: it had been reported failed before.
+    Ready { had_failed: bool },
+    /// The waiting file failed.
+    Failed,
+}
+
+/// How a batch moves one job's counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct JobDelta {
+    /// Files newly settled (ready or failed, from waiting).
+    settled: i64,
+    /// Change in failed files.
+    failed: i64,
+}
+
+/// The change in each job's counts from the files a batch changed, by job id. A file made
+/// ready was either waiting (now settled) or failed (settled already, failed no more); a
+/// file made failed was waiting. A job none of whose files changed is absent.
+fn job_deltas(changes: impl IntoIterator<Item = (i64, FileChange)>) -> BTreeMap<i64, JobDelta> {
+    let mut deltas: BTreeMap<i64, JobDelta> = BTreeMap::new();
+    for (job_id, change) in changes {
+        let d = deltas.entry(job_id).or_default();
+        match change {
+            FileChange::Ready { had_failed: false } => d.settled += 1,
+            FileChange::Ready { had_failed: true } => d.failed -= 1,
+            FileChange::Failed => {
+                d.settled += 1;
+                d.failed += 1;
+            }
+        }
+    }
+    deltas
 }
 
 /// What applying events did to the store.
@@ -127,6 +220,7 @@ impl Store {
     ///
     /// Every event counts, whatever its time; the ingest uses [`Store::apply_ingest_batch`],
     /// which ignores events older than the jobs they would settle.
+    #[cfg(any(test, feature = "test-support"))]
     pub async fn apply_file_events(&self, events: &[FileEvent]) -> Result<u64, StoreError> {
         Ok(self.apply(events, None).await?.changed)
     }
@@ -138,17 +232,14 @@ impl Store {
         events: &[FileEvent],
         skew_ms: Option<i64>,
     ) -> Result<Applied, StoreError> {
-        let (ready, failed): (Vec<&FileEvent>, Vec<&FileEvent>) =
-            events.iter().partition(|e| e.error.is_none());
+        let folded = fold_events(events);
         let b = &self.backend;
         // Each statement reads its events as one JSON array of rows, one row per path
-        // ([path, time] for READY, [path, message] for FAILED).
+        // (see `fold_events`).
         // A failed file keeps its (never empty) message when it later becomes ready, so
         // `error_msg IS NOT NULL` on a row READY changed means it had been settled already.
         // With a skew, each file's job is joined (one primary-key probe per file changed)
-        // for its creation time. A path's events in one batch travel as their earliest
-        // and latest times: the latest decides whether the file is settled, the earliest
-        // one that is not stale becomes its ready time.
+        // for its creation time.
         let ready_cols = [("p", "text"), ("t", "bigint"), ("t1", "bigint")];
         let ready_sql = match skew_ms {
             None => format!(
@@ -195,7 +286,7 @@ impl Store {
                  failed_files = failed_files + d.failed \
              FROM {} AS d WHERE jobs.job_id = d.id \
              RETURNING jobs.job_id, \
-                 jobs.state <> 'done' AND jobs.total_files > 0 \
+                 jobs.state <> '{DONE}' AND jobs.total_files > 0 \
                  AND jobs.settled_files >= jobs.total_files",
             json_rows(
                 b,
@@ -214,7 +305,7 @@ impl Store {
              SELECT j.job_id, j.notify_url, \
                     CASE WHEN j.failed_files > 0 THEN {failed} ELSE {ok} END, j.total_files, \
                     j.settled_files - j.failed_files, j.failed_files, '', 0, $2, $2 \
-             FROM jobs j WHERE j.job_id IN {ids} AND j.state <> 'done' AND j.total_files > 0 \
+             FROM jobs j WHERE j.job_id IN {ids} AND j.state <> '{DONE}' AND j.total_files > 0 \
                  AND j.settled_files >= j.total_files \
              ON CONFLICT (job_id) DO NOTHING RETURNING job_id",
             failed = codes::FILE_ERRORS,
@@ -222,91 +313,50 @@ impl Store {
             ids = json_values(b, "$1", "bigint"),
         );
         let done_sql = format!(
-            "UPDATE jobs SET state = 'done', return_code = o.return_code, next_stage_ms = NULL, \
+            "UPDATE jobs SET state = '{DONE}', return_code = o.return_code, next_stage_ms = NULL, \
                  updated_ms = $2, lease_owner = NULL, lease_until_ms = NULL \
              FROM notify_outbox o \
-             WHERE o.job_id = jobs.job_id AND jobs.state <> 'done' AND jobs.job_id IN {}",
+             WHERE o.job_id = jobs.job_id AND jobs.state <> '{DONE}' AND jobs.job_id IN {}",
             json_values(b, "$1", "bigint")
         );
-        // One row per path, in path order (index probes in order): the earliest ready
-        // time, and one of the error messages.
-        let mut ready_rows: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
-        for e in &ready {
-            ready_rows
-                .entry(e.path.as_str())
-                .and_modify(|(first, last)| {
-                    *first = (*first).min(e.at_ms);
-                    *last = (*last).max(e.at_ms);
-                })
-                .or_insert((e.at_ms, e.at_ms));
-        }
-        let mut failed_rows: BTreeMap<&str, (&str, i64)> = BTreeMap::new();
-        for e in &failed {
-            failed_rows
-                .entry(e.path.as_str())
-                .and_modify(|(_, last)| *last = (*last).max(e.at_ms))
-                .or_insert((e.error.as_deref().unwrap_or(""), e.at_ms));
-        }
-        let ready_json = serde_json::to_string(
-            &ready_rows
-                .into_iter()
-                .map(|(p, (first, last))| (p, first, last))
-                .collect::<Vec<_>>(),
-        )
-        .expect("strings and integers always serialize");
-        let failed_json = serde_json::to_string(
-            &failed_rows
-                .into_iter()
-                .map(|(p, (m, last))| (p, m, last))
-                .collect::<Vec<_>>(),
-        )
-        .expect("strings and integers always serialize");
+        let ready_json =
+            serde_json::to_string(&folded.ready).expect("strings and integers always serialize");
+        let failed_json =
+            serde_json::to_string(&folded.failed).expect("strings and integers always serialize");
         let skew = skew_ms.unwrap_or(0);
         let now = now_ms();
 
         let (changed, completed) = in_tx!(b, tx => {
-            // (job, path, made ready, had failed before)
-            let mut changed: Vec<(i64, String, bool, bool)> = Vec::new();
+            let mut changed: Vec<(i64, String, FileChange)> = Vec::new();
             if matches!(b, Backend::Postgres(_)) {
                 sqlx::raw_sql(PG_PROBE_BY_INDEX).execute(&mut *tx).await?;
             }
-            if !ready.is_empty() {
+            if !folded.ready.is_empty() {
                 let mut q = sqlx::query_as::<_, (i64, String, bool)>(sqlx::AssertSqlSafe(ready_sql))
                     .bind(ready_json);
                 if skew_ms.is_some() {
                     q = q.bind(skew);
                 }
                 let rows = q.fetch_all(&mut *tx).await?;
-                changed.extend(rows.into_iter().map(|(j, p, was)| (j, p, true, was)));
+                changed.extend(
+                    rows.into_iter()
+                        .map(|(j, p, had_failed)| (j, p, FileChange::Ready { had_failed })),
+                );
             }
-            if !failed.is_empty() {
+            if !folded.failed.is_empty() {
                 let mut q = sqlx::query_as::<_, (i64, String)>(sqlx::AssertSqlSafe(failed_sql))
                     .bind(failed_json);
                 if skew_ms.is_some() {
                     q = q.bind(skew);
                 }
                 let rows = q.fetch_all(&mut *tx).await?;
-                changed.extend(rows.into_iter().map(|(j, p)| (j, p, false, false)));
+                changed.extend(rows.into_iter().map(|(j, p)| (j, p, FileChange::Failed)));
             }
-            // Per job: (files newly settled, change in failed files). A file READY changed
-            // was either waiting (now settled) or failed (settled already, failed no more);
-            // a file FAILED changed was waiting.
-            let mut deltas: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
-            for (job_id, _, ready, was_failed) in &changed {
-                let d = deltas.entry(*job_id).or_default();
-                match (ready, was_failed) {
-                    (true, false) => d.0 += 1,
-                    (true, true) => d.1 -= 1,
-                    (false, _) => {
-                        d.0 += 1;
-                        d.1 += 1;
-                    }
-                }
-            }
+            let deltas = job_deltas(changed.iter().map(|(job_id, _, change)| (*job_id, *change)));
             let mut completed = Vec::new();
             if !deltas.is_empty() {
                 let deltas: Vec<(i64, i64, i64)> =
-                    deltas.into_iter().map(|(id, (s, f))| (id, s, f)).collect();
+                    deltas.into_iter().map(|(id, d)| (id, d.settled, d.failed)).collect();
                 let deltas = serde_json::to_string(&deltas).expect("integers serialize");
                 let now_complete: Vec<i64> =
                     sqlx::query_as::<_, (i64, bool)>(sqlx::AssertSqlSafe(settle_sql))
@@ -340,7 +390,161 @@ impl Store {
         }
         Ok(Applied {
             changed: changed.len() as u64,
-            matched: changed.into_iter().map(|(_, path, _, _)| path).collect(),
+            matched: changed.into_iter().map(|(_, path, _)| path).collect(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ready(path: &str, at_ms: i64) -> FileEvent {
+        FileEvent {
+            path: path.into(),
+            at_ms,
+            error: None,
+        }
+    }
+
+    fn failed(path: &str, at_ms: i64, message: &str) -> FileEvent {
+        FileEvent {
+            path: path.into(),
+            at_ms,
+            error: Some(message.into()),
+        }
+    }
+
+    #[test]
+    fn an_empty_batch_has_no_rows() {
+        assert_eq!(fold_events(&[]), Folded::default());
+    }
+
+    #[test]
+    fn rows_are_one_per_path_in_path_order() {
+        let events = [
+            ready("c", 1),
+            ready("a", 2),
+            failed("b", 3, "x"),
+            ready("b/1", 4),
+        ];
+        let folded = fold_events(&events);
+        assert_eq!(folded.ready, vec![("a", 2, 2), ("b/1", 4, 4), ("c", 1, 1)]);
+        assert_eq!(folded.failed, vec![("b", "x", 3)]);
+    }
+
+    #[test]
+    fn a_redelivered_event_adds_no_row() {
+        let events = [
+            ready("a", 5),
+            ready("a", 5),
+            failed("b", 6, "x"),
+            failed("b", 6, "x"),
+        ];
+        let folded = fold_events(&events);
+        assert_eq!(folded.ready, vec![("a", 5, 5)]);
+        assert_eq!(folded.failed, vec![("b", "x", 6)]);
+    }
+
+    #[test]
+    fn a_path_travels_as_its_earliest_and_latest_time_whatever_the_order() {
+        let events = [ready("a", 30), ready("a", 10), ready("a", 20)];
+        assert_eq!(fold_events(&events).ready, vec![("a", 10, 30)]);
+        let events = [failed("b", 30, "late"), failed("b", 10, "early")];
+        assert_eq!(
+            fold_events(&events).failed,
+            vec![("b", "late", 30)],
+            "the first event's message, the latest time"
+        );
+    }
+
+    #[test]
+    fn a_path_staged_and_failed_in_one_batch_is_in_both_lists() {
+        let events = [failed("a", 2, "x"), ready("a", 1)];
+        let folded = fold_events(&events);
+        assert_eq!(folded.ready, vec![("a", 1, 1)]);
+        assert_eq!(folded.failed, vec![("a", "x", 2)]);
+    }
+
+    #[test]
+    fn no_changed_file_moves_no_job() {
+        // Unknown paths, stale events and files settled already change no file: the
+        // statements report nothing for them.
+        assert!(job_deltas([]).is_empty());
+    }
+
+    #[test]
+    fn a_waiting_file_made_ready_is_settled() {
+        let d = job_deltas([(1, FileChange::Ready { had_failed: false })]);
+        assert_eq!(
+            d[&1],
+            JobDelta {
+                settled: 1,
+                failed: 0
+            }
+        );
+    }
+
+    #[test]
+    fn a_waiting_file_failed_is_settled_and_failed() {
+        let d = job_deltas([(1, FileChange::Failed)]);
+        assert_eq!(
+            d[&1],
+            JobDelta {
+                settled: 1,
+                failed: 1
+            }
+        );
+    }
+
+    #[test]
+    fn a_failed_file_made_ready_was_settled_already() {
+        let d = job_deltas([(1, FileChange::Ready { had_failed: true })]);
+        assert_eq!(
+            d[&1],
+            JobDelta {
+                settled: 0,
+                failed: -1
+            }
+        );
+    }
+
+    #[test]
+    fn changes_add_up_per_job() {
+        let d = job_deltas([
+            (2, FileChange::Failed),
+            (1, FileChange::Ready { had_failed: false }),
+            (2, FileChange::Ready { had_failed: true }),
+            (1, FileChange::Failed),
+            // A shared path changes a file of each job holding it.
+            (3, FileChange::Ready { had_failed: false }),
+            (2, FileChange::Ready { had_failed: false }),
+        ]);
+        assert_eq!(
+            d.into_iter().collect::<Vec<_>>(),
+            vec![
+                (
+                    1,
+                    JobDelta {
+                        settled: 2,
+                        failed: 1
+                    }
+                ),
+                (
+                    2,
+                    JobDelta {
+                        settled: 2,
+                        failed: 0
+                    }
+                ),
+                (
+                    3,
+                    JobDelta {
+                        settled: 1,
+                        failed: 0
+                    }
+                ),
+            ]
+        );
     }
 }

@@ -30,7 +30,9 @@ use sqlx::{Connection, PgConnection, Postgres, Sqlite, SqliteConnection};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::{Backend, NewJob, Signals, StageWork, StoreError, StoreOptions, now_ms, with_pool};
+use super::{
+    Backend, JobState, NewJob, Signals, StageWork, StoreError, StoreOptions, now_ms, with_pool,
+};
 
 /// Files per batch beyond which a writer stops taking more jobs into the batch.
 const BATCH_FILES_SOFT_MAX: usize = 200_000;
@@ -328,7 +330,7 @@ impl Writer {
                 .map(|j| {
                     let work = StageWork {
                         job_id: j.job_id,
-                        state: initial_state(j).to_string(),
+                        state: initial_state(j),
                         request_obs: j.obs.clone(),
                         stage_attempts: 0,
                     };
@@ -372,11 +374,11 @@ impl Writer {
 }
 
 /// The state a new job starts in: an observation must first be resolved into files.
-fn initial_state(job: &NewJob) -> &'static str {
+fn initial_state(job: &NewJob) -> JobState {
     if job.files.is_empty() {
-        "resolving"
+        JobState::Resolving
     } else {
-        "staging"
+        JobState::Staging
     }
 }
 
@@ -404,7 +406,7 @@ async fn insert_sqlite(
                 j.job_id,
                 &j.notify_url,
                 &j.obs,
-                initial_state(j),
+                initial_state(j).as_str(),
                 j.files.len(),
             )
         })
@@ -466,7 +468,7 @@ async fn insert_postgres(
     let ids: Vec<i64> = jobs.iter().map(|j| j.job_id).collect();
     let urls: Vec<&str> = jobs.iter().map(|j| j.notify_url.as_str()).collect();
     let obs: Vec<Option<&str>> = jobs.iter().map(|j| j.obs.as_deref()).collect();
-    let states: Vec<&str> = jobs.iter().map(|j| initial_state(j)).collect();
+    let states: Vec<&str> = jobs.iter().map(|j| initial_state(j).as_str()).collect();
     let totals: Vec<i64> = jobs.iter().map(|j| j.files.len() as i64).collect();
     let (file_jobs, file_paths): (Vec<i64>, Vec<&str>) = jobs
         .iter()

@@ -2,9 +2,19 @@
 //!
 //! One `Store` fronts either SQLite (the embedded default) or PostgreSQL (production, and
 //! several daemons sharing the work); the database URL picks. All SQL lives in this module
-//! and its children. Where the two dialects agree, one query text serves both (see
-//! [`with_pool!`]); bulk statements differ (SQLite reads a JSON array with `json_each`,
-//! PostgreSQL `UNNEST`s bound arrays) and are written per backend.
+//! and its children. One query text serves both dialects (see `with_pool!` and
+//! `in_tx!`); where they differ, a `Backend` method supplies the fragment: batches of
+//! rows travel as one bound JSON array that `json_rows` and `json_values` read (with
+//! `json_each` on SQLite, `jsonb_array_elements` on PostgreSQL), and
+//! `Backend::skip_locked` is the row lock of a pick several daemons may race for. The
+//! exceptions are the intake writer's insert (see `intake`: on PostgreSQL one statement
+//! that `UNNEST`s bound arrays, on a connection the writer keeps) and PostgreSQL's planner
+//! settings for the ingest transaction (see `ingest`).
+//!
+//! What only tests need (applying events with no staleness check, reading the history and
+//! the outbox's size, claiming callbacks with no destination gate) is compiled with the
+//! `test-support` feature, which the integration tests turn on: the daemon itself never
+//! takes those paths, so they are not part of its surface.
 //!
 //! Invariants:
 //! - A job is acknowledged only after the transaction that wrote it (and all its files)
@@ -12,6 +22,7 @@
 //! - `job_id` is the primary key: a duplicate submission loses atomically, even under
 //!   concurrent posts and several daemons.
 //! - File events are applied by path to every job holding that path; `ready` is sticky.
+//! - A job's state is one of [`JobState`]; the column holds its [`JobState::as_str`].
 //! - No connection is reused after a failed statement or commit while it may still be
 //!   inside a transaction: see [`hygiene`], the `after_release` hook of every pool.
 
@@ -31,7 +42,11 @@ use sqlx::sqlite::{
 use thiserror::Error;
 
 use crate::config::{DatabaseConfig, SqliteSync, redact_url};
-pub use engine::{CallbackGate, HistoryRow, OutboxRow, StageWork, callback_origin, codes};
+#[cfg(any(test, feature = "test-support"))]
+pub use engine::HistoryRow;
+pub use engine::{
+    CallbackGate, OutboxRow, StageClaim, StageClaims, StageWork, callback_origin, codes,
+};
 pub use ingest::IngestOutcome;
 pub use intake::Intake;
 
@@ -59,6 +74,71 @@ pub enum StoreError {
         "the database reported a failed commit that nonetheless took effect; the job's outcome is unknown"
     )]
     CommitUnknown,
+}
+
+/// Where a job is in its life: the `jobs.state` column (the engine's module doc draws the
+/// moves between them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JobState {
+    /// An observation, still to be turned into files by the telescope adapter.
+    Resolving,
+    /// Files still to be requested from the tape system (or to be asked again after a
+    /// failed request).
+    Staging,
+    /// Requested; waiting for the tape system's events, and asked again now and then.
+    Waiting,
+    /// Decided: its callback is in the outbox, and nothing changes it any more.
+    Done,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 4] = [
+        JobState::Resolving,
+        JobState::Staging,
+        JobState::Waiting,
+        JobState::Done,
+    ];
+
+    /// The state as the `jobs.state` column holds it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            JobState::Resolving => "resolving",
+            JobState::Staging => "staging",
+            JobState::Waiting => "waiting",
+            JobState::Done => "done",
+        }
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A `jobs.state` value that is none of [`JobState`]'s (a newer daemon's, or a damaged row).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("unknown job state {0:?} in the store")]
+pub struct UnknownJobState(pub String);
+
+impl FromStr for JobState {
+    type Err = UnknownJobState;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        JobState::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or_else(|| UnknownJobState(s.to_string()))
+    }
+}
+
+/// How rows read from the column become states (`#[sqlx(try_from = "String")]`).
+impl TryFrom<String> for JobState {
+    type Error = UnknownJobState;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
 }
 
 /// A job as accepted from a client, before it is written.
@@ -177,7 +257,11 @@ macro_rules! with_pool {
 }
 pub(crate) use with_pool;
 
-/// Runs `$body` in a transaction `$tx` on whichever pool the store has, committing after.
+/// Runs `$body` in a transaction `$tx` on whichever pool the store has, committing after;
+/// an error (`?` in `$body`) drops the transaction, which rolls it back. Every transaction
+/// on a pool is opened here, so the pool's release check ([`hygiene`]) sees each
+/// connection after it. The intake writer's transactions on the connection it keeps are the
+/// one exception, checked after their commit (see [`intake`]).
 macro_rules! in_tx {
     ($backend:expr, $tx:ident => $body:expr) => {
         match $backend {
@@ -407,8 +491,7 @@ impl Store {
 
     /// Removes a job and its files (and any pending callback). Returns whether it existed.
     pub async fn delete_job(&self, job_id: i64) -> Result<bool, StoreError> {
-        let deleted = with_pool!(&self.backend, p => {
-            let mut tx = p.begin().await?;
+        let deleted = in_tx!(&self.backend, tx => {
             sqlx::query("DELETE FROM job_files WHERE job_id = $1")
                 .bind(job_id)
                 .execute(&mut *tx)
@@ -417,13 +500,11 @@ impl Store {
                 .bind(job_id)
                 .execute(&mut *tx)
                 .await?;
-            let n = sqlx::query("DELETE FROM jobs WHERE job_id = $1")
+            sqlx::query("DELETE FROM jobs WHERE job_id = $1")
                 .bind(job_id)
                 .execute(&mut *tx)
                 .await?
-                .rows_affected();
-            tx.commit().await?;
-            n
+                .rows_affected()
         });
         Ok(deleted > 0)
     }
@@ -453,6 +534,16 @@ impl Backend {
         match self {
             Backend::Sqlite(_) => "sqlite",
             Backend::Postgres(_) => "postgres",
+        }
+    }
+
+    /// The row lock that ends a pick of rows several daemons may claim at once: on
+    /// PostgreSQL each skips the rows another's claim holds, so two never take the same
+    /// row; SQLite has one writer at a time, so nothing is needed.
+    pub(crate) fn skip_locked(&self) -> &'static str {
+        match self {
+            Backend::Sqlite(_) => "",
+            Backend::Postgres(_) => "FOR UPDATE SKIP LOCKED",
         }
     }
 }
@@ -531,4 +622,31 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_state_reads_back_from_its_column_value() {
+        for state in JobState::ALL {
+            assert_eq!(state.as_str().parse::<JobState>(), Ok(state));
+            assert_eq!(JobState::try_from(state.to_string()), Ok(state));
+        }
+    }
+
+    #[test]
+    fn column_values_are_distinct() {
+        let values: std::collections::HashSet<_> =
+            JobState::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(values.len(), JobState::ALL.len());
+    }
+
+    #[test]
+    fn an_unknown_column_value_is_an_error_naming_it() {
+        let err = "Done".parse::<JobState>().unwrap_err();
+        assert_eq!(err, UnknownJobState("Done".into()));
+        assert!(err.to_string().contains("\"Done\""), "{err}");
+    }
 }
