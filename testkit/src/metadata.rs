@@ -223,3 +223,63 @@ async fn respond(mut answer: &Answer) -> Response {
         };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn get(sim: &MetadataSim, query: &str) -> (u16, String) {
+        let r = reqwest::get(format!("{}?{query}", sim.data_files_url()))
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn answers_files_refusals_and_unknowns_and_records_every_query() {
+        let files = vec![("a.fits".to_string(), Some("b".to_string()), None)];
+        let sim = MetadataSim::start_at(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            HashMap::from([(1, files.clone()), (2, files)]),
+            [2],
+        )
+        .await
+        .unwrap();
+        let (status, body) = get(&sim, "obs_id=1&x=y").await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            serde_json::from_str::<Value>(&body).unwrap(),
+            json!({"a.fits": {"bucket": "b", "folder": null}})
+        );
+        assert_eq!(sim.last_query()["x"], "y");
+        assert_eq!(
+            get(&sim, "obs_id=2").await.0,
+            400,
+            "refused wins over files"
+        );
+        assert_eq!(get(&sim, "obs_id=3").await.0, 404);
+        assert_eq!(get(&sim, "obs_id=soon").await.0, 400);
+        assert_eq!(sim.queries.lock().unwrap().len(), 4);
+        assert_eq!(sim.allow(), sim.addr.to_string());
+    }
+
+    #[tokio::test]
+    async fn delayed_and_raw_answers() {
+        let sim = Answers::default()
+            .observation(
+                1,
+                Answer::Delayed(
+                    Duration::from_millis(200),
+                    Box::new(Answer::Status(503, "busy".into())),
+                ),
+            )
+            .otherwise(Answer::Text("not json".into()))
+            .start()
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        assert_eq!(get(&sim, "obs_id=1").await, (503, "busy".into()));
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        assert_eq!(get(&sim, "obs_id=9").await, (200, "not json".into()));
+    }
+}
