@@ -528,7 +528,7 @@ async fn due_job_is_restaged_under_a_stream_of_new_jobs() {
 /// to the job's paths, so the job completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn observation_through_the_mwa_adapter_with_a_mount_prefix() {
-    use staged::sim::metadata::MetadataSim;
+    use staged_testkit::metadata::MetadataSim;
     let metadata = MetadataSim::start(std::collections::HashMap::from([(
         1_234_567_890,
         vec![
@@ -571,9 +571,13 @@ async fn observation_through_the_mwa_adapter_with_a_mount_prefix() {
     assert_eq!(got[0].body["ready_files"], 2);
     // Scout was asked for the prefixed paths.
     assert!(
-        tape.sim.file_state("/vss/mwa/bkt/1234567890/a.fits") == staged::sim::FileState::Online
+        tape.sim.file_state("/vss/mwa/bkt/1234567890/a.fits")
+            == staged_testkit::scout::FileState::Online
     );
-    assert!(tape.sim.file_state("/vss/mwa/1234567890/b.fits") == staged::sim::FileState::Online);
+    assert!(
+        tape.sim.file_state("/vss/mwa/1234567890/b.fits")
+            == staged_testkit::scout::FileState::Online
+    );
     app.stop().await;
 }
 
@@ -582,7 +586,7 @@ async fn observation_through_the_mwa_adapter_with_a_mount_prefix() {
 /// the fault suite).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn observation_lookup_failures_give_101_and_100() {
-    use staged::sim::metadata::MetadataSim;
+    use staged_testkit::metadata::MetadataSim;
     let metadata = MetadataSim::start_at(
         "127.0.0.1:0".parse().unwrap(),
         std::collections::HashMap::new(),

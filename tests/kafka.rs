@@ -19,8 +19,8 @@ use serde_json::json;
 use staged::config::{Config, KafkaConfig};
 use staged::kafka::{self, IdentityMapper, IngestHandle, PathMapper};
 use staged::scout::{ScoutClient, ScoutSettings};
-use staged::sim::{FileState, ScoutSim, SimSettings, recall_message};
 use staged::store::{NewJob, Store, StoreOptions};
+use staged_testkit::scout::{FileState, ScoutSim, SimSettings, recall_message};
 
 const TOPIC: &str = "recalls";
 

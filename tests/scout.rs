@@ -12,7 +12,7 @@ use common::{Kind, TestApp};
 use serde_json::json;
 use staged::config::ScoutConfig;
 use staged::scout::{ScoutClient, ScoutError, ScoutSettings};
-use staged::sim::{FileState, ScoutSim, SimNode, SimSettings};
+use staged_testkit::scout::{FileState, ScoutSim, SimNode, SimSettings};
 
 /// A client of `nodes` with the simulator's credentials and test-sized timeouts.
 fn settings(nodes: &[String]) -> ScoutSettings {

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -19,10 +19,12 @@ use rdkafka::mocking::MockCluster;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+use staged_testkit::TempDir;
+use staged_testkit::metadata::{MetadataSim, ObsFiles};
+use staged_testkit::scout::{FileState, ScoutSim, SimNode, SimSettings};
+
 use crate::app;
 use crate::config::{Config, LogFormat, Secret};
-use crate::sim::metadata::MetadataSim;
-use crate::sim::{FileState, ScoutSim, SimSettings};
 
 /// The MWA adapter, compiled for wasm32-wasip2 by the build script.
 static MWA_ADAPTER: &[u8] =
@@ -32,27 +34,6 @@ const TOPIC: &str = "staging-demo";
 const OBS_OK: i64 = 1_234_567_890;
 const OBS_UNKNOWN: i64 = 1_000_000_001;
 
-/// A temporary directory removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> std::io::Result<TempDir> {
-        let dir = std::env::temp_dir().join(format!(
-            "staged-demo-{}-{:08x}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir)?;
-        Ok(TempDir(dir))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn secret(value: &str) -> Secret {
     toml::Value::String(value.into())
         .try_into()
@@ -60,7 +41,7 @@ fn secret(value: &str) -> Secret {
 }
 
 pub async fn run(listen: SocketAddr) -> anyhow::Result<()> {
-    let dir = TempDir::new().context("creating the demo's temporary directory")?;
+    let dir = TempDir::new("staged-demo").context("creating the demo's temporary directory")?;
     let out = Out::new();
 
     let cluster = MockCluster::new(1).context("starting the mock Kafka cluster")?;
@@ -84,11 +65,11 @@ pub async fn run(listen: SocketAddr) -> anyhow::Result<()> {
     nodes[2].set_failure_fraction(0.35);
 
     let metadata = MetadataSim::start(sample_observations()).await?;
-    let adapter = dir.0.join("adapter_mwa.wasm");
+    let adapter = dir.path().join("adapter_mwa.wasm");
     std::fs::write(&adapter, MWA_ADAPTER).context("writing the MWA adapter")?;
     let receiver = CallbackReceiver::start().await?;
 
-    let config = demo_config(&dir.0, listen, &nodes, &brokers, &adapter, &metadata);
+    let config = demo_config(dir.path(), listen, &nodes, &brokers, &adapter, &metadata);
     crate::telemetry::init(&config.logging);
     let server = app::start(&config).await.context("starting the daemon")?;
     let base = format!("http://{}", server.addr);
@@ -140,7 +121,7 @@ pub async fn run(listen: SocketAddr) -> anyhow::Result<()> {
     result
 }
 
-fn sample_observations() -> HashMap<i64, crate::sim::metadata::ObsFiles> {
+fn sample_observations() -> HashMap<i64, ObsFiles> {
     let mut files = vec![(
         format!("{OBS_OK}_metafits.fits"),
         None,
@@ -183,7 +164,7 @@ fn sample_jobs(notify_url: &str) -> Vec<(&'static str, Value)> {
 fn demo_config(
     dir: &Path,
     listen: SocketAddr,
-    nodes: &[crate::sim::SimNode],
+    nodes: &[SimNode],
     brokers: &str,
     adapter: &Path,
     metadata: &MetadataSim,
@@ -204,7 +185,7 @@ fn demo_config(
     c.kafka.topic = TOPIC.into();
     c.kafka.group_id = "staged-demo".into();
     c.adapter.wasm = Some(adapter.to_path_buf());
-    c.adapter.http_allow = vec![metadata.addr.to_string()];
+    c.adapter.http_allow = vec![metadata.allow()];
     c.adapter.settings.insert(
         "data_files_url".into(),
         toml::Value::String(metadata.data_files_url()),

@@ -5,8 +5,8 @@
 //! [`config`] (the TOML file), [`telemetry`] (logs), [`app`] (wiring and lifecycle),
 //! [`api`] (the ASVO-compatible HTTP API), [`store`] (SQLite or PostgreSQL, all SQL lives
 //! there) and [`reports`] (failure report files). The tape system's two peers have their own
-//! modules: [`scout`] (the Scout API client) and [`kafka`] (recall messages into the store);
-//! [`sim`] simulates both for tests, benchmarks and the demo.
+//! modules: [`scout`] (the Scout API client) and [`kafka`] (recall messages into the store).
+//! Their simulators live in the `staged-testkit` crate, which [`demo`] uses.
 
 pub mod adapter;
 pub mod api;
@@ -17,6 +17,5 @@ pub mod engine;
 pub mod kafka;
 pub mod reports;
 pub mod scout;
-pub mod sim;
 pub mod store;
 pub mod telemetry;

@@ -1,18 +1,15 @@
 //! Shared by the adapter tests: the freshly built components (host/build.rs builds them into
-//! `STAGED_ADAPTERS_DIR`), configs pointing at them, and a simulator of the MWA metadata
-//! service's `data_files` endpoint on a real loopback socket.
+//! `STAGED_ADAPTERS_DIR`), configs pointing at them, and the testkit's simulator of the MWA
+//! metadata service with the answers these tests look for.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::{Query, State};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use staged::config::AdapterConfig;
+use staged_testkit::metadata::{self, Answer, Answers, Queries};
 
 pub fn wasm(name: &str) -> PathBuf {
     PathBuf::from(env!("STAGED_ADAPTERS_DIR")).join(format!("adapter_{name}.wasm"))
@@ -38,86 +35,61 @@ pub fn settings(pairs: &[(&str, &str)]) -> toml::Table {
         .collect()
 }
 
-/// Every query the simulator received, in order.
-pub type Queries = Arc<Mutex<Vec<HashMap<String, String>>>>;
-
 /// The metadata service simulator. Observation ids pick the answer:
 /// - 1000: four files covering bucket/folder nulls and a leading slash in folder;
 /// - 2000: one VCS file (the query's time window is what is checked);
 /// - 404 / 500: that status; 777: a body over the tests' response limit; 888: too slow;
-/// - 999: a 200 that is not JSON; 555: `{}` (no files).
+/// - 999 (and any other): a 200 that is not JSON; 555: `{}` (no files).
 pub struct MetadataSim {
+    /// The `data_files_url` to configure.
     pub base: String,
     pub queries: Queries,
-    task: tokio::task::JoinHandle<()>,
+    sim: metadata::MetadataSim,
 }
 
 impl MetadataSim {
     pub async fn start() -> MetadataSim {
-        let queries: Queries = Arc::default();
-        let app = axum::Router::new()
-            .route("/metadata/data_files", axum::routing::get(data_files))
-            .with_state(queries.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let task = tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
+        let sim = Answers::default()
+            .observation(
+                1000,
+                Answer::Json(json!({
+                    "1000_ch001.fits": {"bucket": "mwaingest-1000", "folder": "/mwa/ingest/1000", "size": 1},
+                    "1000_flags.zip": {"bucket": null, "folder": "1000"},
+                    "1000_metafits.fits": {"bucket": "mwaingest-1000", "folder": null},
+                    "1000_orphan.dat": {"bucket": null, "folder": null}
+                })),
+            )
+            .observation(
+                2000,
+                Answer::Json(json!({
+                    "2000_1200_ch1.sub": {"bucket": "vcs", "folder": "2000/1200"}
+                })),
+            )
+            .observation(555, Answer::Json(json!({})))
+            .observation(404, Answer::not_found())
+            .observation(500, Answer::Status(500, "database down".into()))
+            .observation(777, Answer::Text("x".repeat(200 * 1024)))
+            .observation(
+                888,
+                Answer::Delayed(Duration::from_secs(5), Box::new(Answer::Json(json!({})))),
+            )
+            .otherwise(Answer::Text("not json".into()))
+            .start()
+            .await
+            .expect("starting the metadata simulator");
         MetadataSim {
-            base: format!("http://{addr}/metadata/data_files"),
-            queries,
-            task,
+            base: sim.data_files_url(),
+            queries: sim.queries.clone(),
+            sim,
         }
     }
 
     /// The allow-list entry for this simulator (host and port).
     pub fn allow(&self) -> String {
-        let url = url::Url::parse(&self.base).unwrap();
-        format!("{}:{}", url.host_str().unwrap(), url.port().unwrap())
+        self.sim.allow()
     }
 
     pub fn last_query(&self) -> HashMap<String, String> {
-        self.queries
-            .lock()
-            .unwrap()
-            .last()
-            .cloned()
-            .expect("a query")
-    }
-}
-
-impl Drop for MetadataSim {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn data_files(
-    State(queries): State<Queries>,
-    Query(q): Query<HashMap<String, String>>,
-) -> Response {
-    queries.lock().unwrap().push(q.clone());
-    let obs = q.get("obs_id").map(String::as_str).unwrap_or("");
-    match obs {
-        "1000" => axum::Json(json!({
-            "1000_ch001.fits": {"bucket": "mwaingest-1000", "folder": "/mwa/ingest/1000", "size": 1},
-            "1000_flags.zip": {"bucket": null, "folder": "1000"},
-            "1000_metafits.fits": {"bucket": "mwaingest-1000", "folder": null},
-            "1000_orphan.dat": {"bucket": null, "folder": null}
-        }))
-        .into_response(),
-        "2000" => axum::Json(json!({
-            "2000_1200_ch1.sub": {"bucket": "vcs", "folder": "2000/1200"}
-        }))
-        .into_response(),
-        "555" => axum::Json(json!({})).into_response(),
-        "404" => (StatusCode::NOT_FOUND, "no such observation").into_response(),
-        "500" => (StatusCode::INTERNAL_SERVER_ERROR, "database down").into_response(),
-        "777" => "x".repeat(200 * 1024).into_response(),
-        "888" => {
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            axum::Json(json!({})).into_response()
-        }
-        _ => "not json".into_response(),
+        self.sim.last_query()
     }
 }

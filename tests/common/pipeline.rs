@@ -14,7 +14,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use serde_json::Value;
 use staged::config::{Config, KafkaConfig, Secret};
-use staged::sim::{ScoutSim, SimNode, SimSettings};
+use staged_testkit::scout::{ScoutSim, SimNode, SimSettings};
 
 pub const TOPIC: &str = "recalls";
 

@@ -38,7 +38,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
 use crate::common::pipeline::{Receiver, TOPIC, Tape};
-use staged::sim::metadata::{MetadataSim, ObsFiles};
+use staged_testkit::metadata::{MetadataSim, ObsFiles};
 
 use crate::common::{Kind, TestDb};
 use crate::ledger::{self, Row};

@@ -9,7 +9,7 @@ use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 use staged::config::Config;
-use staged::sim::recall_message;
+use staged_testkit::scout::recall_message;
 
 use crate::common::pipeline::{Receiver, TOPIC, Tape, secret};
 use crate::common::{Kind, TestApp, TestDb};

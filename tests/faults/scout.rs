@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use staged::config::Config;
-use staged::sim::{SimNode, SimSettings};
+use staged_testkit::scout::{SimNode, SimSettings};
 
 use crate::both_backends;
 use crate::common::pipeline::{Receiver, Tape, secret};
@@ -336,7 +336,7 @@ async fn stage_bodies_over_4_mb_are_refused() {
 /// back ends with 100, the definite failure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metadata_service_down_then_back() {
-    use staged::sim::metadata::MetadataSim;
+    use staged_testkit::metadata::MetadataSim;
     let kind = Kind::Sqlite;
     let addr = {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

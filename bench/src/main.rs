@@ -9,21 +9,20 @@
 //! every acknowledged job as incomplete. Finally it stops the daemon with SIGTERM, requires a
 //! clean exit, and removes the temporary directory and the PostgreSQL database.
 //!
-//! Run it with:
+//! Run it with (the daemon it measures is the `staged` binary next to this one, so build
+//! both):
 //!
 //! ```text
 //! cargo build --release --bins && ./target/release/staged-bench intake --backend both
 //! ```
 //!
 //! PostgreSQL is reached through `STAGED_TEST_PG_URL` (an admin URL; default
-//! `postgres://staged:staged@127.0.0.1:5432/postgres`); the role must be allowed to create
-//! databases. All traffic goes to 127.0.0.1.
+//! `postgres://staged:staged@127.0.0.1:5432/postgres`, see `staged_testkit::pg`); the role
+//! must be allowed to create databases. All traffic goes to 127.0.0.1.
 //!
 //! `staged-bench ingest --backend both` measures Kafka ingest instead: see [`ingest`].
 
-#[path = "staged-bench/engine.rs"]
 mod engine;
-#[path = "staged-bench/ingest.rs"]
 mod ingest;
 
 use std::fmt;
@@ -33,7 +32,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -43,7 +42,8 @@ use hyper::body::Bytes;
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Method, Request, StatusCode, header};
 use hyper_util::rt::TokioIo;
-use sqlx::Connection;
+use staged_testkit::TempDir;
+use staged_testkit::pg::PgDatabase;
 use tokio::net::TcpStream;
 
 /// Warm-up jobs sent before measuring; their ids come from [`WARMUP_ID_BASE`] upwards.
@@ -64,8 +64,6 @@ const STATS_TIMEOUT: Duration = Duration::from_secs(120);
 const MAX_RECONNECTS: u32 = 10;
 /// Error answers kept (per task, and printed in total) to show what went wrong.
 const KEPT_ERRORS: usize = 5;
-/// Default admin URL for PostgreSQL.
-const DEFAULT_PG_URL: &str = "postgres://staged:staged@127.0.0.1:5432/postgres";
 
 #[derive(Parser)]
 #[command(
@@ -237,10 +235,10 @@ fn locate_staged(given: Option<&Path>) -> anyhow::Result<PathBuf> {
 
 /// Prepares the database, runs the daemon and the load, and always cleans up.
 async fn bench_backend(backend: Backend, staged: &Path, args: &IntakeArgs) -> anyhow::Result<()> {
-    let dir = TempDir::create()?;
+    let dir = temp_dir()?;
     let pg = match backend {
         Backend::Sqlite => None,
-        Backend::Postgres => Some(PgDatabase::create().await?),
+        Backend::Postgres => Some(create_pg().await?),
     };
     let url = match &pg {
         None => format!("sqlite://{}", dir.path().join("bench.db").display()),
@@ -248,7 +246,7 @@ async fn bench_backend(backend: Backend, staged: &Path, args: &IntakeArgs) -> an
     };
     let outcome = run_with_server(backend, staged, &dir, &url, args).await;
     let dropped = match pg {
-        Some(db) => db.drop_database().await,
+        Some(db) => drop_pg(db).await,
         None => Ok(()),
     };
     match (outcome, dropped) {
@@ -332,125 +330,24 @@ async fn measure(backend: Backend, server: &mut Server, args: &IntakeArgs) -> an
 // Temporary directory and PostgreSQL database
 // ---------------------------------------------------------------------------------------------
 
-/// Distinguishes the temporary directories and databases of one run.
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-fn next_suffix() -> String {
-    format!(
-        "{}_{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
+/// A directory for one run's files (SQLite database, config, daemon log, reports).
+fn temp_dir() -> anyhow::Result<TempDir> {
+    Ok(TempDir::new("staged-bench")?)
 }
 
-/// A directory under the system temp dir, removed on drop.
-struct TempDir {
-    path: PathBuf,
+/// A fresh PostgreSQL database for one run.
+async fn create_pg() -> anyhow::Result<PgDatabase> {
+    let db = PgDatabase::create("staged_bench").await?;
+    println!("postgres: created database {}", db.name());
+    Ok(db)
 }
 
-impl TempDir {
-    fn create() -> anyhow::Result<TempDir> {
-        let path = std::env::temp_dir().join(format!("staged-bench-{}", next_suffix()));
-        std::fs::create_dir(&path)
-            .with_context(|| format!("cannot create the directory {}", path.display()))?;
-        Ok(TempDir { path })
-    }
-
-    fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.path) {
-            eprintln!("warning: cannot remove {}: {e}", self.path.display());
-        }
-    }
-}
-
-/// A database created for one run on the PostgreSQL server named by `STAGED_TEST_PG_URL`.
-struct PgDatabase {
-    admin_url: String,
-    name: String,
-    /// The new database's URL, for `staged`.
-    url: String,
-}
-
-impl PgDatabase {
-    async fn create() -> anyhow::Result<PgDatabase> {
-        let admin_url =
-            std::env::var("STAGED_TEST_PG_URL").unwrap_or_else(|_| DEFAULT_PG_URL.into());
-        let name = format!("staged_bench_{}", next_suffix());
-        let mut url = url::Url::parse(&admin_url).context("STAGED_TEST_PG_URL is not a URL")?;
-        url.set_path(&format!("/{name}"));
-        let mut conn = pg_admin(&admin_url).await?;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut conn)
-            .await
-            .with_context(|| format!("creating the database {name}"))?;
-        let _ = conn.close().await;
-        println!("postgres: created database {name}");
-        Ok(PgDatabase {
-            admin_url,
-            name,
-            url: url.to_string(),
-        })
-    }
-
-    async fn drop_database(self) -> anyhow::Result<()> {
-        let mut conn = pg_admin(&self.admin_url).await?;
-        // FORCE ends sessions a failed daemon left behind, but it may not signal an
-        // autovacuum worker (a freshly filled table often has one) and then fails; a plain
-        // DROP stops such a worker itself (waiting for it), as the test fixture does too.
-        let force = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
-        let dropped = match sqlx::raw_sql(sqlx::AssertSqlSafe(force))
-            .execute(&mut conn)
-            .await
-        {
-            Ok(done) => Ok(done),
-            Err(_) => {
-                let plain = format!("DROP DATABASE IF EXISTS {}", self.name);
-                sqlx::raw_sql(sqlx::AssertSqlSafe(plain))
-                    .execute(&mut conn)
-                    .await
-            }
-        };
-        dropped.with_context(|| format!("dropping the database {}", self.name))?;
-        let _ = conn.close().await;
-        println!("postgres: dropped database {}", self.name);
-        Ok(())
-    }
-}
-
-/// Connects to the admin database, with a clear error when PostgreSQL is not there.
-async fn pg_admin(admin_url: &str) -> anyhow::Result<sqlx::PgConnection> {
-    let shown = redact(admin_url);
-    match tokio::time::timeout(
-        Duration::from_secs(10),
-        sqlx::PgConnection::connect(admin_url),
-    )
-    .await
-    {
-        Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(e)) => Err(anyhow::Error::new(e).context(format!(
-            "PostgreSQL is not reachable at {shown} (set STAGED_TEST_PG_URL to an admin URL)"
-        ))),
-        Err(_) => bail!("PostgreSQL at {shown} did not answer within 10 s"),
-    }
-}
-
-/// A URL with any password masked.
-fn redact(s: &str) -> String {
-    match url::Url::parse(s) {
-        Ok(mut url) => {
-            if url.password().is_some() {
-                let _ = url.set_password(Some("***"));
-            }
-            url.to_string()
-        }
-        Err(_) => "<unparsable URL>".into(),
-    }
+/// Drops a run's PostgreSQL database.
+async fn drop_pg(db: PgDatabase) -> anyhow::Result<()> {
+    let name = db.name().to_string();
+    db.drop_database().await?;
+    println!("postgres: dropped database {name}");
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ use staged::config::KafkaConfig;
 use staged::kafka::{self, IdentityMapper, IngestSettings};
 use staged::store::{NewJob, Store, StoreOptions};
 
-use super::{Backend, BackendChoice, PgDatabase, TempDir};
+use super::{Backend, BackendChoice};
 
 const TOPIC: &str = "bench-recalls";
 
@@ -62,9 +62,9 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
 }
 
 async fn bench(backend: Backend, args: &IngestArgs) -> anyhow::Result<()> {
-    let dir = TempDir::create()?;
+    let dir = super::temp_dir()?;
     let pg = match backend {
-        Backend::Postgres => Some(PgDatabase::create().await?),
+        Backend::Postgres => Some(super::create_pg().await?),
         Backend::Sqlite => None,
     };
     let url = match &pg {
@@ -73,7 +73,7 @@ async fn bench(backend: Backend, args: &IngestArgs) -> anyhow::Result<()> {
     };
     let result = measure(&url, args).await;
     if let Some(pg) = pg {
-        pg.drop_database().await?;
+        super::drop_pg(pg).await?;
     }
     result
 }
@@ -194,7 +194,7 @@ async fn produce(servers: &str, paths: &[String]) -> anyhow::Result<()> {
     let now = chrono::Utc::now();
     let mut deliveries = Vec::with_capacity(paths.len());
     for p in paths {
-        let payload = staged::sim::recall_message(p, now, now, "");
+        let payload = staged_testkit::scout::recall_message(p, now, now, "");
         let record = FutureRecord::to(TOPIC).payload(&payload).key(p);
         match producer.send_result(record) {
             Ok(d) => deliveries.push(d),

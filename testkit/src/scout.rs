@@ -13,8 +13,6 @@
 //! - A node can be taught to misbehave: slow answers, 503s, 403s to valid tokens (a 403
 //!   storm), and 200 answers whose body is not JSON (a proxy's error page).
 
-pub mod metadata;
-
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
@@ -226,7 +224,9 @@ pub struct SimCounters {
 }
 
 impl ScoutSim {
-    pub fn new(settings: SimSettings) -> anyhow::Result<ScoutSim> {
+    /// A simulator with no files known (every file is on tape) and no node serving yet.
+    /// Fails only if the Kafka producer for `settings.kafka_brokers` cannot be created.
+    pub fn new(settings: SimSettings) -> Result<ScoutSim, rdkafka::error::KafkaError> {
         let producer = match &settings.kafka_brokers {
             Some(brokers) => Some(
                 ClientConfig::new()

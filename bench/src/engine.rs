@@ -21,10 +21,10 @@ use rdkafka::ClientConfig;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
 use serde_json::{Value, json};
-use staged::sim::{ScoutSim, SimNode, SimSettings, recall_message};
+use staged_testkit::scout::{ScoutSim, SimNode, SimSettings, recall_message};
 use tokio::sync::Notify;
 
-use super::{Backend, BackendChoice, PgDatabase, Server, TempDir, locate_staged};
+use super::{Backend, BackendChoice, Server, locate_staged};
 
 const TOPIC: &str = "bench-engine";
 
@@ -48,9 +48,9 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<()> {
     let staged = locate_staged(args.staged.as_deref())?;
     for backend in args.backend.backends() {
         println!("\n=== engine, {backend} ===");
-        let dir = TempDir::create()?;
+        let dir = super::temp_dir()?;
         let pg = match backend {
-            Backend::Postgres => Some(PgDatabase::create().await?),
+            Backend::Postgres => Some(super::create_pg().await?),
             Backend::Sqlite => None,
         };
         let url = |name: &str| match &pg {
@@ -62,7 +62,7 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<()> {
         // callbacks, which remove their jobs).
         let r2 = big_job(&staged, dir.path(), &url("big.db"), &args).await;
         if let Some(pg) = pg {
-            pg.drop_database().await?;
+            super::drop_pg(pg).await?;
         }
         r1?;
         r2?;
