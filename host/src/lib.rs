@@ -11,9 +11,11 @@
 pub mod adapter;
 pub mod api;
 pub mod app;
+pub mod backoff;
 pub mod config;
 pub mod demo;
 pub mod engine;
+pub mod error_text;
 pub mod kafka;
 pub mod reports;
 pub mod scout;

@@ -381,16 +381,5 @@ pub async fn call<B: Bindings, R: Send>(
 }
 
 fn trap_summary(e: &wasmtime::Error) -> String {
-    let mut parts: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-    parts.dedup();
-    let mut msg = parts
-        .iter()
-        .map(|p| p.lines().next().unwrap_or(""))
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join(": ");
-    if msg.len() > 1000 {
-        msg.truncate(msg.floor_char_boundary(1000));
-    }
-    msg
+    crate::error_text::join(e.chain())
 }

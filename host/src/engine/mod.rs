@@ -31,6 +31,7 @@ mod notify;
 pub mod peers;
 pub mod wording;
 
+use crate::backoff::{Backoff, Jitter};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -109,7 +110,8 @@ pub struct EngineParts {
     pub ingest: Option<crate::kafka::IngestStatus>,
 }
 
-/// Tunables in one place, from `[jobs]` and `[callbacks]`.
+/// The engine's tunables in one place, from `[jobs]` (the callbacks' own come from
+/// `[callbacks]` in `notify`); the poll interval is fixed here.
 #[derive(Debug, Clone)]
 pub struct EngineTimings {
     pub restage_interval: Duration,
@@ -144,12 +146,10 @@ pub struct Engine {
     tasks: Vec<JoinHandle<()>>,
 }
 
-/// Exponential backoff with ±20 % jitter: `min * 2^attempt`, capped at `max`.
+/// The wait before a job's retry number `attempt`, between the `[jobs]` or `[callbacks]`
+/// retry bounds.
 pub(crate) fn backoff(attempt: i64, min: Duration, max: Duration) -> Duration {
-    let exp = 2u32.saturating_pow(attempt.clamp(0, 20) as u32);
-    let base = min.saturating_mul(exp).min(max);
-    let jitter = 0.8 + rand::random::<f64>() * 0.4;
-    base.mul_f64(jitter).min(max)
+    Backoff::new(min, max, Jitter::Around).delay(crate::backoff::attempt(attempt))
 }
 
 impl Engine {
@@ -182,17 +182,8 @@ impl Engine {
             report_keep: config.reports.keep_newest,
             counters: counters.clone(),
         };
-        let owner = store.owner().to_string();
-        let notifier = notify::Notifier::new(
-            store,
-            owner,
-            &config.callbacks,
-            config.jobs.expiry_secs,
-            config.reports.dir.clone(),
-            parts.wording,
-            timings,
-            counters.clone(),
-        );
+        let notifier =
+            notify::Notifier::new(store, config, parts.wording, timings, counters.clone());
         let tasks = vec![
             tokio::spawn(worker.run(stopped.clone())),
             tokio::spawn(sweeper.run(stopped.clone())),

@@ -30,7 +30,7 @@ use serde::Serialize;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 
 use super::{EngineCounters, EngineTimings, JobFacts, Wording, backoff, idle};
-use crate::config::CallbacksConfig;
+use crate::config::Config;
 use crate::engine::wording::BuiltinWording;
 use crate::store::{CallbackGate, OutboxRow, Store, StoreError, codes, now_ms};
 
@@ -232,17 +232,19 @@ pub(crate) struct Notifier {
 }
 
 impl Notifier {
-    #[allow(clippy::too_many_arguments)]
+    /// A notifier for `config`'s `[callbacks]`, with the job expiry and the report
+    /// directory its callbacks refer to.
     pub(crate) fn new(
         store: Store,
-        owner: String,
-        cfg: &CallbacksConfig,
-        expiry_secs: u64,
-        reports_dir: PathBuf,
+        config: &Config,
         wording: Arc<dyn Wording>,
         timings: EngineTimings,
         counters: Arc<EngineCounters>,
     ) -> Self {
+        let cfg = &config.callbacks;
+        let owner = store.owner().to_string();
+        let expiry_secs = config.jobs.expiry_secs;
+        let reports_dir = config.reports.dir.clone();
         // Only a 200 to the POST itself is a delivery: following a redirect would turn it
         // into a bodiless GET to wherever the answer points.
         let http = reqwest::Client::builder()

@@ -48,6 +48,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::backoff::{Backoff, Jitter};
 use crate::config::KafkaConfig;
 use crate::store::{FileEvent, Store, now_ms};
 use commit::Committer;
@@ -548,7 +549,7 @@ impl Ingest {
                             // short (under 2 s): a broker gone for a while yields an error
                             // per attempt, and a long pause would keep the consumer from
                             // a broker that came back (and from serving its statistics).
-                            paused_until = Some(Instant::now() + backoff(recv_errors.min(4)));
+                            paused_until = Some(Instant::now() + READ_BACKOFF.delay(recv_errors));
                             continue;
                         }
                         // A fatal error ends this client.
@@ -630,7 +631,7 @@ impl Ingest {
                 Err(e) => {
                     attempt += 1;
                     tracing::warn!(error = %e, attempt, "recreating the Kafka consumer failed");
-                    if sleep_or_stop(backoff(attempt.min(8)), stopped).await {
+                    if sleep_or_stop(CREATE_BACKOFF.delay(attempt), stopped).await {
                         return None;
                     }
                 }
@@ -682,7 +683,7 @@ impl Ingest {
                     map_failures += 1;
                     self.status.count_mapping_error();
                     tracing::error!(error = %e, failures = map_failures, "mapping Kafka file names failed; retrying (offsets not committed)");
-                    if sleep_or_stop(backoff(map_failures.min(7)), stopped).await {
+                    if sleep_or_stop(APPLY_BACKOFF.delay(map_failures), stopped).await {
                         return false;
                     }
                 }
@@ -743,7 +744,7 @@ impl Ingest {
                     failures += 1;
                     self.status.count_store_failure();
                     tracing::error!(error = %e, failures, events = events.len(), "applying a Kafka batch failed; retrying (offsets not committed)");
-                    if sleep_or_stop(backoff(failures.min(7)), stopped).await {
+                    if sleep_or_stop(APPLY_BACKOFF.delay(failures), stopped).await {
                         return false;
                     }
                 }
@@ -775,12 +776,14 @@ async fn sleep_until_some(at: Option<Instant>) {
     }
 }
 
-/// Exponential back-off with jitter from 100 ms, capped near 25 s.
-fn backoff(attempt: u32) -> Duration {
-    use rand::Rng;
-    let ms = 100u64 << attempt.min(8);
-    Duration::from_millis(rand::rng().random_range(ms / 2..=ms))
-}
+/// Waits after a failed read (short: a long pause would keep the consumer from a broker
+/// that came back), a failed mapping or store transaction, and a failed consumer creation.
+const READ_BACKOFF: Backoff = Backoff::new(MS_100, Duration::from_millis(1600), Jitter::LowerHalf);
+const APPLY_BACKOFF: Backoff =
+    Backoff::new(MS_100, Duration::from_millis(12_800), Jitter::LowerHalf);
+const CREATE_BACKOFF: Backoff =
+    Backoff::new(MS_100, Duration::from_millis(25_600), Jitter::LowerHalf);
+const MS_100: Duration = Duration::from_millis(100);
 
 #[cfg(test)]
 mod tests {

@@ -26,8 +26,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use rand::Rng;
 use reqwest::{Method, StatusCode};
+
+use crate::backoff::{Backoff, Jitter};
 use serde::de::{self, DeserializeOwned, Deserializer};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -522,7 +523,11 @@ impl ScoutClient {
         let mut last = String::new();
         for round in 0..rounds {
             if round > 0 {
-                tokio::time::sleep(backoff(s.backoff_initial, s.backoff_max, round - 1)).await;
+                tokio::time::sleep(
+                    Backoff::new(s.backoff_initial, s.backoff_max, Jitter::LowerHalf)
+                        .delay(round - 1),
+                )
+                .await;
             }
             let mut tried = Vec::with_capacity(pool.len());
             for _ in 0..pool.len() {
@@ -630,12 +635,12 @@ impl ScoutClient {
         }
         let resp = match req.send().await {
             Ok(r) => r,
-            Err(e) => return Outcome::Transient(error_chain(&e)),
+            Err(e) => return Outcome::Transient(crate::error_text::chain(&e)),
         };
         let status = resp.status();
         let bytes = match resp.bytes().await {
             Ok(b) => b.to_vec(),
-            Err(e) => return Outcome::Transient(error_chain(&e)),
+            Err(e) => return Outcome::Transient(crate::error_text::chain(&e)),
         };
         if status.is_success() {
             Outcome::Ok(bytes)
@@ -649,27 +654,6 @@ impl ScoutClient {
             Outcome::Refused(status.as_u16(), text)
         }
     }
-}
-
-/// Exponential back-off with jitter: between half and all of `initial * 2^round`, capped.
-fn backoff(initial: Duration, max: Duration, round: u32) -> Duration {
-    let full = initial.saturating_mul(1u32 << round.min(20)).min(max);
-    let ms = full.as_millis() as u64;
-    if ms == 0 {
-        return full;
-    }
-    Duration::from_millis(rand::rng().random_range(ms / 2..=ms))
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(cause) = src {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        src = cause.source();
-    }
-    s
 }
 
 /// An integer given as a JSON number or a string of digits.
@@ -729,18 +713,5 @@ mod tests {
         let f: FileStatus = serde_json::from_str(r#"{"offlineblocks":"0","size":"10"}"#).unwrap();
         assert_eq!(f.offlineblocks, 0);
         assert!(serde_json::from_str::<FileStatus>(r#"{"offlineblocks":"lots"}"#).is_err());
-    }
-
-    #[test]
-    fn backoff_grows_with_jitter_and_is_capped() {
-        let i = Duration::from_millis(100);
-        let m = Duration::from_secs(1);
-        for _ in 0..50 {
-            let b0 = backoff(i, m, 0);
-            assert!(b0 >= Duration::from_millis(50) && b0 <= i);
-            let b3 = backoff(i, m, 3);
-            assert!(b3 >= Duration::from_millis(400) && b3 <= Duration::from_millis(800));
-            assert!(backoff(i, m, 30) <= m);
-        }
     }
 }
