@@ -144,6 +144,20 @@ impl Drop for TestDb {
     }
 }
 
+/// Sends the daemon's logs to the test harness, which shows them only for a failing test:
+/// a failure on a CI machine then says what the daemon was doing. `RUST_LOG` overrides the
+/// default level.
+pub fn capture_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("staged=debug,warn"));
+    // Fails harmlessly when an earlier test of this binary already installed it.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .with_ansi(false)
+        .try_init();
+}
+
 /// The service, started in-process, with an HTTP client pointed at it.
 pub struct TestApp {
     pub server: Option<Server>,
@@ -158,6 +172,7 @@ impl TestApp {
     }
 
     pub async fn start_with(kind: Kind, tweak: impl FnOnce(&mut Config)) -> TestApp {
+        capture_logs();
         let db = TestDb::new(kind).await;
         let mut config = db.config();
         tweak(&mut config);
