@@ -900,7 +900,7 @@ mod tests {
     }
 
     /// The example claims every key: one the structs have and the example lacks fails here
-    /// (one the example has and the structs lack fails its parse in `tests/process.rs`). Keys whose default is
+    /// (one the example has and the structs lack fails its parse in `tests/it/process.rs`). Keys whose default is
     /// "not set" serialize to nothing, so only they may be absent, commented out.
     #[test]
     fn the_example_shows_every_key() {

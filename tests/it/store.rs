@@ -1,11 +1,9 @@
 //! The store's contract, run against a real SQLite file and a real PostgreSQL database.
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{Kind, TestDb};
+use crate::common::{Kind, TestDb};
 use staged::store::{CallbackGate, FileEvent, Intake, NewJob, Store, StoreOptions};
 
 fn opts(db: &TestDb) -> StoreOptions {

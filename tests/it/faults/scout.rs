@@ -15,10 +15,9 @@ use serde_json::{Value, json};
 use staged::config::Config;
 use staged_testkit::scout::{SimNode, SimSettings};
 
-use crate::both_backends;
+use super::ledger::{self, Row};
 use crate::common::pipeline::{Receiver, Tape, secret};
 use crate::common::{Kind, TestApp};
-use crate::ledger::{self, Row};
 
 /// Fast engine and callback timers, as the engine's own tests use.
 fn quick(c: &mut Config) {

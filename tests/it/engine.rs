@@ -2,13 +2,11 @@
 //! (librdkafka's mock cluster) carrying the simulator's recall messages, the real ingest, and
 //! a callback receiver on loopback; SQLite and PostgreSQL.
 
-mod common;
-
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::pipeline::{Receiver, Tape, secret};
-use common::{Kind, TestApp};
+use crate::common::pipeline::{Receiver, Tape, secret};
+use crate::common::{Kind, TestApp};
 use serde_json::{Value, json};
 use staged::config::Config;
 use staged::store::FileEvent;

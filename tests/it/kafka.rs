@@ -5,12 +5,10 @@
 //! Commits are checked by resuming with a new member of the same group (calling
 //! `committed()` on the mock and then dropping the consumer hangs librdkafka).
 
-mod common;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Kind, TestApp, TestDb};
+use crate::common::{Kind, TestApp, TestDb};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::mocking::MockCluster;

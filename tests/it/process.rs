@@ -1,14 +1,12 @@
 //! The real `staged` binary: crash safety (SIGKILL right after 202), graceful stop on
 //! SIGTERM, the config checks of the command line.
 
-mod common;
-
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Kind, TestDb};
+use crate::common::{Kind, TestDb};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_staged");
@@ -431,7 +429,7 @@ fn write_pipeline_config(
     dir: &Path,
     db_url: &str,
     port: u16,
-    tape: &common::pipeline::Tape,
+    tape: &crate::common::pipeline::Tape,
     group: &str,
 ) -> PathBuf {
     let path = dir.join(format!("pipeline-{port}.toml"));
@@ -483,7 +481,7 @@ extra = {{ "session.timeout.ms" = "6000", "heartbeat.interval.ms" = "300", "fetc
         reports = toml_str(&dir.join("reports").display().to_string()),
         scout = tape.node.url(),
         brokers = tape.cluster.bootstrap_servers(),
-        topic = common::pipeline::TOPIC,
+        topic = crate::common::pipeline::TOPIC,
     );
     std::fs::write(&path, text).unwrap();
     path
@@ -509,7 +507,9 @@ async fn post_until_stored(http: &reqwest::Client, bases: &[String], body: &Valu
 }
 
 /// Delivered callbacks per job id.
-fn deliveries(receiver: &common::pipeline::Receiver) -> std::collections::HashMap<i64, Vec<Value>> {
+fn deliveries(
+    receiver: &crate::common::pipeline::Receiver,
+) -> std::collections::HashMap<i64, Vec<Value>> {
     let mut by_job: std::collections::HashMap<i64, Vec<Value>> = std::collections::HashMap::new();
     for r in receiver.delivered() {
         by_job
@@ -520,7 +520,11 @@ fn deliveries(receiver: &common::pipeline::Receiver) -> std::collections::HashMa
     by_job
 }
 
-async fn wait_all_called_back(receiver: &common::pipeline::Receiver, jobs: i64, limit: Duration) {
+async fn wait_all_called_back(
+    receiver: &crate::common::pipeline::Receiver,
+    jobs: i64,
+    limit: Duration,
+) {
     let deadline = Instant::now() + limit;
     loop {
         let got = deliveries(receiver).len() as i64;
@@ -542,8 +546,9 @@ async fn wait_all_called_back(receiver: &common::pipeline::Receiver, jobs: i64, 
 async fn sigkill_during_a_thousand_job_run_loses_nothing() {
     const JOBS: i64 = 1000;
     const KILLS: usize = 3;
-    let tape = common::pipeline::Tape::start(|s| s.recall_delay = Duration::from_millis(200)).await;
-    let receiver = common::pipeline::Receiver::start().await;
+    let tape =
+        crate::common::pipeline::Tape::start(|s| s.recall_delay = Duration::from_millis(200)).await;
+    let receiver = crate::common::pipeline::Receiver::start().await;
     let db = TestDb::new(Kind::Sqlite).await;
     let port = free_port();
     let config = write_pipeline_config(db.dir.path(), &db.url, port, &tape, "crash-test");
@@ -621,8 +626,9 @@ async fn sigkill_during_a_thousand_job_run_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_daemons_share_the_work_and_survive_one_kill() {
     const JOBS: i64 = 300;
-    let tape = common::pipeline::Tape::start(|s| s.recall_delay = Duration::from_millis(200)).await;
-    let receiver = common::pipeline::Receiver::start().await;
+    let tape =
+        crate::common::pipeline::Tape::start(|s| s.recall_delay = Duration::from_millis(200)).await;
+    let receiver = crate::common::pipeline::Receiver::start().await;
     let db = TestDb::new(Kind::Postgres).await;
     let (pa, pb) = (free_port(), free_port());
     let ca = write_pipeline_config(db.dir.path(), &db.url, pa, &tape, "shared-group");

@@ -23,7 +23,7 @@
 //! (`crash seed: N`): `STAGED_FAULT_SEED=N` replays the schedule (the interleaving with the
 //! daemon's own timing is not reproducible). `STAGED_FAULT_ROUNDS` sets the number of kills
 //! per backend (default 3, a few seconds each, for CI); e.g. `STAGED_FAULT_ROUNDS=30 cargo
-//! test -p staged --test faults crash::` runs a long campaign.
+//! test -p staged --test it faults::crash::` runs a long campaign.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::TcpListener;
@@ -40,8 +40,8 @@ use serde_json::{Value, json};
 use crate::common::pipeline::{Receiver, TOPIC, Tape};
 use staged_testkit::metadata::{MetadataSim, ObsFiles};
 
+use super::ledger::{self, Row};
 use crate::common::{Kind, TestDb};
-use crate::ledger::{self, Row};
 
 const BIN: &str = env!("CARGO_BIN_EXE_staged");
 

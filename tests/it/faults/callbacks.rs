@@ -19,9 +19,9 @@ use staged::store::FileEvent;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use super::ledger::{self, Row};
 use crate::common::pipeline::secret;
 use crate::common::{Kind, TestApp};
-use crate::ledger::{self, Row};
 
 /// How an endpoint treats the next request it reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -3,15 +3,12 @@
 //! load (HTTP reload and SIGHUP), a hostile adapter that costs calls but not service, and
 //! `staged adapter inspect` on the real binary.
 
-mod adapter_support;
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use adapter_support::{MetadataSim, adapter_config, settings, wasm};
-use common::{Kind, TestApp};
+use crate::common::adapters::{MetadataSim, adapter_config, settings, wasm};
+use crate::common::{Kind, TestApp};
 use serde_json::{Value, json};
 use staged::adapter::AdapterError;
 

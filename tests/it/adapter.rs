@@ -2,11 +2,9 @@
 //! HTTP answers of a metadata-service simulator, both adapters' path mapping, the report
 //! wording, and every hostile adapter contained to the one call it spoils.
 
-mod adapter_support;
-
 use std::time::{Duration, Instant};
 
-use adapter_support::{MetadataSim, adapter_config, settings, wasm};
+use crate::common::adapters::{MetadataSim, adapter_config, settings, wasm};
 use serde_json::json;
 use staged::adapter::{AdapterError, Adapters, JobSummaryForAdapter, LoadError, ResolveError};
 use staged::config::AdapterConfig;

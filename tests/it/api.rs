@@ -1,12 +1,10 @@
 //! The HTTP contract ASVO depends on (shared/spec/compat.md), over real HTTP on loopback,
 //! against SQLite and PostgreSQL.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 
-use common::{Kind, TestApp};
+use crate::common::{Kind, TestApp};
 use serde_json::{Value, json};
 use staged::store::FileEvent;
 
@@ -589,7 +587,7 @@ async fn failure_reports_are_served(kind: Kind) {
     app.stop().await;
 }
 
-/// Without a telescope adapter an observation cannot be looked up (tests/adapter_daemon.rs
+/// Without a telescope adapter an observation cannot be looked up (the `adapter_daemon` module
 /// covers jobs with `obs` and an adapter).
 async fn observation_jobs_need_an_adapter(kind: Kind) {
     let app = TestApp::start(kind).await;

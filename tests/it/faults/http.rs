@@ -16,9 +16,9 @@ use staged::config::Config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::ledger::{self, Row};
 use crate::common::pipeline::{Receiver, Tape};
 use crate::common::{Kind, TestApp, TestDb};
-use crate::ledger::{self, Row};
 
 const BIN: &str = env!("CARGO_BIN_EXE_staged");
 

@@ -7,6 +7,7 @@
 //! test: it is never skipped.
 #![allow(dead_code)]
 
+pub mod adapters;
 pub mod pipeline;
 
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use sqlx::Connection;
 
+use super::ledger::{self, Row};
 use crate::common::pipeline::{Receiver, Tape, secret};
 use crate::common::{Kind, TestApp};
-use crate::ledger::{self, Row};
 
 const FILES_PER_JOB: usize = 20;
 const CLIENTS: usize = 8;

@@ -7,11 +7,7 @@
 //! Each fault test records its figures in the [`ledger`]; `.ci/run` prints them as one table
 //! after the tests (`bash .ci/fault-table`).
 //!
-//! The suite is one test binary with a module per kind of fault, so that it links wasmtime
-//! and librdkafka once.
-
-#[path = "../common/mod.rs"]
-mod common;
+//! A module per kind of fault; `cargo test -p staged --test it faults::` runs just these.
 
 mod callbacks;
 mod crash;

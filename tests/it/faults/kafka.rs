@@ -11,9 +11,9 @@ use serde_json::{Value, json};
 use staged::config::Config;
 use staged_testkit::scout::recall_message;
 
+use super::ledger::{self, Row};
 use crate::common::pipeline::{Receiver, TOPIC, Tape, secret};
 use crate::common::{Kind, TestApp, TestDb};
-use crate::ledger::{self, Row};
 
 crate::both_backends!(
     old_recalls_do_not_complete_new_jobs,

@@ -3,12 +3,10 @@
 //! dead, slow, forbidding and garbling nodes, ejection, refusals; and the API endpoints that
 //! ask Scout (`/filestatus/`, `/get_stats/`).
 
-mod common;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Kind, TestApp};
+use crate::common::{Kind, TestApp};
 use serde_json::json;
 use staged::config::ScoutConfig;
 use staged::scout::{ScoutClient, ScoutError, ScoutSettings};
