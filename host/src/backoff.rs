@@ -39,7 +39,12 @@ impl Backoff {
             Jitter::Around => (0.8, 1.2),
             Jitter::LowerHalf => (0.5, 1.0),
         };
-        step.mul_f64(rand::random_range(low..=high)).min(self.max)
+        // `mul_f64` panics when the product leaves Duration's range (a step near
+        // `Duration::MAX` times 1.2), so the product is checked and capped instead.
+        let factor: f64 = rand::random_range(low..=high);
+        Duration::try_from_secs_f64(step.as_secs_f64() * factor)
+            .unwrap_or(self.max)
+            .min(self.max)
     }
 }
 
@@ -79,8 +84,11 @@ mod tests {
                 assert!(d <= Duration::from_secs(600), "{attempt}: {d:?}");
                 assert!(d >= Duration::from_secs(300), "{attempt}: {d:?}");
             }
+            // Jitter is random, so one call may miss the factor above 1.0 that overflows.
             let huge = Backoff::new(Duration::MAX, Duration::MAX, jitter);
-            assert!(huge.delay(u32::MAX) <= Duration::MAX);
+            for attempt in [0, 1, u32::MAX].into_iter().cycle().take(300) {
+                assert!(huge.delay(attempt) <= Duration::MAX);
+            }
         }
     }
 
