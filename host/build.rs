@@ -41,6 +41,7 @@ fn main() {
         return;
     }
 
+    ensure_wasm_target();
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.args([
@@ -90,6 +91,34 @@ fn main() {
     ] {
         let wasm = out.join(format!("{name}.wasm"));
         assert!(wasm.exists(), "{} was not built", wasm.display());
+    }
+}
+
+/// Adds the wasm32-wasip2 target through rustup when the toolchain lacks it, so that the
+/// README's first command works on a fresh machine. rustup installs the targets that
+/// rust-toolchain.toml names only when it installs the toolchain itself; a machine that
+/// already has the toolchain (or links it to another) still lacks the target. Without
+/// rustup, or when it fails, the build below fails with the command to run by hand.
+fn ensure_wasm_target() {
+    let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let Ok(out) = Command::new(rustc).args(["--print", "sysroot"]).output() else {
+        return;
+    };
+    let sysroot = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    if sysroot.join("lib/rustlib/wasm32-wasip2").is_dir() {
+        return;
+    }
+    println!(
+        "cargo:warning=the toolchain lacks the wasm32-wasip2 target: running `rustup target add wasm32-wasip2`"
+    );
+    // RUSTUP_TOOLCHAIN, set by rustup for this build, makes it the toolchain being built with.
+    match Command::new("rustup")
+        .args(["target", "add", "wasm32-wasip2"])
+        .status()
+    {
+        Ok(s) if s.success() => {}
+        Ok(s) => println!("cargo:warning=`rustup target add wasm32-wasip2` failed ({s})"),
+        Err(e) => println!("cargo:warning=cannot run rustup ({e})"),
     }
 }
 
