@@ -16,9 +16,9 @@
 //! cargo build --release --bins && ./target/release/staged-bench intake --backend both
 //! ```
 //!
-//! PostgreSQL is reached through `STAGED_TEST_PG_URL` (an admin URL; default
-//! `postgres://staged:staged@127.0.0.1:5432/postgres`, see `staged_testkit::pg`); the role
-//! must be allowed to create databases. All traffic goes to 127.0.0.1.
+//! PostgreSQL is reached through `STAGED_TEST_PG_URL` (an admin URL whose role may create
+//! databases) or, when it is unset, a throwaway server of the bench's own (see
+//! `staged_testkit::pg`). All traffic goes to 127.0.0.1.
 //!
 //! `staged-bench ingest --backend both` measures Kafka ingest instead: see [`ingest`].
 

@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 
 use crate::common::adapters::{MetadataSim, adapter_config, settings, wasm};
 use crate::common::{Kind, TestApp};
+use crate::common::{NO_CALLBACK, files_job, obs_job, wait_for};
 use serde_json::{Value, json};
 use staged::adapter::AdapterError;
 
 fn job(id: i64, obs: Value) -> Value {
-    json!({"job_id": id, "notify_url": "http://127.0.0.1:9/cb", "obs": obs})
+    obs_job(id, obs, NO_CALLBACK)
 }
 
 async fn reload(app: &TestApp) -> (u16, Value) {
@@ -96,9 +97,7 @@ async fn filelist_in_the_daemon_refuses_obs_and_takes_files() {
             .unwrap()
             .contains("filelist adapter")
     );
-    let (status, _) = app
-        .post_job(json!({"job_id": 2, "notify_url": "http://h/cb", "files": ["ska/a"]}))
-        .await;
+    let (status, _) = app.post_job(files_job(2, ["ska/a"], "http://h/cb")).await;
     assert_eq!(status, 202);
     let a = adapters(&app).current().unwrap();
     assert_eq!(
@@ -133,18 +132,29 @@ async fn without_an_adapter_obs_is_400_and_reload_is_409() {
     app.stop().await;
 }
 
+/// The app with adapter `name` loaded from a copy the test may overwrite before a reload;
+/// the directory holding the copy lives as long as the returned guard.
+async fn app_with_adapter_file(
+    name: &str,
+    tweak: impl FnOnce(&mut staged::config::Config),
+) -> (TestApp, std::path::PathBuf, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("adapter.wasm");
+    std::fs::copy(wasm(name), &path).unwrap();
+    let app = TestApp::start_with(Kind::Sqlite, |c| {
+        c.adapter = adapter_config(name);
+        c.adapter.wasm = Some(path.clone());
+        tweak(c);
+    })
+    .await;
+    (app, path, dir)
+}
+
 /// Swaps mwa -> filelist -> mwa while requests and adapter calls run: nothing fails, each
 /// call completes on the adapter it started with, and a broken file keeps the old adapter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_swap_under_load_fails_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("adapter.wasm");
-    std::fs::copy(wasm("mwa"), &path).unwrap();
-    let app = TestApp::start_with(Kind::Sqlite, |c| {
-        c.adapter = adapter_config("mwa");
-        c.adapter.wasm = Some(path.clone());
-    })
-    .await;
+    let (app, path, _dir) = app_with_adapter_file("mwa", |_| {}).await;
     let app = Arc::new(app);
     let stop = Arc::new(AtomicBool::new(false));
     let calls = Arc::new(AtomicUsize::new(0));
@@ -162,11 +172,7 @@ async fn hot_swap_under_load_fails_nothing() {
                 assert_eq!(mapped.len(), names.len());
                 let id = 1_000_000 * (w + 1) + n;
                 n += 1;
-                let (status, body) = app
-                    .post_job(
-                        json!({"job_id": id, "notify_url": "http://h/cb", "files": ["mwa/x"]}),
-                    )
-                    .await;
+                let (status, body) = app.post_job(files_job(id, ["mwa/x"], "http://h/cb")).await;
                 assert_eq!(status, 202, "{body}");
                 calls.fetch_add(1, Ordering::Relaxed);
             }
@@ -212,14 +218,7 @@ async fn hot_swap_under_load_fails_nothing() {
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_adapter() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("adapter.wasm");
-    std::fs::copy(wasm("mwa"), &path).unwrap();
-    let app = TestApp::start_with(Kind::Sqlite, |c| {
-        c.adapter = adapter_config("mwa");
-        c.adapter.wasm = Some(path.clone());
-    })
-    .await;
+    let (app, path, _dir) = app_with_adapter_file("mwa", |_| {}).await;
     // Registering here too makes sure the process has a SIGHUP handler before the signal
     // is raised (the daemon's own registration happens on a spawned task).
     let _hold = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).unwrap();
@@ -227,11 +226,12 @@ async fn sighup_reloads_the_adapter() {
     std::fs::copy(wasm("filelist"), &path).unwrap();
     // SAFETY: sending a signal to our own process has no memory-safety preconditions.
     assert_eq!(unsafe { libc::kill(libc::getpid(), libc::SIGHUP) }, 0);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while adapters(&app).current().unwrap().info().name != "filelist" {
-        assert!(Instant::now() < deadline, "SIGHUP did not swap the adapter");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for(
+        "SIGHUP to swap the adapter",
+        Duration::from_secs(10),
+        async || adapters(&app).current().unwrap().info().name == "filelist",
+    )
+    .await;
     app.stop().await;
 }
 
@@ -239,14 +239,7 @@ async fn sighup_reloads_the_adapter() {
 /// adapter whose `info` hangs is refused, while the daemon keeps answering promptly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_adapter_costs_calls_not_the_daemon() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("adapter.wasm");
-    std::fs::copy(wasm("hostile"), &path).unwrap();
-    let app = TestApp::start_with(Kind::Sqlite, |c| {
-        c.adapter = adapter_config("hostile");
-        c.adapter.wasm = Some(path.clone());
-    })
-    .await;
+    let (app, _, _dir) = app_with_adapter_file("hostile", |_| {}).await;
     let a = adapters(&app).current().unwrap();
     let bad = ["loop", "bomb", "trap", "huge", "wrong-count"].map(|mode| {
         let a = a.clone();
@@ -255,9 +248,7 @@ async fn hostile_adapter_costs_calls_not_the_daemon() {
     // Meanwhile the API answers promptly.
     for i in 0..20 {
         let started = Instant::now();
-        let (status, _) = app
-            .post_job(json!({"job_id": i, "notify_url": "http://h/cb", "files": ["f"]}))
-            .await;
+        let (status, _) = app.post_job(files_job(i, ["f"], "http://h/cb")).await;
         assert_eq!(status, 202);
         assert!(started.elapsed() < Duration::from_millis(500));
     }
@@ -283,12 +274,7 @@ async fn hostile_adapter_costs_calls_not_the_daemon() {
 /// adapter in service stays and the daemon keeps answering meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_to_a_hanging_adapter_keeps_the_old_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("adapter.wasm");
-    std::fs::copy(wasm("mwa"), &path).unwrap();
-    let app = TestApp::start_with(Kind::Sqlite, |c| {
-        c.adapter = adapter_config("mwa");
-        c.adapter.wasm = Some(path.clone());
+    let (app, path, _dir) = app_with_adapter_file("mwa", |c| {
         // mwa ignores it; the hostile build hangs in `info` because of it.
         c.adapter.settings = settings(&[("info", "loop")]);
     })
@@ -383,9 +369,7 @@ async fn paths_the_adapter_never_recognises_are_refused_at_intake() {
             c.adapter.settings = settings(&opts);
         })
         .await;
-        let post = |id: i64, files: Vec<&str>| {
-            app.post_job(json!({"job_id": id, "notify_url": "http://h/cb", "files": files}))
-        };
+        let post = |id: i64, files: Vec<&str>| app.post_job(files_job(id, files, "http://h/cb"));
         let (status, body) = post(1, vec![ours]).await;
         assert_eq!((status, &body), (202, &Value::Null), "case {n}: {ours}");
         let (status, body) = post(2, vec![ours, foreign]).await;

@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use std::io::{Read, Write};
 
 use crate::common::{Kind, TestApp};
+use crate::common::{NO_CALLBACK, files_job, obs_job};
 use serde_json::{Value, json};
 use staged::store::FileEvent;
 
@@ -26,7 +27,7 @@ both_backends!(
 );
 
 fn new_job(id: i64, files: &[&str]) -> Value {
-    json!({"job_id": id, "files": files, "notify_url": "http://127.0.0.1:9/cb"})
+    files_job(id, files, NO_CALLBACK)
 }
 
 fn keys(v: &Value) -> BTreeSet<String> {
@@ -212,9 +213,9 @@ async fn neither_files_nor_obs_is_400_unless_duplicate(kind: Kind) {
     let app = TestApp::start(kind).await;
     for body in [
         json!({"job_id": 3, "notify_url": "http://h/cb"}),
-        json!({"job_id": 3, "notify_url": "http://h/cb", "files": []}),
+        files_job(3, Vec::<String>::new(), "http://h/cb"),
         json!({"job_id": 3, "notify_url": "http://h/cb", "files": null, "obs": null}),
-        json!({"job_id": 3, "notify_url": "http://h/cb", "obs": {}}),
+        obs_job(3, json!({}), "http://h/cb"),
     ] {
         let (status, err) = app.post_job(body.clone()).await;
         assert_eq!(status, 400, "{body}");
@@ -330,7 +331,7 @@ async fn oversized_body_is_413(kind: Kind) {
     let big: Vec<String> = (0..200)
         .map(|i| format!("mwa/some/long/path/{i}"))
         .collect();
-    let body = json!({"job_id": 1, "files": big, "notify_url": "http://h/cb"});
+    let body = files_job(1, big, "http://h/cb");
     let (status, v) = app.post_job(body).await;
     assert_eq!(status, 413);
     assert_errormsg(&v, "2048");
@@ -371,55 +372,25 @@ async fn bad_files_and_notify_url_are_400(kind: Kind) {
     let long = "p".repeat(65);
     let eleven: Vec<String> = (0..11).map(|i| format!("f{i}")).collect();
     let cases = [
-        (
-            json!({"job_id": 1, "files": ["ok", ""], "notify_url": "http://h/cb"}),
-            "empty",
-        ),
-        (
-            json!({"job_id": 1, "files": [long], "notify_url": "http://h/cb"}),
-            "longer than 64",
-        ),
-        (
-            json!({"job_id": 1, "files": ["a\u{0}b"], "notify_url": "http://h/cb"}),
-            "NUL",
-        ),
+        (files_job(1, ["ok", ""], "http://h/cb"), "empty"),
+        (files_job(1, [long], "http://h/cb"), "longer than 64"),
+        (files_job(1, ["a\u{0}b"], "http://h/cb"), "NUL"),
         // A newline would forge lines in the failure report, which lists paths one a line.
         (
-            json!({"job_id": 1, "files": ["mwa/a.fits\n  mwa/forged.fits"], "notify_url": "http://h/cb"}),
+            files_job(1, ["mwa/a.fits\n  mwa/forged.fits"], "http://h/cb"),
             "control character U+000A",
         ),
         (
-            json!({"job_id": 1, "files": ["ok", "a\rb"], "notify_url": "http://h/cb"}),
+            files_job(1, ["ok", "a\rb"], "http://h/cb"),
             "file 1 contains the control character U+000D",
         ),
-        (
-            json!({"job_id": 1, "files": ["a\u{7f}b"], "notify_url": "http://h/cb"}),
-            "U+007F",
-        ),
-        (
-            json!({"job_id": 1, "files": ["a\u{85}b"], "notify_url": "http://h/cb"}),
-            "U+0085",
-        ),
-        (
-            json!({"job_id": 1, "files": eleven, "notify_url": "http://h/cb"}),
-            "limit of 10",
-        ),
-        (
-            json!({"job_id": 1, "files": ["a"], "notify_url": "ftp://h/cb"}),
-            "notify_url",
-        ),
-        (
-            json!({"job_id": 1, "files": ["a"], "notify_url": "not a url"}),
-            "notify_url",
-        ),
-        (
-            json!({"job_id": 1, "files": ["a"], "notify_url": "http://h/\u{0}"}),
-            "notify_url",
-        ),
-        (
-            json!({"job_id": 1, "files": ["a"], "notify_url": ""}),
-            "notify_url",
-        ),
+        (files_job(1, ["a\u{7f}b"], "http://h/cb"), "U+007F"),
+        (files_job(1, ["a\u{85}b"], "http://h/cb"), "U+0085"),
+        (files_job(1, eleven, "http://h/cb"), "limit of 10"),
+        (files_job(1, ["a"], "ftp://h/cb"), "notify_url"),
+        (files_job(1, ["a"], "not a url"), "notify_url"),
+        (files_job(1, ["a"], "http://h/\u{0}"), "notify_url"),
+        (files_job(1, ["a"], ""), "notify_url"),
     ];
     for (body, msg) in cases {
         let (status, v) = app.post_job(body.clone()).await;
@@ -429,7 +400,7 @@ async fn bad_files_and_notify_url_are_400(kind: Kind) {
     assert_eq!(app.get("/staging/?job_id=1").await.0, 404, "nothing stored");
     let ten: Vec<String> = (0..10).map(|i| format!("f{i}")).collect();
     let (status, _) = app
-        .post_job(json!({"job_id": 1, "files": ten, "notify_url": "https://h:8443/cb?x=1"}))
+        .post_job(files_job(1, ten, "https://h:8443/cb?x=1"))
         .await;
     assert_eq!(status, 202, "at the limit is fine");
     app.stop().await;
@@ -592,7 +563,11 @@ async fn failure_reports_are_served(kind: Kind) {
 async fn observation_jobs_need_an_adapter(kind: Kind) {
     let app = TestApp::start(kind).await;
     let (status, body) = app
-        .post_job(json!({"job_id": 8, "notify_url": "http://h/cb", "obs": {"obs_id": 1234567890, "start_time": 0, "duration": 0}}))
+        .post_job(obs_job(
+            8,
+            json!({"obs_id": 1234567890, "start_time": 0, "duration": 0}),
+            "http://h/cb",
+        ))
         .await;
     assert_eq!(status, 400);
     assert_errormsg(&body, "no telescope adapter configured");

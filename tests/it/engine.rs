@@ -5,27 +5,15 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crate::common::pipeline::{Receiver, Tape, secret};
+use crate::common::pipeline::{PIPELINE, quick};
+use crate::common::pipeline::{Receiver, Tape};
 use crate::common::{Kind, TestApp};
+use crate::common::{files_job, obs_job, poll_until, wait_for};
 use serde_json::{Value, json};
-use staged::config::Config;
 use staged::store::FileEvent;
 
-/// Fast timers for tests; callbacks authenticated as asvo/cb-pw.
-fn quick(c: &mut Config) {
-    c.callbacks.username = "asvo".into();
-    c.callbacks.password = Some(secret("cb-pw"));
-    c.callbacks.error_delay_secs = 0;
-    c.callbacks.retry_min_secs = 1;
-    c.callbacks.retry_max_secs = 2;
-    c.callbacks.timeout_secs = 5;
-    c.jobs.retry_min_secs = 1;
-    c.jobs.retry_max_secs = 2;
-    c.jobs.sweep_interval_secs = 1;
-}
-
 fn job(id: i64, files: &[&str], receiver: &Receiver) -> Value {
-    json!({"job_id": id, "files": files, "notify_url": receiver.url()})
+    files_job(id, files, receiver.url())
 }
 
 both_backends!(
@@ -50,12 +38,13 @@ async fn file_list_job_is_staged_and_called_back(kind: Kind) {
         .await;
     assert_eq!(status, 202);
 
-    let got = receiver.wait_delivered(1, Duration::from_secs(30)).await;
+    let got = receiver.wait_delivered(1, PIPELINE).await;
     assert_eq!(
         got.len(),
         1,
-        "one callback; attempts {}",
-        receiver.attempts()
+        "one callback; attempts {}; {}",
+        receiver.attempts(),
+        app.describe(1).await
     );
     let cb = &got[0];
     assert_eq!(
@@ -68,14 +57,12 @@ async fn file_list_job_is_staged_and_called_back(kind: Kind) {
     assert_eq!(tape.sim.counters().staged_paths, 3);
 
     // Delivered: the job is gone, as in the original, and remembered in the history.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while app.get("/staging/?job_id=1").await.0 != 404 {
-        assert!(
-            Instant::now() < deadline,
-            "job not removed after its callback"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for(
+        "the job's removal after its callback",
+        Duration::from_secs(5),
+        async || app.get("/staging/?job_id=1").await.0 == 404,
+    )
+    .await;
     let history = app.store().history(10).await.unwrap();
     assert_eq!(history.len(), 1);
     assert_eq!(
@@ -107,8 +94,8 @@ async fn failing_files_give_code_5_and_a_report(kind: Kind) {
         app.post_job(job(2, &["x/1", "x/2"], &receiver)).await.0,
         202
     );
-    let got = receiver.wait_delivered(1, Duration::from_secs(30)).await;
-    assert_eq!(got.len(), 1);
+    let got = receiver.wait_delivered(1, PIPELINE).await;
+    assert_eq!(got.len(), 1, "{}", app.describe(2).await);
     assert_eq!(got[0].body["return_code"], 5);
     assert_eq!(got[0].body["error_files"], 2);
     assert_eq!(got[0].body["ready_files"], 0);
@@ -125,18 +112,17 @@ async fn failing_files_give_code_5_and_a_report(kind: Kind) {
 }
 
 async fn wait_for_file(path: &std::path::Path) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(s) = std::fs::read_to_string(path) {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} never written",
-            path.display()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let mut text = None;
+    wait_for(
+        &format!("{} to be written", path.display()),
+        Duration::from_secs(10),
+        async || {
+            text = std::fs::read_to_string(path).ok();
+            text.is_some()
+        },
+    )
+    .await;
+    text.unwrap()
 }
 
 /// Completion is event-driven: the callback follows the last file's event at once, not
@@ -193,7 +179,7 @@ async fn expired_job_gets_code_10_and_a_report() {
         }])
         .await
         .unwrap();
-    let got = receiver.wait_delivered(1, Duration::from_secs(15)).await;
+    let got = receiver.wait_delivered(1, PIPELINE).await;
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].body["return_code"], 10);
     assert_eq!(got[0].body["ready_files"], 1);
@@ -222,11 +208,12 @@ async fn expired_job_with_a_dead_callback_is_removed_after_the_grace_period() {
     })
     .await;
     assert_eq!(app.post_job(job(5, &["d/1"], &receiver)).await.0, 202);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while app.get("/staging/?job_id=5").await.0 != 404 {
-        assert!(Instant::now() < deadline, "expired job never removed");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for(
+        "the expired job's removal",
+        Duration::from_secs(20),
+        async || app.get("/staging/?job_id=5").await.0 == 404,
+    )
+    .await;
     assert!(receiver.attempts() >= 2, "retried during the grace period");
     assert!(receiver.delivered().is_empty());
     let history = app.store().history(10).await.unwrap();
@@ -255,7 +242,7 @@ async fn callback_endpoint_down_then_up_is_delivered_once() {
         }])
         .await
         .unwrap();
-    let got = receiver.wait_delivered(1, Duration::from_secs(20)).await;
+    let got = receiver.wait_delivered(1, PIPELINE).await;
     assert_eq!(got.len(), 1);
     assert_eq!(receiver.attempts(), 3, "two failures, then the delivery");
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -304,7 +291,6 @@ async fn restage_asks_only_for_waiting_files() {
     let app = TestApp::start_with(Kind::Sqlite, |c| {
         quick(c);
         tape.configure(c);
-        c.kafka.brokers.clear();
         c.jobs.restage_interval_secs = 2;
     })
     .await;
@@ -314,11 +300,12 @@ async fn restage_asks_only_for_waiting_files() {
             .0,
         202
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tape.sim.counters().stage_requests < 1 {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for(
+        "the first stage request",
+        Duration::from_secs(10),
+        async || tape.sim.counters().stage_requests >= 1,
+    )
+    .await;
     assert_eq!(tape.sim.counters().staged_paths, 3);
     app.store()
         .apply_file_events(&[
@@ -335,11 +322,10 @@ async fn restage_asks_only_for_waiting_files() {
         ])
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tape.sim.counters().stage_requests < 2 {
-        assert!(Instant::now() < deadline, "no restage");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for("a restage", Duration::from_secs(10), async || {
+        tape.sim.counters().stage_requests >= 2
+    })
+    .await;
     let c = tape.sim.counters();
     assert_eq!(c.staged_paths, 4, "the restage named only w/3");
     assert_eq!(c.largest_stage_paths, 3);
@@ -349,12 +335,17 @@ async fn restage_asks_only_for_waiting_files() {
 /// DELETE cancels at Scout only the paths no other job wants, and sends no callback.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_cancels_only_unshared_paths() {
-    let tape = Tape::start(|s| s.kafka_brokers = None).await;
+    // Recalls that never finish within the test: a recall completed before the cancel
+    // leaves nothing to cancel (a loaded machine took 200 ms between the two stages).
+    let tape = Tape::start(|s| {
+        s.kafka_brokers = None;
+        s.recall_delay = Duration::from_secs(600);
+    })
+    .await;
     let receiver = Receiver::start().await;
     let app = TestApp::start_with(Kind::Sqlite, |c| {
         quick(c);
         tape.configure(c);
-        c.kafka.brokers.clear();
     })
     .await;
     assert_eq!(
@@ -371,11 +362,10 @@ async fn delete_cancels_only_unshared_paths() {
     );
     // Both jobs staged first: a stage that reaches Scout after the cancel renews the
     // recall, as it should, and would make this test a race.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tape.sim.counters().stage_requests < 2 {
-        assert!(Instant::now() < deadline, "jobs not staged");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for("both jobs staged", Duration::from_secs(10), async || {
+        tape.sim.counters().stage_requests >= 2
+    })
+    .await;
     let r = app
         .http
         .delete(app.url("/staging/?job_id=8"))
@@ -407,17 +397,14 @@ async fn scout_refusal_gives_code_102() {
     let app = TestApp::start_with(Kind::Sqlite, |c| {
         quick(c);
         tape.configure(c);
-        c.kafka.brokers.clear();
     })
     .await;
     let long: Vec<String> = (0..10)
         .map(|i| format!("mwa/a/{}/number/{i}.fits", "rather-long-".repeat(20)))
         .collect();
-    let (status, _) = app
-        .post_job(json!({"job_id": 10, "files": long, "notify_url": receiver.url()}))
-        .await;
+    let (status, _) = app.post_job(files_job(10, long, receiver.url())).await;
     assert_eq!(status, 202);
-    let got = receiver.wait_delivered(1, Duration::from_secs(15)).await;
+    let got = receiver.wait_delivered(1, PIPELINE).await;
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].body["return_code"], 102);
     assert!(
@@ -445,7 +432,7 @@ async fn scout_outage_delays_staging() {
     assert_eq!(receiver.attempts(), 0, "an outage is not a failure");
     assert_eq!(app.get("/staging/?job_id=11").await.0, 200);
     tape.node.set_failure_fraction(0.0);
-    let got = receiver.wait_delivered(1, Duration::from_secs(30)).await;
+    let got = receiver.wait_delivered(1, PIPELINE).await;
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].body["return_code"], 0);
     app.stop().await;
@@ -469,11 +456,12 @@ async fn due_job_is_restaged_under_a_stream_of_new_jobs() {
     assert_eq!(app.post_job(job(11, &["d/due"], &receiver)).await.0, 202);
     // Its first stage fails (the client tries twice) and the engine stores the retry,
     // due 1-2 s later.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tape.node.hits() < 2 {
-        assert!(Instant::now() < deadline, "first stage never tried");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for(
+        "the first stage's two tries",
+        Duration::from_secs(10),
+        async || tape.node.hits() >= 2,
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     tape.node.set_failure_fraction(0.0);
     let stream = {
@@ -486,20 +474,13 @@ async fn due_job_is_restaged_under_a_stream_of_new_jobs() {
             }
         })
     };
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let found = loop {
-        if receiver
+    let found = poll_until(Duration::from_secs(15), async || {
+        receiver
             .delivered()
             .iter()
             .any(|r| r.body["job_id"] == 11 && r.body["return_code"] == 0)
-        {
-            break true;
-        }
-        if Instant::now() > deadline {
-            break false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    })
+    .await;
     stream.abort();
     let _ = stream.await;
     assert!(
@@ -557,12 +538,14 @@ async fn observation_through_the_mwa_adapter_with_a_mount_prefix() {
     })
     .await;
     let (status, body) = app
-        .post_job(
-            json!({"job_id": 20, "notify_url": receiver.url(), "obs": {"obs_id": 1_234_567_890}}),
-        )
+        .post_job(obs_job(
+            20,
+            json!({"obs_id": 1_234_567_890}),
+            receiver.url(),
+        ))
         .await;
     assert_eq!(status, 202, "{body}");
-    let got = receiver.wait_delivered(1, Duration::from_secs(30)).await;
+    let got = receiver.wait_delivered(1, PIPELINE).await;
     assert_eq!(got.len(), 1, "attempts {}", receiver.attempts());
     assert_eq!(got[0].body["return_code"], 0, "{}", got[0].body);
     assert_eq!(got[0].body["total_files"], 2);
@@ -604,17 +587,17 @@ async fn observation_lookup_failures_give_101_and_100() {
     })
     .await;
     let (status, _) = app
-        .post_job(json!({"job_id": 21, "notify_url": receiver.url(), "obs": {"obs_id": 42}}))
+        .post_job(obs_job(21, json!({"obs_id": 42}), receiver.url()))
         .await;
     assert_eq!(status, 202);
-    let got = receiver.wait_delivered(1, Duration::from_secs(20)).await;
+    let got = receiver.wait_delivered(1, PIPELINE).await;
     assert_eq!(got[0].body["return_code"], 101, "{}", got[0].body);
     assert_eq!(got[0].body["comment"], "No files to stage.");
     let (status, _) = app
-        .post_job(json!({"job_id": 22, "notify_url": receiver.url(), "obs": {"obs_id": 43}}))
+        .post_job(obs_job(22, json!({"obs_id": 43}), receiver.url()))
         .await;
     assert_eq!(status, 202);
-    let got = receiver.wait_delivered(2, Duration::from_secs(20)).await;
+    let got = receiver.wait_delivered(2, PIPELINE).await;
     let second = got
         .iter()
         .find(|r| r.body["job_id"] == 22)
@@ -647,11 +630,11 @@ async fn adapter_failure_while_resolving_gives_199() {
     .await;
     for (id, mode) in [(30, "trap"), (31, "loop")] {
         let (status, body) = app
-            .post_job(json!({"job_id": id, "notify_url": receiver.url(), "obs": {"do": mode}}))
+            .post_job(obs_job(id, json!({"do": mode}), receiver.url()))
             .await;
         assert_eq!(status, 202, "{body}");
     }
-    let got = receiver.wait_delivered(2, Duration::from_secs(30)).await;
+    let got = receiver.wait_delivered(2, PIPELINE).await;
     assert_eq!(got.len(), 2);
     for r in &got {
         assert_eq!(r.body["return_code"], 199, "{}", r.body);

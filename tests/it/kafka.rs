@@ -6,9 +6,10 @@
 //! `committed()` on the mock and then dropping the consumer hangs librdkafka).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::common::{Kind, TestApp, TestDb};
+use crate::common::{files_job, wait_for};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::mocking::MockCluster;
@@ -74,23 +75,11 @@ impl Broker {
 
     /// `[kafka]` for this broker, with test-sized group timeouts.
     fn config(&self, group: &str) -> KafkaConfig {
-        let mut c = KafkaConfig {
-            brokers: vec![self.servers()],
-            topic: TOPIC.into(),
-            group_id: group.into(),
+        KafkaConfig {
             batch_max_messages: 500,
             batch_max_wait_ms: 50,
-            ..KafkaConfig::default()
-        };
-        for (k, v) in [
-            ("session.timeout.ms", "6000"),
-            ("heartbeat.interval.ms", "300"),
-            ("fetch.wait.max.ms", "20"),
-            ("topic.metadata.refresh.interval.ms", "1000"),
-        ] {
-            c.extra.insert(k.into(), v.into());
+            ..crate::common::pipeline::kafka_config(&self.servers(), group)
         }
-        c
     }
 }
 
@@ -153,14 +142,6 @@ fn consume_mapped(
     mapper: Arc<dyn PathMapper>,
 ) -> IngestHandle {
     kafka::start(&broker.config(group), store.clone(), mapper).unwrap()
-}
-
-async fn wait_for(what: &str, timeout: Duration, mut cond: impl AsyncFnMut() -> bool) {
-    let start = Instant::now();
-    while !cond().await {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn group() -> String {
@@ -506,7 +487,7 @@ async fn stats_report_the_consumer_state(kind: Kind) {
     assert!((hb - staged::store::now_ms() as f64 / 1000.0).abs() < 30.0);
 
     let (status, _) = app
-        .post_job(json!({"job_id": 5, "files": ["x/1"], "notify_url": "http://127.0.0.1:9/"}))
+        .post_job(files_job(5, ["x/1"], "http://127.0.0.1:9/"))
         .await;
     assert_eq!(status, 202);
     broker.ready("x/1", "03:00:00").await;
@@ -535,7 +516,7 @@ async fn stopping_commits_the_last_batch(kind: Kind) {
     let mut app = TestApp::start_with(kind, move |c| c.kafka = kafka).await;
     let files: Vec<String> = (0..20).map(|i| format!("c/{i}")).collect();
     let (status, _) = app
-        .post_job(json!({"job_id": 9, "files": files, "notify_url": "http://127.0.0.1:9/"}))
+        .post_job(files_job(9, &files, "http://127.0.0.1:9/"))
         .await;
     assert_eq!(status, 202);
     for f in &files {

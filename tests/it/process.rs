@@ -1,23 +1,14 @@
 //! The real `staged` binary: crash safety (SIGKILL right after 202), graceful stop on
 //! SIGTERM, the config checks of the command line.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::common::daemon::{BIN, Daemon, free_port, toml_str, write_pipeline_config};
 use crate::common::{Kind, TestDb};
-use serde_json::{Value, json};
-
-const BIN: &str = env!("CARGO_BIN_EXE_staged");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use crate::common::{NO_CALLBACK, files_job, poll_until, wait_for};
+use serde_json::Value;
 
 fn write_config(dir: &Path, db_url: &str, port: u16) -> PathBuf {
     let path = dir.join(format!("staged-{port}.toml"));
@@ -28,83 +19,6 @@ fn write_config(dir: &Path, db_url: &str, port: u16) -> PathBuf {
     );
     std::fs::write(&path, text).unwrap();
     path
-}
-
-fn toml_str(s: &str) -> String {
-    serde_json::to_string(s).unwrap()
-}
-
-struct Daemon {
-    child: Child,
-    base: String,
-    log: PathBuf,
-}
-
-impl Daemon {
-    async fn start(config: &Path, port: u16) -> Daemon {
-        let log = config.with_extension(format!("{}.log", rand::random::<u32>()));
-        let child = Command::new(BIN)
-            .args(["serve", "--config"])
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let d = Daemon {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            log,
-        };
-        d.wait_ready().await;
-        d
-    }
-
-    async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let http = reqwest::Client::new();
-        while Instant::now() < deadline {
-            if let Ok(r) = http.get(format!("{}/ping/", self.base)).send().await
-                && r.status() == 200
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!(
-            "daemon did not answer /ping/ within 30 s; log:\n{}",
-            std::fs::read_to_string(&self.log).unwrap_or_default()
-        );
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: plain kill(2) on our own child's pid.
-        let rc = unsafe { libc::kill(self.child.id() as i32, sig) };
-        assert_eq!(rc, 0);
-    }
-
-    fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!(
-                    "daemon did not exit within {limit:?}; log:\n{}",
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn run(args: &[&str], envs: &[(&str, &str)]) -> Output {
@@ -132,8 +46,12 @@ async fn sigkill_right_after_202_loses_no_job(kind: Kind) {
     for id in 0..200i64 {
         let (http, url) = (http.clone(), url.clone());
         tasks.push(tokio::spawn(async move {
-            let body = json!({"job_id": id, "files": [format!("f/{id}/a"), format!("f/{id}/b")], "notify_url": "http://127.0.0.1:9/cb"});
-            http.post(url).json(&body).send().await.map(|r| r.status().as_u16())
+            let body = files_job(id, [format!("f/{id}/a"), format!("f/{id}/b")], NO_CALLBACK);
+            http.post(url)
+                .json(&body)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
         }));
     }
     let mut acknowledged = Vec::new();
@@ -145,7 +63,7 @@ async fn sigkill_right_after_202_loses_no_job(kind: Kind) {
     // The very last one: kill as soon as its 202 is in.
     let r = http
         .post(&url)
-        .json(&json!({"job_id": 1000, "files": ["last"], "notify_url": "http://127.0.0.1:9/cb"}))
+        .json(&files_job(1000, ["last"], NO_CALLBACK))
         .send()
         .await
         .unwrap();
@@ -190,7 +108,7 @@ async fn sigterm_stops_cleanly(kind: Kind) {
     let http = reqwest::Client::new();
     let r = http
         .post(format!("{}/staging", daemon.base))
-        .json(&json!({"job_id": 1, "files": ["a"], "notify_url": "http://127.0.0.1:9/cb"}))
+        .json(&files_job(1, ["a"], NO_CALLBACK))
         .send()
         .await
         .unwrap();
@@ -423,70 +341,6 @@ async fn demo_runs_its_jobs_to_their_callbacks() {
     assert!(errors.is_empty(), "the demo logged errors: {errors:#?}");
 }
 
-/// A daemon config wired to the test's tape system and callback receiver, with short
-/// leases and retries so that recovery after a kill takes seconds, not minutes.
-fn write_pipeline_config(
-    dir: &Path,
-    db_url: &str,
-    port: u16,
-    tape: &crate::common::pipeline::Tape,
-    group: &str,
-) -> PathBuf {
-    let path = dir.join(format!("pipeline-{port}.toml"));
-    let text = format!(
-        r#"[server]
-listen = "127.0.0.1:{port}"
-
-[database]
-url = {db}
-
-[reports]
-dir = {reports}
-
-[logging]
-level = "warn"
-
-[jobs]
-retry_min_secs = 1
-retry_max_secs = 2
-sweep_interval_secs = 1
-lease_secs = 3
-
-[callbacks]
-username = "asvo"
-password = "cb-pw"
-error_delay_secs = 0
-retry_min_secs = 1
-retry_max_secs = 2
-timeout_secs = 5
-concurrency = 16
-# The 200-a-minute default would make a 1,000-job run last five minutes.
-per_minute = 100000
-
-[scout]
-nodes = ["{scout}"]
-username = "scout"
-password = "scout-pw"
-retries = 1
-backoff_initial_ms = 50
-
-[kafka]
-brokers = ["{brokers}"]
-topic = "{topic}"
-group_id = "{group}"
-batch_max_wait_ms = 20
-extra = {{ "session.timeout.ms" = "6000", "heartbeat.interval.ms" = "300", "fetch.wait.max.ms" = "20", "topic.metadata.refresh.interval.ms" = "1000" }}
-"#,
-        db = toml_str(db_url),
-        reports = toml_str(&dir.join("reports").display().to_string()),
-        scout = tape.node.url(),
-        brokers = tape.cluster.bootstrap_servers(),
-        topic = crate::common::pipeline::TOPIC,
-    );
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
 /// Posts a job until some daemon has it: 202, or 403 when an earlier attempt was stored
 /// but its answer was lost to a kill.
 async fn post_until_stored(http: &reqwest::Client, bases: &[String], body: &Value) {
@@ -525,18 +379,9 @@ async fn wait_all_called_back(
     jobs: i64,
     limit: Duration,
 ) {
-    let deadline = Instant::now() + limit;
-    loop {
-        let got = deliveries(receiver).len() as i64;
-        if got == jobs {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {got} of {jobs} jobs called back"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let all = poll_until(limit, async || deliveries(receiver).len() as i64 == jobs).await;
+    let got = deliveries(receiver).len();
+    assert!(all, "only {got} of {jobs} jobs called back");
 }
 
 /// SIGKILL at random moments during a 1,000-job run, restarting each time: every job
@@ -551,7 +396,7 @@ async fn sigkill_during_a_thousand_job_run_loses_nothing() {
     let receiver = crate::common::pipeline::Receiver::start().await;
     let db = TestDb::new(Kind::Sqlite).await;
     let port = free_port();
-    let config = write_pipeline_config(db.dir.path(), &db.url, port, &tape, "crash-test");
+    let config = write_pipeline_config(db.dir.path(), &db.url, port, &tape, "crash-test", 3, "");
     let mut daemon = Daemon::start(&config, port).await;
     let base = vec![daemon.base.clone()];
 
@@ -563,7 +408,7 @@ async fn sigkill_during_a_thousand_job_run_loses_nothing() {
             use futures::StreamExt;
             futures::stream::iter(0..JOBS)
                 .for_each_concurrent(32, |id| {
-                    let body = json!({"job_id": id, "files": [format!("c/{id}/a"), format!("c/{id}/b")], "notify_url": notify});
+                    let body = files_job(id, [format!("c/{id}/a"), format!("c/{id}/b")], &notify);
                     let (http, base) = (http.clone(), base.clone());
                     async move { post_until_stored(&http, &base, &body).await }
                 })
@@ -579,34 +424,34 @@ async fn sigkill_during_a_thousand_job_run_loses_nothing() {
     }
     poster.await.unwrap();
     let debug_base = daemon.base.clone();
-    let done = tokio::spawn(async move {
-        wait_all_called_back(&receiver, JOBS, Duration::from_secs(240)).await;
-        receiver
-    });
-    let receiver = match done.await {
-        Ok(r) => r,
-        Err(e) => {
-            let stats = reqwest::get(format!("{debug_base}/get_stats/"))
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
-            let list: Value = reqwest::get(format!("{debug_base}/get_joblist/"))
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let left: Vec<&Value> = list["jobs"].as_object().unwrap().values().take(5).collect();
-            eprintln!(
-                "stats: {stats}\njobs left: {}, e.g. {left:?}\nsim: {:?}",
-                list["jobs"].as_object().unwrap().len(),
-                tape.sim.counters()
-            );
-            std::panic::resume_unwind(e.into_panic());
-        }
-    };
+    let all = poll_until(Duration::from_secs(240), async || {
+        deliveries(&receiver).len() as i64 == JOBS
+    })
+    .await;
+    if !all {
+        let stats = reqwest::get(format!("{debug_base}/get_stats/"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let list: Value = reqwest::get(format!("{debug_base}/get_joblist/"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let left: Vec<&Value> = list["jobs"].as_object().unwrap().values().take(5).collect();
+        eprintln!(
+            "stats: {stats}\njobs left: {}, e.g. {left:?}\nsim: {:?}",
+            list["jobs"].as_object().unwrap().len(),
+            tape.sim.counters()
+        );
+        panic!(
+            "only {} of {JOBS} jobs called back",
+            deliveries(&receiver).len()
+        );
+    }
 
     let by_job = deliveries(&receiver);
     let repeats = by_job.values().filter(|d| d.len() > 1).count();
@@ -631,8 +476,8 @@ async fn two_daemons_share_the_work_and_survive_one_kill() {
     let receiver = crate::common::pipeline::Receiver::start().await;
     let db = TestDb::new(Kind::Postgres).await;
     let (pa, pb) = (free_port(), free_port());
-    let ca = write_pipeline_config(db.dir.path(), &db.url, pa, &tape, "shared-group");
-    let cb = write_pipeline_config(db.dir.path(), &db.url, pb, &tape, "shared-group");
+    let ca = write_pipeline_config(db.dir.path(), &db.url, pa, &tape, "shared-group", 3, "");
+    let cb = write_pipeline_config(db.dir.path(), &db.url, pb, &tape, "shared-group", 3, "");
     let mut a = Daemon::start(&ca, pa).await;
     let b = Daemon::start(&cb, pb).await;
     let bases = vec![a.base.clone(), b.base.clone()];
@@ -645,8 +490,7 @@ async fn two_daemons_share_the_work_and_survive_one_kill() {
             use futures::StreamExt;
             futures::stream::iter(0..JOBS)
                 .for_each_concurrent(16, |id| {
-                    let body =
-                        json!({"job_id": id, "files": [format!("t/{id}/a")], "notify_url": notify});
+                    let body = files_job(id, [format!("t/{id}/a")], &notify);
                     // Alternate the daemon each job is posted to.
                     let mut order = bases.clone();
                     order.rotate_left(id as usize % 2);
@@ -656,11 +500,12 @@ async fn two_daemons_share_the_work_and_survive_one_kill() {
                 .await;
         }
     });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while deliveries(&receiver).len() < (JOBS / 3) as usize {
-        assert!(Instant::now() < deadline, "no progress before the kill");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for(
+        "progress before the kill",
+        Duration::from_secs(60),
+        async || deliveries(&receiver).len() >= (JOBS / 3) as usize,
+    )
+    .await;
     a.signal(libc::SIGKILL);
     a.wait_exit(Duration::from_secs(10));
     poster.await.unwrap();

@@ -3,29 +3,86 @@
 //! started in-process on a free loopback port.
 //!
 //! PostgreSQL tests take the server from `STAGED_TEST_PG_URL` (an account allowed to create
-//! databases), defaulting to the local cluster CI sets up. An unreachable server fails the
-//! test: it is never skipped.
+//! databases) or, when it is unset, from a throwaway server this test process starts
+//! (`staged_testkit::pg`). A server that cannot be reached or started fails the test: it is
+//! never skipped.
 #![allow(dead_code)]
 
 pub mod adapters;
+pub mod daemon;
 pub mod pipeline;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 use staged::app::{self, Server};
 use staged::config::Config;
+use staged_testkit::pg::PgDatabase;
 use tempfile::TempDir;
-
-pub const DEFAULT_PG_URL: &str = "postgres://staged:staged@127.0.0.1:5432/postgres";
-
-pub fn pg_admin_url() -> String {
-    std::env::var("STAGED_TEST_PG_URL").unwrap_or_else(|_| DEFAULT_PG_URL.to_string())
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Sqlite,
     Postgres,
+}
+
+impl Kind {
+    /// The backend's name in test output and the fault ledger.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Sqlite => "sqlite",
+            Kind::Postgres => "postgres",
+        }
+    }
+}
+
+/// How often a waiting test looks again.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Waits until `condition` holds, looking every 20 ms; fails the test naming `what` after
+/// `limit`. A limit bounds a wait for something that must happen, and is never a timing
+/// assertion: make it generous.
+pub async fn wait_for(what: &str, limit: Duration, condition: impl AsyncFnMut() -> bool) {
+    assert!(
+        poll_until(limit, condition).await,
+        "timed out after {limit:?} waiting for {what}"
+    );
+}
+
+/// Whether `condition` came to hold within `limit`, looking every 20 ms; for a test that
+/// reports a timeout in its own words.
+pub async fn poll_until(limit: Duration, mut condition: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// A callback URL nothing listens on (the discard port), for jobs whose callback the test
+/// does not read.
+pub const NO_CALLBACK: &str = "http://127.0.0.1:9/cb";
+
+/// A job body as ASVO posts it: a list of files.
+pub fn files_job(
+    id: impl serde::Serialize,
+    files: impl serde::Serialize,
+    notify_url: impl std::fmt::Display,
+) -> serde_json::Value {
+    serde_json::json!({"job_id": id, "files": files, "notify_url": notify_url.to_string()})
+}
+
+/// A job body as ASVO posts it: a telescope observation.
+pub fn obs_job(
+    id: impl serde::Serialize,
+    obs: serde_json::Value,
+    notify_url: impl std::fmt::Display,
+) -> serde_json::Value {
+    serde_json::json!({"job_id": id, "obs": obs, "notify_url": notify_url.to_string()})
 }
 
 /// A database that exists for one test.
@@ -34,10 +91,8 @@ pub struct TestDb {
     pub url: String,
     /// Holds the SQLite file and anything else the test writes (reports, configs).
     pub dir: TempDir,
-    pg_name: Option<String>,
+    pg: Option<PgDatabase>,
 }
-
-static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 impl TestDb {
     pub async fn new(kind: Kind) -> TestDb {
@@ -47,28 +102,17 @@ impl TestDb {
                 kind,
                 url: format!("sqlite://{}", dir.path().join("staged.db").display()),
                 dir,
-                pg_name: None,
+                pg: None,
             },
             Kind::Postgres => {
-                let admin = pg_admin_url();
-                let name = format!(
-                    "staged_t_{}_{}_{}",
-                    std::process::id(),
-                    COUNTER.fetch_add(1, Ordering::Relaxed),
-                    rand::random::<u32>()
-                );
-                let mut conn = connect_admin(&admin).await;
-                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-                    .execute(&mut conn)
+                let pg = PgDatabase::create("staged_t")
                     .await
-                    .expect("creating the test database");
-                let mut url = url::Url::parse(&admin).expect("STAGED_TEST_PG_URL is a URL");
-                url.set_path(&format!("/{name}"));
+                    .unwrap_or_else(|e| panic!("{}", staged::error_text::chain(&e)));
                 TestDb {
                     kind,
-                    url: url.to_string(),
+                    url: pg.url.clone(),
                     dir,
-                    pg_name: Some(name),
+                    pg: Some(pg),
                 }
             }
         }
@@ -82,64 +126,31 @@ impl TestDb {
         c.reports.dir = self.dir.path().join("reports");
         c
     }
-}
 
-async fn connect_admin(admin: &str) -> sqlx::PgConnection {
-    use sqlx::Connection;
-    match sqlx::PgConnection::connect(admin).await {
-        Ok(c) => c,
-        Err(e) => panic!(
-            "PostgreSQL is required for these tests and is unreachable at {admin}: {e}. \
-             Start it (see README, `bash .ci/pg-setup`) or set STAGED_TEST_PG_URL."
-        ),
-    }
-}
-
-impl TestDb {
     /// Ends every PostgreSQL session on this test's database, as a database restart would;
     /// returns how many there were.
     pub async fn terminate_pg_sessions(&self) -> i64 {
-        let name = self.pg_name.as_deref().expect("a PostgreSQL test database");
-        let mut conn = connect_admin(&pg_admin_url()).await;
-        sqlx::query_scalar(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-             WHERE datname = $1 AND pid <> pg_backend_pid()",
-        )
-        .bind(name)
-        .fetch_one(&mut conn)
-        .await
-        .expect("terminating the test database's sessions")
+        let pg = self.pg.as_ref().expect("a PostgreSQL test database");
+        pg.terminate_sessions()
+            .await
+            .expect("terminating the test database's sessions")
     }
 }
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        let Some(name) = self.pg_name.take() else {
+        let Some(pg) = self.pg.take() else {
             return;
         };
-        let admin = pg_admin_url();
         // Drop runs inside a test's runtime: do the async clean-up on a thread of its own.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
-            rt.block_on(async {
-                use sqlx::Connection;
-                if let Ok(mut c) = sqlx::PgConnection::connect(&admin).await {
-                    // FORCE may not signal an autovacuum worker and then fails; a plain
-                    // DROP stops such a worker itself.
-                    for sql in [
-                        format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
-                        format!("DROP DATABASE IF EXISTS {name}"),
-                    ] {
-                        let dropped = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut c).await;
-                        if dropped.is_ok() {
-                            break;
-                        }
-                    }
-                }
-            });
+            if let Err(e) = rt.block_on(pg.drop_database()) {
+                eprintln!("{}", staged::error_text::chain(&e));
+            }
         })
         .join();
     }
@@ -213,6 +224,13 @@ impl TestApp {
         let json = serde_json::from_str(&text)
             .unwrap_or_else(|_| panic!("GET {path}: body is not JSON: {text:?}"));
         (status, json)
+    }
+
+    /// The job and the daemon's statistics as the API shows them, for a failure message.
+    pub async fn describe(&self, job_id: i64) -> String {
+        let (status, job) = self.get(&format!("/staging/?job_id={job_id}")).await;
+        let (_, stats) = self.get("/get_stats/").await;
+        format!("job {job_id}: {status} {job}; stats: {stats}")
     }
 
     pub async fn stop(mut self) {

@@ -18,6 +18,11 @@ use staged_testkit::scout::{ScoutSim, SimNode, SimSettings};
 
 pub const TOPIC: &str = "recalls";
 
+/// How long a pipeline test waits for a job's callback. A job takes about 4 s here, most of
+/// it the consumer joining its group; a loaded CI machine has been seen to take far longer,
+/// and a timing never decides a test, so the limit is generous.
+pub const PIPELINE: Duration = Duration::from_secs(60);
+
 /// One callback as the receiver saw it.
 #[derive(Debug, Clone)]
 pub struct Received {
@@ -73,14 +78,8 @@ impl Receiver {
     }
 
     pub async fn wait_delivered(&self, n: usize, limit: Duration) -> Vec<Received> {
-        let deadline = Instant::now() + limit;
-        loop {
-            let d = self.delivered();
-            if d.len() >= n || Instant::now() > deadline {
-                return d;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        super::poll_until(limit, async || self.delivered().len() >= n).await;
+        self.delivered()
     }
 }
 
@@ -112,6 +111,9 @@ pub struct Tape {
     pub sim: ScoutSim,
     pub node: SimNode,
     pub cluster: MockCluster<'static, DefaultProducerContext>,
+    /// Whether the simulator publishes recall messages; a test that feeds file events
+    /// itself turns it off, and then the daemon runs without a consumer.
+    publishes: bool,
 }
 
 impl Tape {
@@ -125,9 +127,15 @@ impl Tape {
             ..SimSettings::default()
         };
         tweak(&mut settings);
+        let publishes = settings.kafka_brokers.is_some();
         let sim = ScoutSim::new(settings).unwrap();
         let node = sim.serve_loopback().await.unwrap();
-        Tape { sim, node, cluster }
+        Tape {
+            sim,
+            node,
+            cluster,
+            publishes,
+        }
     }
 
     /// Points a daemon's config at this tape system.
@@ -137,22 +145,49 @@ impl Tape {
         c.scout.password = Some(secret("scout-pw"));
         c.scout.retries = 1;
         c.scout.backoff_initial_ms = 50;
-        c.kafka = KafkaConfig {
-            brokers: vec![self.cluster.bootstrap_servers()],
-            topic: TOPIC.into(),
-            group_id: format!("g{}", rand::random::<u32>()),
-            batch_max_wait_ms: 20,
-            ..KafkaConfig::default()
-        };
-        for (k, v) in [
-            ("session.timeout.ms", "6000"),
-            ("heartbeat.interval.ms", "300"),
-            ("fetch.wait.max.ms", "20"),
-            ("topic.metadata.refresh.interval.ms", "1000"),
-        ] {
-            c.kafka.extra.insert(k.into(), v.into());
+        c.kafka = kafka_config(
+            &self.cluster.bootstrap_servers(),
+            &format!("g{}", rand::random::<u32>()),
+        );
+        if !self.publishes {
+            c.kafka.brokers.clear();
         }
     }
+}
+
+/// `[kafka]` for a mock cluster, with group timings sized for tests: a consumer joins in
+/// seconds, not the production defaults' tens of seconds.
+pub fn kafka_config(servers: &str, group: &str) -> KafkaConfig {
+    let mut c = KafkaConfig {
+        brokers: vec![servers.into()],
+        topic: TOPIC.into(),
+        group_id: group.into(),
+        batch_max_wait_ms: 20,
+        ..KafkaConfig::default()
+    };
+    for (k, v) in [
+        ("session.timeout.ms", "6000"),
+        ("heartbeat.interval.ms", "300"),
+        ("fetch.wait.max.ms", "20"),
+        ("topic.metadata.refresh.interval.ms", "1000"),
+    ] {
+        c.extra.insert(k.into(), v.into());
+    }
+    c
+}
+
+/// Fast engine and callback timers, callbacks authenticated as asvo/cb-pw: what most tests
+/// of the pipeline run with.
+pub fn quick(c: &mut Config) {
+    c.callbacks.username = "asvo".into();
+    c.callbacks.password = Some(secret("cb-pw"));
+    c.callbacks.error_delay_secs = 0;
+    c.callbacks.retry_min_secs = 1;
+    c.callbacks.retry_max_secs = 2;
+    c.callbacks.timeout_secs = 5;
+    c.jobs.retry_min_secs = 1;
+    c.jobs.retry_max_secs = 2;
+    c.jobs.sweep_interval_secs = 1;
 }
 
 pub fn secret(s: &str) -> Secret {

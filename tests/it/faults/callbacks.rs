@@ -13,15 +13,15 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use staged::config::Config;
 use staged::store::FileEvent;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::ledger::{self, Row};
-use crate::common::pipeline::secret;
 use crate::common::{Kind, TestApp};
+use crate::common::{files_job, poll_until};
 
 /// How an endpoint treats the next request it reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,19 +180,14 @@ async fn read_request(stream: &mut TcpStream) -> Option<(String, Vec<u8>)> {
     Some((method, data[head_end..head_end + length].to_vec()))
 }
 
-/// Short timers: an attempt times out after 2 s, a failed callback is retried after 1-2 s,
-/// and an attempt unanswered after 200 ms stops holding a delivery slot.
+/// The common quick timers, but an attempt times out after 2 s and an attempt unanswered
+/// after 200 ms stops holding a delivery slot.
 fn quick(c: &mut Config) {
-    c.callbacks.username = "asvo".into();
-    c.callbacks.password = Some(secret("cb-pw"));
-    c.callbacks.error_delay_secs = 0;
-    c.callbacks.retry_min_secs = 1;
-    c.callbacks.retry_max_secs = 2;
+    crate::common::pipeline::quick(c);
     c.callbacks.timeout_secs = 2;
     c.callbacks.per_minute = 120;
     c.callbacks.per_host_concurrency = 2;
     c.callbacks.slow_after_ms = 200;
-    c.jobs.sweep_interval_secs = 1;
 }
 
 fn path(job_id: i64) -> String {
@@ -203,9 +198,7 @@ fn path(job_id: i64) -> String {
 async fn post_jobs(app: &TestApp, jobs: &[(i64, String)]) -> Vec<i64> {
     let mut acked = Vec::new();
     for (id, url) in jobs {
-        let (status, body) = app
-            .post_job(json!({"job_id": id, "files": [path(*id)], "notify_url": url}))
-            .await;
+        let (status, body) = app.post_job(files_job(id, [path(*id)], url)).await;
         assert_eq!(status, 202, "job {id}: {body}");
         acked.push(*id);
     }
@@ -250,14 +243,11 @@ fn deliveries(endpoints: &[&Endpoint]) -> HashMap<i64, usize> {
 
 /// Waits until each of `ids` has a delivery, or `limit`.
 async fn wait_all_delivered(endpoints: &[&Endpoint], ids: &[i64], limit: Duration) {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
+    poll_until(limit, async || {
         let d = deliveries(endpoints);
-        if ids.iter().all(|id| d.contains_key(id)) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        ids.iter().all(|id| d.contains_key(id))
+    })
+    .await;
 }
 
 /// Ends the test's figures: every acknowledged job delivered exactly once, nothing left.
@@ -280,10 +270,7 @@ async fn settle_and_record(
         .collect();
     let row = Row {
         fault,
-        backend: match kind {
-            Kind::Sqlite => "sqlite",
-            Kind::Postgres => "postgres",
-        },
+        backend: kind.name(),
         acknowledged: acked.len() as u64,
         stored: stored_before,
         called_back,
@@ -400,17 +387,17 @@ async fn bad_endpoints_cost_only_their_own_jobs(kind: Kind) {
 
     // The bad ones keep being retried (a hanging one after its 2 s timeout and backoff),
     // and none of their jobs is delivered or removed meanwhile.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while bad.iter().any(|(_, e)| e.seen().len() < 2) {
-        assert!(
-            Instant::now() < deadline,
-            "bad endpoints not retried: {:?}",
-            bad.iter()
-                .map(|(m, e)| (*m, e.seen().len()))
-                .collect::<Vec<_>>()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let retried = poll_until(Duration::from_secs(15), async || {
+        bad.iter().all(|(_, e)| e.seen().len() >= 2)
+    })
+    .await;
+    assert!(
+        retried,
+        "bad endpoints not retried: {:?}",
+        bad.iter()
+            .map(|(m, e)| (*m, e.seen().len()))
+            .collect::<Vec<_>>()
+    );
     for (mode, e) in &bad {
         assert!(e.delivered().is_empty(), "{mode:?} endpoint delivered to");
     }
@@ -466,20 +453,20 @@ async fn redirect_is_not_a_delivery(kind: Kind) {
     complete(&app, &acked).await;
 
     // Every job is attempted, then retried, and never reaches the target.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while redirecting.seen().len() < 2 * acked.len() {
+    let retried = poll_until(Duration::from_secs(15), async || {
         assert!(
             target.seen().is_empty(),
             "the redirect was followed: {:?}",
             target.seen()
         );
-        assert!(
-            Instant::now() < deadline,
-            "redirected callbacks not retried: {:?}",
-            redirecting.seen()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        redirecting.seen().len() >= 2 * acked.len()
+    })
+    .await;
+    assert!(
+        retried,
+        "redirected callbacks not retried: {:?}",
+        redirecting.seen()
+    );
     assert!(
         target.seen().is_empty(),
         "the redirect was followed: {:?}",

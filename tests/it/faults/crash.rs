@@ -26,9 +26,7 @@
 //! test -p staged --test it faults::crash::` runs a long campaign.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -37,13 +35,13 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
-use crate::common::pipeline::{Receiver, TOPIC, Tape};
+use crate::common::pipeline::{Receiver, Tape};
 use staged_testkit::metadata::{MetadataSim, ObsFiles};
 
 use super::ledger::{self, Row};
+use crate::common::daemon::{Daemon, free_port, toml_str, write_pipeline_config};
 use crate::common::{Kind, TestDb};
-
-const BIN: &str = env!("CARGO_BIN_EXE_staged");
+use crate::common::{files_job, obs_job, poll_until};
 
 /// Kills per backend when `STAGED_FAULT_ROUNDS` is not set.
 const DEFAULT_ROUNDS: usize = 3;
@@ -177,7 +175,7 @@ async fn sigkill_at_random_points_of_a_mixed_run(kind: Kind) {
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or_else(rand::random);
-    let backend = backend_name(kind);
+    let backend = kind.name();
     eprintln!(
         "crash seed: {seed} ({backend}, {rounds} rounds; replay with STAGED_FAULT_SEED={seed})"
     );
@@ -264,18 +262,14 @@ async fn sigkill_at_random_points_of_a_mixed_run(kind: Kind) {
 
     // Finish: every acknowledged job that was not deleted is called back, and nothing is
     // left in the store.
-    let deadline = Instant::now() + FINISH_LIMIT;
-    let left = loop {
-        let left = jobs_left(&http, &base).await;
+    let mut left = None;
+    let finished = poll_until(FINISH_LIMIT, async || {
+        left = jobs_left(&http, &base).await;
         let waiting = owed_callbacks(&journal.lock().unwrap(), &receiver);
-        if left == Some(0) && waiting.is_empty() {
-            break 0;
-        }
-        if Instant::now() > deadline {
-            break left.unwrap_or(-1);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+        left == Some(0) && waiting.is_empty()
+    })
+    .await;
+    let left = if finished { 0 } else { left.unwrap_or(-1) };
     // Room for a late, unexplained repeat to show.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -356,7 +350,7 @@ impl Client {
             // A quarter are observations, which the adapter resolves to their files.
             let (body, files) = if self.rng.random_bool(0.25) {
                 let obs = OBS_BASE + self.rng.random_range(0..OBSERVATIONS);
-                let body = json!({"job_id": id, "obs": {"obs_id": obs}, "notify_url": self.notify});
+                let body = obs_job(id, json!({"obs_id": obs}), &self.notify);
                 (body, FILES_PER_OBSERVATION)
             } else {
                 // Paths the MWA adapter recognises as its own (under mwa/).
@@ -371,10 +365,7 @@ impl Client {
                     ));
                 }
                 let n = files.len();
-                (
-                    json!({"job_id": id, "files": files, "notify_url": self.notify}),
-                    n,
-                )
+                (files_job(id, files, &self.notify), n)
             };
             let answer = self
                 .http
@@ -590,27 +581,8 @@ impl Tally {
     }
 }
 
-fn backend_name(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Sqlite => "sqlite",
-        Kind::Postgres => "postgres",
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn toml_str(s: &str) -> String {
-    serde_json::to_string(s).unwrap()
-}
-
-/// The daemon wired to this test's tape system and receiver, with leases and retries of a
-/// second or two so that each restart resumes its predecessor's work within the round.
+/// The daemon wired to this test's tape system, receiver and metadata service, with leases
+/// of two seconds so that each restart resumes its predecessor's work within the round.
 fn write_config(
     dir: &Path,
     db_url: &str,
@@ -619,50 +591,8 @@ fn write_config(
     metadata: &MetadataSim,
     group: &str,
 ) -> PathBuf {
-    let path = dir.join(format!("crash-{port}.toml"));
-    let text = format!(
-        r#"[server]
-listen = "127.0.0.1:{port}"
-
-[database]
-url = {db}
-
-[reports]
-dir = {reports}
-
-[logging]
-level = "warn"
-
-[jobs]
-retry_min_secs = 1
-retry_max_secs = 2
-sweep_interval_secs = 1
-lease_secs = 2
-
-[callbacks]
-username = "asvo"
-password = "cb-pw"
-error_delay_secs = 0
-retry_min_secs = 1
-retry_max_secs = 1
-timeout_secs = 5
-concurrency = 16
-per_minute = 100000
-
-[scout]
-nodes = ["{scout}"]
-username = "scout"
-password = "scout-pw"
-retries = 1
-backoff_initial_ms = 50
-
-[kafka]
-brokers = ["{brokers}"]
-topic = "{topic}"
-group_id = "{group}"
-batch_max_wait_ms = 20
-extra = {{ "session.timeout.ms" = "6000", "heartbeat.interval.ms" = "300", "fetch.wait.max.ms" = "20", "topic.metadata.refresh.interval.ms" = "1000" }}
-
+    let adapter = format!(
+        r#"
 [adapter]
 wasm = {wasm}
 http_allow = ["{metadata_addr}"]
@@ -670,96 +600,9 @@ http_allow = ["{metadata_addr}"]
 [adapter.settings]
 data_files_url = "{data_files_url}"
 "#,
-        db = toml_str(db_url),
-        reports = toml_str(&dir.join("reports").display().to_string()),
-        scout = tape.node.url(),
-        brokers = tape.cluster.bootstrap_servers(),
-        topic = TOPIC,
         wasm = toml_str(&format!("{}/adapter_mwa.wasm", env!("STAGED_ADAPTERS_DIR"))),
         metadata_addr = metadata.addr,
         data_files_url = metadata.data_files_url(),
     );
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-/// The real binary, killed when dropped (a failing test leaves no daemon behind). Every
-/// start appends to one log file, so a failure shows the whole run.
-struct Daemon {
-    child: Child,
-    base: String,
-    log: PathBuf,
-}
-
-impl Daemon {
-    async fn start(config: &Path, port: u16) -> Daemon {
-        let log = config.with_extension("log");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
-        let child = Command::new(BIN)
-            .args(["serve", "--config"])
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .unwrap();
-        let d = Daemon {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            log,
-        };
-        d.wait_ready().await;
-        d
-    }
-
-    async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let http = reqwest::Client::new();
-        while Instant::now() < deadline {
-            if let Ok(r) = http.get(format!("{}/ping/", self.base)).send().await
-                && r.status() == 200
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!(
-            "daemon did not answer /ping/ within 30 s; log:\n{}",
-            self.log_text()
-        );
-    }
-
-    fn kill(&self) {
-        // SAFETY: kill(2) on our own child's pid, which has not been reaped yet.
-        let rc = unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
-        assert_eq!(rc, 0, "SIGKILL of the daemon failed");
-    }
-
-    fn wait_exit(&mut self, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        while self.child.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < deadline, "the daemon outlived SIGKILL");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn log_text(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        // The tail is what matters; a long run's whole log would drown the failure.
-        let start = text.len().saturating_sub(20_000);
-        let start = (start..text.len())
-            .find(|&i| text.is_char_boundary(i))
-            .unwrap_or(text.len());
-        text[start..].to_string()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    write_pipeline_config(dir, db_url, port, tape, group, 2, &adapter)
 }

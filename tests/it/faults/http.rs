@@ -7,38 +7,19 @@
 //! and called back exactly once while the hostile clients hold their connections.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
-use staged::config::Config;
+use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::ledger::{self, Row};
+use crate::common::daemon::{Daemon, free_port};
+use crate::common::pipeline::quick;
 use crate::common::pipeline::{Receiver, Tape};
 use crate::common::{Kind, TestApp, TestDb};
-
-const BIN: &str = env!("CARGO_BIN_EXE_staged");
-
-fn backend(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Sqlite => "sqlite",
-        Kind::Postgres => "postgres",
-    }
-}
-
-/// Timers quick enough for a test; callbacks retried within seconds.
-fn quick(c: &mut Config) {
-    c.callbacks.error_delay_secs = 0;
-    c.callbacks.retry_min_secs = 1;
-    c.callbacks.retry_max_secs = 2;
-    c.callbacks.timeout_secs = 5;
-    c.jobs.retry_min_secs = 1;
-    c.jobs.retry_max_secs = 2;
-    c.jobs.sweep_interval_secs = 1;
-}
+use crate::common::{NO_CALLBACK, files_job};
 
 /// An answer as read off a raw socket.
 #[derive(Debug)]
@@ -150,7 +131,7 @@ async fn post_jobs(
         let started = Instant::now();
         let r = http
             .post(format!("{base}/staging/"))
-            .json(&json!({"job_id": id, "files": [format!("mwa/{id}/a.fits")], "notify_url": receiver.url()}))
+            .json(&files_job(id, [format!("mwa/{id}/a.fits")], receiver.url()))
             .send()
             .await;
         slowest = slowest.max(started.elapsed());
@@ -276,7 +257,7 @@ async fn idle_connections_past_the_cap(kind: Kind) {
     );
     account(
         "http idle connections past the cap",
-        backend(kind),
+        kind.name(),
         &app.base,
         &acknowledged,
         &receiver,
@@ -334,7 +315,7 @@ async fn slowloris_heads_are_closed(kind: Kind) {
     );
     account(
         "http slowloris heads",
-        backend(kind),
+        kind.name(),
         &app.base,
         &acknowledged,
         &receiver,
@@ -526,38 +507,21 @@ async fn oversized_body_written_whole_gets_the_413() {
     app.stop().await;
 }
 
-/// The real daemon, with its own config file and log, started with a lowered open-file
-/// limit; killed on drop.
-struct Daemon {
-    child: Child,
-    base: String,
-    addr: SocketAddr,
-    log: PathBuf,
-}
-
-impl Daemon {
-    async fn start(dir: &Path, server_keys: &str, nofile: Option<u64>) -> Daemon {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let config = dir.join(format!("staged-{port}.toml"));
-        let db = format!("sqlite://{}", dir.join("staged.db").display());
-        std::fs::write(
-            &config,
-            format!(
-                "[server]\nlisten = \"127.0.0.1:{port}\"\n{server_keys}\n[database]\nurl = {db:?}\n\n[reports]\ndir = {:?}\n",
-                dir.join("reports").display().to_string()
-            ),
-        )
-        .unwrap();
-        let log = dir.join(format!("staged-{port}.log"));
-        let mut cmd = Command::new(BIN);
-        cmd.args(["serve", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
+/// The real daemon with its own config file in `dir` (`server_keys` added to `[server]`),
+/// started with its open-file limit lowered to `nofile`.
+async fn start_daemon(dir: &Path, server_keys: &str, nofile: Option<u64>) -> Daemon {
+    let port = free_port();
+    let config = dir.join(format!("staged-{port}.toml"));
+    let db = format!("sqlite://{}", dir.join("staged.db").display());
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n{server_keys}\n[database]\nurl = {db:?}\n\n[reports]\ndir = {:?}\n",
+            dir.join("reports").display().to_string()
+        ),
+    )
+    .unwrap();
+    Daemon::start_with(&config, port, |cmd| {
         if let Some(n) = nofile {
             use std::os::unix::process::CommandExt;
             // SAFETY: setrlimit is async-signal-safe; the closure touches nothing else.
@@ -574,55 +538,8 @@ impl Daemon {
                 });
             }
         }
-        let d = Daemon {
-            child: cmd.spawn().unwrap(),
-            base: format!("http://127.0.0.1:{port}"),
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            log,
-        };
-        let http = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(r) = http.get(format!("{}/ping/", d.base)).send().await
-                && r.status() == 200
-            {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "daemon not up in 30 s: {}",
-                d.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        d
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Peak and current resident memory, in MiB, from /proc.
-    fn rss_mib(&self) -> (u64, u64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find(|l| l.starts_with(name))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
-                / 1024
-        };
-        (field("VmHWM:"), field("VmRSS:"))
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    })
+    .await
 }
 
 /// The real daemon under an open-file limit of 256 (systemd's usual 1,024, scaled down):
@@ -631,7 +548,7 @@ impl Drop for Daemon {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_limit_does_not_lock_out_clients() {
     let db = TestDb::new(Kind::Sqlite).await;
-    let daemon = Daemon::start(
+    let daemon = start_daemon(
         db.dir.path(),
         "reserved_fds = 96\nidle_timeout_secs = 120\nheader_timeout_secs = 120\n",
         Some(256),
@@ -650,7 +567,7 @@ async fn file_limit_does_not_lock_out_clients() {
         let started = Instant::now();
         let r = http
             .post(format!("{}/staging/", daemon.base))
-            .json(&json!({"job_id": id, "files": [format!("mwa/{id}/a.fits")], "notify_url": "http://127.0.0.1:9/cb"}))
+            .json(&files_job(id, [format!("mwa/{id}/a.fits")], NO_CALLBACK))
             .send()
             .await;
         slowest = slowest.max(started.elapsed());
@@ -699,7 +616,7 @@ async fn file_limit_does_not_lock_out_clients() {
 async fn concurrent_large_bodies_stay_within_the_budget() {
     const BODY_MIB: usize = 24;
     let db = TestDb::new(Kind::Sqlite).await;
-    let daemon = Daemon::start(
+    let daemon = start_daemon(
         db.dir.path(),
         &format!(
             "max_body_bytes = {}\nbody_budget_bytes = {}\nmax_files_per_job = 10\n",
@@ -796,7 +713,7 @@ fn cpu_secs(pid: u32) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accept_errors_back_off_instead_of_spinning() {
     let db = TestDb::new(Kind::Sqlite).await;
-    let daemon = Daemon::start(
+    let daemon = start_daemon(
         db.dir.path(),
         "reserved_fds = 0\nmax_connections = 100000\nidle_timeout_secs = 120\nheader_timeout_secs = 120\n",
         Some(128),
@@ -815,9 +732,7 @@ async fn accept_errors_back_off_instead_of_spinning() {
     let started = Instant::now();
     let status = http
         .post(format!("{}/staging/", daemon.base))
-        .json(
-            &json!({"job_id": 1, "files": ["mwa/1/a.fits"], "notify_url": "http://127.0.0.1:9/cb"}),
-        )
+        .json(&files_job(1, ["mwa/1/a.fits"], NO_CALLBACK))
         .send()
         .await
         .map(|r| r.status().as_u16());

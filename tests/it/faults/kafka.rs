@@ -8,38 +8,19 @@ use std::time::{Duration, Instant};
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
-use staged::config::Config;
 use staged_testkit::scout::recall_message;
 
 use super::ledger::{self, Row};
-use crate::common::pipeline::{Receiver, TOPIC, Tape, secret};
+use crate::common::pipeline::quick;
+use crate::common::pipeline::{Receiver, TOPIC, Tape};
 use crate::common::{Kind, TestApp, TestDb};
+use crate::common::{files_job, poll_until, wait_for};
 
 crate::both_backends!(
     old_recalls_do_not_complete_new_jobs,
     broker_gone_for_a_while,
     stalled_consumer_is_reported_and_not_restaged,
 );
-
-/// Fast timers for tests; callbacks authenticated as asvo/cb-pw.
-fn quick(c: &mut Config) {
-    c.callbacks.username = "asvo".into();
-    c.callbacks.password = Some(secret("cb-pw"));
-    c.callbacks.error_delay_secs = 0;
-    c.callbacks.retry_min_secs = 1;
-    c.callbacks.retry_max_secs = 2;
-    c.callbacks.timeout_secs = 5;
-    c.jobs.retry_min_secs = 1;
-    c.jobs.retry_max_secs = 2;
-    c.jobs.sweep_interval_secs = 1;
-}
-
-fn backend(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Sqlite => "sqlite",
-        Kind::Postgres => "postgres",
-    }
-}
 
 fn producer(tape: &Tape) -> FutureProducer {
     ClientConfig::new()
@@ -64,16 +45,8 @@ async fn stats(app: &TestApp) -> Value {
     app.get("/get_stats/").await.1
 }
 
-async fn wait_until(what: &str, limit: Duration, mut cond: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !cond().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 async fn wait_alive(app: &TestApp, want: bool, limit: Duration) {
-    wait_until(&format!("kafka_alive = {want}"), limit, async || {
+    wait_for(&format!("kafka_alive = {want}"), limit, async || {
         stats(app).await["kafka_alive"] == json!(want)
     })
     .await;
@@ -90,9 +63,7 @@ async fn post_jobs(
     let mut acked = Vec::new();
     let mut stored = 0;
     for id in ids {
-        let (status, _) = app
-            .post_job(json!({"job_id": id, "files": files(id), "notify_url": receiver.url()}))
-            .await;
+        let (status, _) = app.post_job(files_job(id, files(id), receiver.url())).await;
         if status == 202 {
             acked.push(id);
             // A callback may already have removed it: that too proves it was stored.
@@ -124,14 +95,11 @@ fn deliveries(receiver: &Receiver) -> HashMap<i64, Vec<Value>> {
 /// Waits until every job of `acked` has a callback (or `limit` passes), then a moment more
 /// to catch repeats.
 async fn wait_called_back(receiver: &Receiver, acked: &[i64], limit: Duration) {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
+    poll_until(limit, async || {
         let got = deliveries(receiver);
-        if acked.iter().all(|id| got.contains_key(id)) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        acked.iter().all(|id| got.contains_key(id))
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 }
 
@@ -190,7 +158,7 @@ async fn old_recalls_do_not_complete_new_jobs(kind: Kind) {
     let called_back = called_back_once(&receiver, &acked, all_staged);
     let row = Row {
         fault: "kafka old recalls replayed",
-        backend: backend(kind),
+        backend: kind.name(),
         acknowledged: acked.len() as u64,
         stored,
         called_back,
@@ -285,7 +253,7 @@ async fn broker_gone_for_a_while(kind: Kind) {
     let called_back = called_back_once(&receiver, &acked, |cb| cb["return_code"] == json!(0));
     let row = Row {
         fault: "kafka broker down 15 s",
-        backend: backend(kind),
+        backend: kind.name(),
         acknowledged: acked.len() as u64,
         stored,
         called_back,
@@ -387,7 +355,7 @@ async fn stalled_consumer_is_reported_and_not_restaged(kind: Kind) {
     let called_back = called_back_once(&receiver, &acked, |cb| cb["return_code"] == json!(0));
     let row = Row {
         fault: "kafka consumer stalled",
-        backend: backend(kind),
+        backend: kind.name(),
         acknowledged: acked.len() as u64,
         stored,
         called_back,

@@ -590,36 +590,23 @@ fn the_consumer_counts_every_malformed_body_and_goes_on() {
                 .map_err(|(e, _)| e)
                 .unwrap();
         }
-        let mut config = staged::config::KafkaConfig {
-            brokers: vec![cluster.bootstrap_servers()],
-            topic: "recalls".into(),
-            group_id: format!("props-{}", rand::random::<u32>()),
-            batch_max_wait_ms: 20,
-            ..Default::default()
-        };
-        for (k, v) in [
-            ("session.timeout.ms", "6000"),
-            ("heartbeat.interval.ms", "300"),
-            ("fetch.wait.max.ms", "20"),
-        ] {
-            config.extra.insert(k.into(), v.into());
-        }
+        let config = crate::common::pipeline::kafka_config(
+            &cluster.bootstrap_servers(),
+            &format!("props-{}", rand::random::<u32>()),
+        );
         let ingest =
             staged::kafka::start(&config, store.clone(), Arc::new(IdentityMapper)).unwrap();
         let status = ingest.status();
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
+        let past = crate::common::poll_until(Duration::from_secs(30), async || {
             let ready = store.job_files(1).await.unwrap()[0].ready;
-            if ready && status.counters().handled > bodies.len() as u64 {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the consumer did not get past the arbitrary bodies: {:?}",
-                status.counters()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            ready && status.counters().handled > bodies.len() as u64
+        })
+        .await;
+        assert!(
+            past,
+            "the consumer did not get past the arbitrary bodies: {:?}",
+            status.counters()
+        );
         let c = status.counters();
         assert_eq!(c.malformed, malformed, "{c:?}");
         assert_eq!(c.events, bodies.len() as u64 + 1 - malformed, "{c:?}");

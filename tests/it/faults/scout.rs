@@ -16,21 +16,10 @@ use staged::config::Config;
 use staged_testkit::scout::{SimNode, SimSettings};
 
 use super::ledger::{self, Row};
-use crate::common::pipeline::{Receiver, Tape, secret};
+use crate::common::pipeline::quick;
+use crate::common::pipeline::{Receiver, Tape};
 use crate::common::{Kind, TestApp};
-
-/// Fast engine and callback timers, as the engine's own tests use.
-fn quick(c: &mut Config) {
-    c.callbacks.username = "asvo".into();
-    c.callbacks.password = Some(secret("cb-pw"));
-    c.callbacks.error_delay_secs = 0;
-    c.callbacks.retry_min_secs = 1;
-    c.callbacks.retry_max_secs = 2;
-    c.callbacks.timeout_secs = 5;
-    c.jobs.retry_min_secs = 1;
-    c.jobs.retry_max_secs = 2;
-    c.jobs.sweep_interval_secs = 1;
-}
+use crate::common::{files_job, obs_job};
 
 /// A daemon in front of a tape system of several nodes, and the callback receiver.
 struct Site {
@@ -111,7 +100,7 @@ impl Site {
     async fn post_files(&mut self, first: i64, jobs: i64, files: usize) {
         for id in first..first + jobs {
             let paths: Vec<String> = (0..files).map(|f| format!("mwa/{id}/f{f}.fits")).collect();
-            let body = json!({"job_id": id, "files": paths, "notify_url": self.receiver.url()});
+            let body = files_job(id, paths, self.receiver.url());
             self.post(body).await;
         }
     }
@@ -153,10 +142,7 @@ impl Site {
             .count() as u64;
         let row = Row {
             fault,
-            backend: match kind {
-                Kind::Sqlite => "sqlite",
-                Kind::Postgres => "postgres",
-            },
+            backend: kind.name(),
             acknowledged: n as u64,
             stored: self.stored,
             called_back,
@@ -316,7 +302,7 @@ async fn stage_bodies_over_4_mb_are_refused() {
                 format!("{p}{}", "x".repeat(2_000 - p.len()))
             })
             .collect();
-        let body = json!({"job_id": id, "files": paths, "notify_url": site.receiver.url()});
+        let body = files_job(id, paths, site.receiver.url());
         site.post(body).await;
     }
     let limit = SimSettings::default().max_body_bytes;
@@ -360,8 +346,7 @@ async fn metadata_service_down_then_back() {
     .await;
     const REFUSED: i64 = 9;
     for id in 1..=REFUSED {
-        let body =
-            json!({"job_id": id, "obs": {"obs_id": 1_000 + id}, "notify_url": site.receiver.url()});
+        let body = obs_job(id, json!({"obs_id": 1_000 + id}), site.receiver.url());
         site.post(body).await;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;

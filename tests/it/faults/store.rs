@@ -16,8 +16,9 @@ use std::time::Duration;
 use sqlx::Connection;
 
 use super::ledger::{self, Row};
-use crate::common::pipeline::{Receiver, Tape, secret};
-use crate::common::{Kind, TestApp};
+use crate::common::pipeline::{Receiver, Tape, quick};
+use crate::common::{Kind, NO_CALLBACK, TestApp};
+use staged_testkit::pg::Cluster;
 
 const FILES_PER_JOB: usize = 20;
 const CLIENTS: usize = 8;
@@ -51,8 +52,6 @@ impl Answers {
         self.by_job.values().filter(|s| **s == status).count()
     }
 }
-
-const NO_CALLBACK: &str = "http://127.0.0.1:9/cb";
 
 fn job_body(id: i64, notify_url: &str) -> serde_json::Value {
     let files: Vec<String> = (0..FILES_PER_JOB)
@@ -398,121 +397,25 @@ async fn postgres_commit_fails() {
     );
 }
 
-/// A PostgreSQL cluster of the test's own on a free port, stopped and removed when dropped.
-struct OwnCluster {
-    dir: tempfile::TempDir,
-    port: u16,
-}
-
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
-
-impl OwnCluster {
-    fn start() -> OwnCluster {
-        let dir = tempfile::tempdir().expect("a directory for the cluster");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let cluster = OwnCluster { dir, port };
-        run_ok(
-            Command::new("chown")
-                .arg("postgres")
-                .arg(cluster.dir.path()),
-        );
-        run_ok(cluster.as_postgres("initdb").args([
-            "-D",
-            &cluster.data(),
-            "-A",
-            "trust",
-            "-U",
-            "postgres",
-            "--no-sync",
-        ]));
-        cluster.pg_ctl("start");
-        cluster
-    }
-
-    fn data(&self) -> String {
-        self.dir.path().join("data").display().to_string()
-    }
-
-    fn as_postgres(&self, tool: &str) -> Command {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"])
-            .arg(format!("{PG_BIN}/{tool}"));
-        c
-    }
-
-    /// `start`, `stop` or `restart`; an immediate stop is a crash of the server.
-    fn pg_ctl(&self, action: &str) {
-        let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=40",
-            self.port,
-            self.dir.path().display()
-        );
-        let log = self.dir.path().join("log").display().to_string();
-        run_ok(self.as_postgres("pg_ctl").args([
-            action,
-            "-D",
-            &self.data(),
-            "-m",
-            "immediate",
-            "-w",
-            "-t",
-            "30",
-            "-l",
-            &log,
-            "-o",
-            &opts,
-        ]));
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
-    }
-
-    /// When the server last started, as it says.
-    async fn start_time(&self) -> String {
-        let mut conn = sqlx::PgConnection::connect(&self.url()).await.unwrap();
-        sqlx::query_scalar("SELECT pg_postmaster_start_time()::text")
-            .fetch_one(&mut conn)
-            .await
-            .unwrap()
-    }
-}
-
-impl Drop for OwnCluster {
-    fn drop(&mut self) {
-        let _ = self
-            .as_postgres("pg_ctl")
-            .args(["stop", "-D", &self.data(), "-m", "immediate", "-w"])
-            .output();
-    }
-}
-
-fn run_ok(cmd: &mut Command) {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// When the server last started, as it says.
+async fn start_time(cluster: &Cluster) -> String {
+    let mut conn = sqlx::PgConnection::connect(&cluster.url()).await.unwrap();
+    sqlx::query_scalar("SELECT pg_postmaster_start_time()::text")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
 }
 
 /// PostgreSQL restarted under load: the server of a cluster of the test's own crashes
 /// (immediate stop) and comes back while eight clients post.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restart() {
-    let cluster = OwnCluster::start();
+    let cluster = Cluster::start().expect("a PostgreSQL server of the test's own");
     let url = cluster.url();
     let app = TestApp::start_with(Kind::Sqlite, |c| c.database.url = url.clone()).await;
     let next_id = Arc::new(AtomicI64::new(1));
 
-    let started = cluster.start_time().await;
+    let started = start_time(&cluster).await;
     let load = post_round(&app, &next_id, 40);
     let restarts = async {
         // Restart twice while the clients are posting (ids are handed out as they post).
@@ -521,13 +424,13 @@ async fn postgres_restart() {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             let c = &cluster;
-            tokio::task::block_in_place(|| c.pg_ctl("restart"));
+            tokio::task::block_in_place(|| c.restart()).expect("restarting the server");
         }
     };
     let (during, ()) = tokio::join!(load, restarts);
     let after = post_round(&app, &next_id, 10).await;
     assert_ne!(
-        cluster.start_time().await,
+        start_time(&cluster).await,
         started,
         "the server was not restarted"
     );
@@ -579,17 +482,9 @@ async fn sqlite_disk_full_pipeline() {
     let tape = Tape::start(|_| {}).await;
     let receiver = Receiver::start().await;
     let app = TestApp::start_with(Kind::Sqlite, |c| {
+        quick(c);
         c.database.url = url.clone();
-        c.callbacks.username = "asvo".into();
-        c.callbacks.password = Some(secret("cb-pw"));
-        c.callbacks.error_delay_secs = 0;
-        c.callbacks.retry_min_secs = 1;
-        c.callbacks.retry_max_secs = 2;
-        c.callbacks.timeout_secs = 5;
         c.callbacks.per_minute = 6000;
-        c.jobs.retry_min_secs = 1;
-        c.jobs.retry_max_secs = 2;
-        c.jobs.sweep_interval_secs = 1;
         tape.configure(c);
     })
     .await;
@@ -610,20 +505,17 @@ async fn sqlite_disk_full_pipeline() {
     acknowledged.extend(after.acknowledged());
 
     // Every acknowledged job is staged and called back; bounded wait.
-    let deadline = std::time::Instant::now() + Duration::from_secs(40);
     let delivered_ids = |r: &Receiver| -> Vec<i64> {
         r.delivered()
             .iter()
             .filter_map(|c| c.body["job_id"].as_i64())
             .collect()
     };
-    loop {
+    crate::common::poll_until(Duration::from_secs(40), async || {
         let got: HashSet<i64> = delivered_ids(&receiver).into_iter().collect();
-        if acknowledged.is_subset(&got) || std::time::Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        acknowledged.is_subset(&got)
+    })
+    .await;
     // A repeat would show up within a retry interval.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let delivered = delivered_ids(&receiver);
