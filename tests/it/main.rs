@@ -10,6 +10,7 @@ mod adapter_daemon;
 mod api;
 mod engine;
 mod faults;
+mod health;
 mod kafka;
 mod process;
 mod scout;

@@ -1,11 +1,13 @@
 //! The HTTP API: the original service's endpoints, wire-compatible (every path answers with
-//! and without the trailing slash), plus `/openapi.json` and `/docs`.
+//! and without the trailing slash), plus `/openapi.json`, `/docs`, and the probes `/livez`,
+//! `/healthz` and `/readyz`.
 //!
 //! Invariant: whatever the input, the answer is a JSON body with a status code; errors carry
 //! `errormsg`. Unknown paths, wrong methods and even a panicking handler end that way.
 
 mod admin;
 mod error;
+mod health;
 mod info;
 mod input;
 pub mod models;
@@ -85,6 +87,8 @@ impl AppState {
         staging::status,
         staging::delete,
         info::ping,
+        health::livez,
+        health::readyz,
         info::stats,
         info::job_list,
         info::failed_list,
@@ -99,6 +103,9 @@ impl AppState {
         models::GlobalStatistics,
         models::KafkaConsumerStats,
         models::ErrorResult,
+        health::Liveness,
+        health::Readiness,
+        health::Check,
         info::FileStatusRequest
     ))
 )]
@@ -125,6 +132,9 @@ pub fn router(state: AppState) -> Router {
             .delete(staging::delete),
     );
     r = both(r, "/ping/", get(info::ping));
+    r = r.route("/livez", get(health::livez));
+    r = r.route("/healthz", get(health::livez));
+    r = r.route("/readyz", get(health::readyz));
     r = both(r, "/get_stats/", get(info::stats));
     r = both(r, "/get_joblist/", get(info::job_list));
     r = both(r, "/get_failed_joblist/", get(info::failed_list));

@@ -52,6 +52,8 @@ pub use intake::Intake;
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
+/// The newest migration applied, as sqlx records it (both backends).
+const MIGRATED_VERSION: &str = "SELECT max(version) FROM _sqlx_migrations WHERE success";
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -61,6 +63,8 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("invalid database URL {url}: {reason}")]
     BadUrl { url: String, reason: String },
+    #[error("the database has migrations up to {applied} applied; this build needs {wanted}")]
+    NotMigrated { applied: i64, wanted: i64 },
     #[error("the store is shutting down")]
     Closed,
     /// A write reported success but its connection was still inside a transaction after
@@ -411,6 +415,27 @@ impl Store {
             tracing::warn!(error = %e, "releasing unstarted jobs at shutdown failed; they wait for their lease to lapse");
         }
         with_pool!(&self.backend, p => p.close().await);
+    }
+
+    /// Whether the store answers and has every migration this build knows applied (a
+    /// daemon pointed at a database another, older build migrated is not ready).
+    pub async fn check_ready(&self) -> Result<(), StoreError> {
+        let (migrator, applied): (&sqlx::migrate::Migrator, Option<i64>) = match &self.backend {
+            Backend::Sqlite(p) => (
+                &SQLITE_MIGRATIONS,
+                sqlx::query_scalar(MIGRATED_VERSION).fetch_one(p).await?,
+            ),
+            Backend::Postgres(p) => (
+                &POSTGRES_MIGRATIONS,
+                sqlx::query_scalar(MIGRATED_VERSION).fetch_one(p).await?,
+            ),
+        };
+        let wanted = migrator.iter().map(|m| m.version).max().unwrap_or(0);
+        let applied = applied.unwrap_or(0);
+        if applied < wanted {
+            return Err(StoreError::NotMigrated { applied, wanted });
+        }
+        Ok(())
     }
 
     pub async fn job_exists(&self, job_id: i64) -> Result<bool, StoreError> {
