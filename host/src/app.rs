@@ -89,9 +89,9 @@ pub async fn start(config: &Config) -> anyhow::Result<Server> {
         let _ = stopped.await;
     }));
     tracing::info!(%addr, store = store.backend_name(), "staged is listening");
-    let reload_on_hup = adapters
-        .is_configured()
-        .then(|| reload_on_sighup(adapters.clone()));
+    // Caught even with no adapter to reload: SIGHUP's default action would end the daemon,
+    // and a service manager's reload must not.
+    let reload_on_hup = Some(reload_on_sighup(adapters.clone()));
     Ok(Server {
         addr,
         store,
@@ -146,8 +146,8 @@ impl Server {
     }
 }
 
-/// Reloads the adapter on every SIGHUP; a failed reload keeps the adapter in service (the
-/// reload logs why).
+/// Reloads the adapter on every SIGHUP, telling systemd (RELOADING=1, then READY=1); a
+/// failed reload keeps the adapter in service (the reload logs why).
 fn reload_on_sighup(adapters: Adapters) -> JoinHandle<()> {
     tokio::spawn(async move {
         #[cfg(unix)]
@@ -161,8 +161,14 @@ fn reload_on_sighup(adapters: Adapters) -> JoinHandle<()> {
                 }
             };
             while hup.recv().await.is_some() {
-                tracing::info!("SIGHUP: reloading the adapter");
-                let _ = adapters.reload().await;
+                crate::systemd::reloading();
+                if adapters.is_configured() {
+                    tracing::info!("SIGHUP: reloading the adapter");
+                    let _ = adapters.reload().await;
+                } else {
+                    tracing::info!("SIGHUP: no adapter is configured; nothing to reload");
+                }
+                crate::systemd::ready();
             }
         }
         #[cfg(not(unix))]

@@ -20,4 +20,5 @@ pub mod kafka;
 pub mod reports;
 pub mod scout;
 pub mod store;
+pub mod systemd;
 pub mod telemetry;

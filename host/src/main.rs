@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 use staged::config::{Config, redact_url};
 use staged::store::{Store, StoreOptions};
-use staged::{app, telemetry};
+use staged::{app, systemd, telemetry};
 
 #[derive(Parser)]
 #[command(
@@ -130,9 +130,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "starting"
             );
             let server = app::start(&config).await?;
+            systemd::ready();
+            let watchdog = systemd::start_watchdog();
             app::shutdown_signal().await;
+            systemd::stopping();
             tracing::info!("stopping: finishing in-flight requests");
             server.stop().await?;
+            if let Some(watchdog) = watchdog {
+                watchdog.abort();
+            }
             tracing::info!("stopped");
             Ok(())
         }

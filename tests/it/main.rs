@@ -15,3 +15,4 @@ mod kafka;
 mod process;
 mod scout;
 mod store;
+mod systemd;
