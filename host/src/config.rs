@@ -43,6 +43,11 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Most files one job may name; more is refused with 400.
     pub max_files_per_job: usize,
+    /// Most files one `POST /filestatus/` may name (each is a Scout call); more is refused
+    /// with 400.
+    pub max_filestatus_files: usize,
+    /// Scout file-status calls in flight at once, for all `/filestatus/` requests together.
+    pub filestatus_concurrency: usize,
     /// Longest file path accepted, in bytes.
     pub max_path_bytes: usize,
     /// On SIGTERM/SIGINT, how long in-flight requests may take before the daemon exits anyway.
@@ -80,6 +85,8 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
             max_body_bytes: 64 * 1024 * 1024,
             max_files_per_job: 500_000,
+            max_filestatus_files: 1000,
+            filestatus_concurrency: 16,
             max_path_bytes: 4096,
             shutdown_grace_secs: 30,
             max_connections: 4096,
@@ -655,6 +662,11 @@ impl Config {
         }
         if self.server.max_files_per_job == 0 {
             bail!("server.max_files_per_job: must be at least 1");
+        }
+        if self.server.max_filestatus_files == 0 || self.server.filestatus_concurrency == 0 {
+            bail!(
+                "server.max_filestatus_files and server.filestatus_concurrency: must be at least 1"
+            );
         }
         if self.server.max_path_bytes == 0 {
             bail!("server.max_path_bytes: must be at least 1");

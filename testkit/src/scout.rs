@@ -63,6 +63,9 @@ pub struct SimSettings {
     pub cachestate_path: String,
     /// Tokens are good only on the node that issued them.
     pub per_node_tokens: bool,
+    /// How long a file-status answer takes, counted as in flight (to see how many a client
+    /// keeps open at once).
+    pub file_status_delay: Duration,
 }
 
 impl Default for SimSettings {
@@ -83,6 +86,7 @@ impl Default for SimSettings {
             cancel_path: "/v1/request/cancelbatchstage".into(),
             cachestate_path: "/v1/fscache".into(),
             per_node_tokens: false,
+            file_status_delay: Duration::ZERO,
         }
     }
 }
@@ -118,6 +122,9 @@ struct Shared {
     cancel_requests: AtomicU64,
     published: AtomicU64,
     publish_failures: AtomicU64,
+    file_status_requests: AtomicU64,
+    file_status_in_flight: AtomicUsize,
+    most_file_status_in_flight: AtomicUsize,
 }
 
 /// Per-node behaviour and counters.
@@ -221,6 +228,9 @@ pub struct SimCounters {
     pub cancel_requests: u64,
     pub published: u64,
     pub publish_failures: u64,
+    pub file_status_requests: u64,
+    /// The most file-status requests in flight at once, on all nodes.
+    pub most_file_status_in_flight: usize,
 }
 
 impl ScoutSim {
@@ -259,6 +269,9 @@ impl ScoutSim {
                 cancel_requests: AtomicU64::new(0),
                 published: AtomicU64::new(0),
                 publish_failures: AtomicU64::new(0),
+                file_status_requests: AtomicU64::new(0),
+                file_status_in_flight: AtomicUsize::new(0),
+                most_file_status_in_flight: AtomicUsize::new(0),
             }),
         })
     }
@@ -338,6 +351,8 @@ impl ScoutSim {
             cancel_requests: s.cancel_requests.load(Ordering::Relaxed),
             published: s.published.load(Ordering::Relaxed),
             publish_failures: s.publish_failures.load(Ordering::Relaxed),
+            file_status_requests: s.file_status_requests.load(Ordering::Relaxed),
+            most_file_status_in_flight: s.most_file_status_in_flight.load(Ordering::Relaxed),
         }
     }
 
@@ -483,6 +498,13 @@ async fn file_status(
     if !node.authorize(&headers) {
         return forbidden();
     }
+    let sh = &node.shared;
+    sh.file_status_requests.fetch_add(1, Ordering::Relaxed);
+    let now = sh.file_status_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    sh.most_file_status_in_flight
+        .fetch_max(now, Ordering::SeqCst);
+    tokio::time::sleep(sh.settings.file_status_delay).await;
+    sh.file_status_in_flight.fetch_sub(1, Ordering::SeqCst);
     let (offline, online) = match file_state(&node.shared, &q.path) {
         FileState::Online => (0, 16),
         FileState::Offline => (16, 0),

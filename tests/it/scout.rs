@@ -404,3 +404,80 @@ async fn filestatus_and_stats_ask_scout(kind: Kind) {
     assert!(stats["completed_jobs"].is_i64());
     app.stop().await;
 }
+
+/// Many `/filestatus/` requests at once cost Scout no more calls in flight than
+/// `server.filestatus_concurrency`, and a request naming more files than
+/// `server.max_filestatus_files` is refused before Scout is asked anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filestatus_is_bounded_across_requests() {
+    let sim = ScoutSim::new(SimSettings {
+        file_status_delay: Duration::from_millis(50),
+        ..SimSettings::default()
+    })
+    .unwrap();
+    let node = sim.serve_loopback().await.unwrap();
+    let app = Arc::new(
+        TestApp::start_with(Kind::Sqlite, |c| {
+            c.scout.nodes = vec![node.url()];
+            c.scout.username = SimSettings::default().username;
+            c.scout.password = Some(
+                toml::Value::String(SimSettings::default().password)
+                    .try_into()
+                    .unwrap(),
+            );
+            c.server.max_filestatus_files = 40;
+            c.server.filestatus_concurrency = 4;
+        })
+        .await,
+    );
+    let post = |files: Vec<String>| {
+        let app = app.clone();
+        async move {
+            let r = app
+                .http
+                .post(app.url("/filestatus/"))
+                .json(&json!({ "files": files }))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+
+    let too_many: Vec<String> = (0..41).map(|i| format!("f/{i}")).collect();
+    let (status, body) = post(too_many).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["errormsg"]
+            .as_str()
+            .unwrap()
+            .contains("server.max_filestatus_files"),
+        "{body}"
+    );
+    assert_eq!(sim.counters().file_status_requests, 0, "Scout was asked");
+
+    let clients: Vec<_> = (0..8)
+        .map(|c| {
+            let files: Vec<String> = (0..40).map(|i| format!("c{c}/{i}")).collect();
+            tokio::spawn(post(files))
+        })
+        .collect();
+    for client in clients {
+        let (status, body) = client.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body.as_object().unwrap().len(), 40);
+    }
+    let c = sim.counters();
+    assert_eq!(c.file_status_requests, 8 * 40);
+    assert!(
+        c.most_file_status_in_flight <= 4,
+        "{} Scout calls in flight at once",
+        c.most_file_status_in_flight
+    );
+    println!(
+        "8 requests of 40 files: at most {} Scout calls at once",
+        c.most_file_status_in_flight
+    );
+    Arc::try_unwrap(app).ok().unwrap().stop().await;
+}

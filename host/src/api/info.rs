@@ -87,9 +87,6 @@ pub async fn stats(State(app): State<AppState>) -> Result<Json<GlobalStatistics>
 /// Longest `/get_stats/` waits for Scout's cache figures.
 const SCOUT_STATS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Files whose on-disk state is asked of Scout at once by `/filestatus/`.
-const FILE_STATUS_CONCURRENCY: usize = 16;
-
 /// The body of `POST /filestatus/`.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct FileStatusRequest {
@@ -102,6 +99,7 @@ pub struct FileStatusRequest {
     request_body = FileStatusRequest,
     responses(
         (status = 200, description = "path -> true when the file has no offline blocks", body = Object),
+        (status = 400, description = "More files than `server.max_filestatus_files`", body = ErrorResult),
         (status = 404, description = "Scout failed for a file", body = ErrorResult),
         (status = 422, body = ErrorResult),
     )
@@ -112,13 +110,25 @@ pub async fn file_status(
     body: Body,
 ) -> Result<Json<BTreeMap<String, bool>>, ApiError> {
     let req: FileStatusRequest = json_body(&headers, body, app.limits.max_body_bytes).await?;
+    let most = app.limits.max_filestatus_files;
+    if req.files.len() > most {
+        return Err(ApiError::bad_request(format!(
+            "A file status request may name at most {most} files (server.max_filestatus_files); this one names {}",
+            req.files.len()
+        )));
+    }
     let Some(scout) = app.scout.clone() else {
         return Err(ApiError::not_found("Scout is not configured"));
     };
+    let slots = app.filestatus_slots.clone();
+    // Order kept, calls bounded by the shared slots rather than per request.
     let answers: Vec<(String, Result<bool, String>)> = futures::stream::iter(req.files)
         .map(|path| {
-            let scout = scout.clone();
+            let (scout, slots) = (scout.clone(), slots.clone());
             async move {
+                let Ok(_slot) = slots.acquire_owned().await else {
+                    return (path, Err("the server is stopping".to_string()));
+                };
                 let r = scout
                     .file_status(&path)
                     .await
@@ -127,7 +137,7 @@ pub async fn file_status(
                 (path, r)
             }
         })
-        .buffered(FILE_STATUS_CONCURRENCY)
+        .buffered(most.min(64))
         .collect()
         .await;
     let mut out = BTreeMap::new();

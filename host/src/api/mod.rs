@@ -42,6 +42,7 @@ use crate::store::Store;
 pub struct Limits {
     pub max_body_bytes: usize,
     pub max_files_per_job: usize,
+    pub max_filestatus_files: usize,
     pub max_path_bytes: usize,
 }
 
@@ -57,6 +58,9 @@ pub struct AppState {
     pub scout: Option<ScoutClient>,
     /// The Kafka consumer's state, when `[kafka]` names brokers.
     pub kafka: Option<IngestStatus>,
+    /// Scout file-status calls in flight, shared by every `/filestatus/` request so that
+    /// many requests at once cost Scout no more than one.
+    pub filestatus_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -66,12 +70,16 @@ impl AppState {
             limits: Arc::new(Limits {
                 max_body_bytes: config.server.max_body_bytes,
                 max_files_per_job: config.server.max_files_per_job,
+                max_filestatus_files: config.server.max_filestatus_files,
                 max_path_bytes: config.server.max_path_bytes,
             }),
             reports_dir: Arc::new(config.reports.dir.clone()),
             adapters: Adapters::none(),
             scout: None,
             kafka: None,
+            filestatus_slots: Arc::new(tokio::sync::Semaphore::new(
+                config.server.filestatus_concurrency,
+            )),
         }
     }
 }
