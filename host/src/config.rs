@@ -19,6 +19,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize, Serializer};
 
+use crate::allow_list::AllowList;
+
 /// The whole configuration file.
 #[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -500,9 +502,9 @@ pub struct AdapterConfig {
     pub max_input_bytes: usize,
     /// Most bytes one call may return (strings and lists summed).
     pub max_output_bytes: usize,
-    /// Where the adapter may send HTTP GETs (see `staged::adapter::AllowList` for the
-    /// forms). Empty: nowhere.
-    pub http_allow: Vec<String>,
+    /// Where the adapter may send HTTP GETs (see [`AllowList`] for the forms), parsed as
+    /// the file is read. Empty: nowhere.
+    pub http_allow: AllowList,
     /// Time one GET may take, in milliseconds.
     pub http_timeout_ms: u64,
     /// Largest GET response body, in bytes.
@@ -519,11 +521,35 @@ impl Default for AdapterConfig {
             memory_limit_bytes: 128 * 1024 * 1024,
             max_input_bytes: 64 * 1024 * 1024,
             max_output_bytes: 64 * 1024 * 1024,
-            http_allow: Vec::new(),
+            http_allow: AllowList::default(),
             http_timeout_ms: 20_000,
             http_max_response_bytes: 32 * 1024 * 1024,
             settings: toml::Table::new(),
         }
+    }
+}
+
+impl AdapterConfig {
+    /// Checks the call bounds that types alone cannot; errors name the key within
+    /// `[adapter]`. [`Config::parse`] runs it, and so does loading an adapter from a config
+    /// built in code.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.call_timeout_ms == 0 {
+            bail!("call_timeout_ms: must be at least 1");
+        }
+        if self.http_timeout_ms == 0 {
+            bail!("http_timeout_ms: must be at least 1");
+        }
+        if self.memory_limit_bytes < 2 * 1024 * 1024 {
+            bail!("memory_limit_bytes: must be at least 2 MiB (2097152)");
+        }
+        if self.memory_limit_bytes > 4 * 1024 * 1024 * 1024 {
+            bail!("memory_limit_bytes: must be at most 4 GiB (a 32-bit guest's address space)");
+        }
+        if self.max_input_bytes == 0 || self.max_output_bytes == 0 {
+            bail!("max_input_bytes and max_output_bytes: must be at least 1");
+        }
+        Ok(())
     }
 }
 
@@ -682,8 +708,7 @@ impl Config {
                 srv.max_body_bytes
             );
         }
-        crate::adapter::Limits::from_config(&self.adapter).context("adapter")?;
-        crate::adapter::AllowList::parse(&self.adapter.http_allow).context("adapter.http_allow")?;
+        self.adapter.check().context("adapter")?;
         for node in &self.scout.nodes {
             check_http_url(node).with_context(|| format!("scout.nodes: {node:?}"))?;
         }
@@ -1022,6 +1047,31 @@ mod tests {
         }
         let c = Config::parse("[jobs]\nhistory_days = 36500\n").unwrap();
         assert_eq!(c.jobs.history_days, 36_500);
+    }
+
+    #[test]
+    fn a_bad_allow_list_entry_names_the_key_and_the_entry() {
+        let err = Config::parse("[adapter]\nhttp_allow = [\"ok.example.org\", \"user@host\"]\n")
+            .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("adapter.http_allow"), "{msg}");
+        assert!(msg.contains("\"user@host\""), "{msg}");
+    }
+
+    #[test]
+    fn the_allow_list_reads_back_as_written() {
+        let c = Config::parse("[adapter]\nhttp_allow = [\"*.Example.org\", \"https://h/api/\"]\n")
+            .unwrap();
+        assert!(
+            c.adapter
+                .http_allow
+                .allows(&url::Url::parse("https://a.example.org/").unwrap())
+        );
+        let shown = c.redacted_toml().unwrap();
+        assert!(
+            shown.contains("\"*.Example.org\"") && shown.contains("\"https://h/api/\""),
+            "{shown}"
+        );
     }
 
     #[test]

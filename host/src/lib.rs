@@ -9,6 +9,7 @@
 //! Their simulators live in the `staged-testkit` crate, which [`demo`] uses.
 
 pub mod adapter;
+pub mod allow_list;
 pub mod api;
 pub mod app;
 pub mod backoff;

@@ -623,7 +623,7 @@ fn the_consumer_counts_every_malformed_body_and_goes_on() {
 /// answers into paths: arbitrary answers give valid paths or a typed error.
 #[test]
 fn adapter_results_are_accepted_as_documented_or_refused_typed() {
-    use staged::adapter::{AdapterError, Adapters, ResolveError};
+    use staged::adapter::{AdapterError, Adapters, AllowList, ResolveError};
     use staged::config::AdapterConfig;
 
     const LIMIT: usize = 2048;
@@ -721,7 +721,7 @@ fn adapter_results_are_accepted_as_documented_or_refused_typed() {
     });
     let mut mwa_config = config("mwa");
     mwa_config.max_output_bytes = 64 * 1024;
-    mwa_config.http_allow = vec![format!("127.0.0.1:{}", addr.port())];
+    mwa_config.http_allow = AllowList::parse(&[format!("127.0.0.1:{}", addr.port())]).unwrap();
     mwa_config.settings = [(
         "data_files_url".to_string(),
         toml::Value::String(format!("http://{addr}/metadata/data_files")),
@@ -861,7 +861,7 @@ fn settings_from(config: &Config) -> Result<(), String> {
         Duration::from_secs(config.jobs.expiry_secs),
     )
     .with_lease(Duration::from_secs(config.jobs.lease_secs));
-    staged::adapter::Limits::from_config(&config.adapter).map_err(|e| e.to_string())?;
+    staged::adapter::Limits::from_config(&config.adapter);
     staged::scout::ScoutSettings::from_config(&config.scout, &config.kafka.topic)
         .map_err(|e| e.to_string())?;
     Ok(())
