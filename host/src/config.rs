@@ -224,6 +224,9 @@ pub struct JobsConfig {
     pub lease_secs: u64,
     /// Days a finished job stays in the history shown by the dashboard.
     pub history_days: u64,
+    /// Milliseconds between each engine loop's looks for due work that nothing in this
+    /// process announced (work another daemon or a crashed one left, timers coming due).
+    pub poll_interval_ms: u64,
 }
 
 impl Default for JobsConfig {
@@ -236,6 +239,7 @@ impl Default for JobsConfig {
             retry_max_secs: 600,
             lease_secs: 120,
             history_days: 30,
+            poll_interval_ms: 1_000,
         }
     }
 }
@@ -679,6 +683,9 @@ impl Config {
         if self.jobs.sweep_interval_secs == 0 || self.jobs.lease_secs == 0 {
             bail!("jobs.sweep_interval_secs and jobs.lease_secs: must be at least 1");
         }
+        if self.jobs.poll_interval_ms == 0 {
+            bail!("jobs.poll_interval_ms: must be at least 1");
+        }
         if self.server.max_files_per_job == 0 {
             bail!("server.max_files_per_job: must be at least 1");
         }
@@ -776,6 +783,7 @@ impl Config {
             ("scout.backoff_max_ms", s.backoff_max_ms),
             ("kafka.batch_max_wait_ms", self.kafka.batch_max_wait_ms),
             ("callbacks.slow_after_ms", c.slow_after_ms),
+            ("jobs.poll_interval_ms", j.poll_interval_ms),
             ("adapter.call_timeout_ms", self.adapter.call_timeout_ms),
             ("adapter.http_timeout_ms", self.adapter.http_timeout_ms),
         ] {
@@ -1072,6 +1080,21 @@ mod tests {
             shown.contains("\"*.Example.org\"") && shown.contains("\"https://h/api/\""),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn the_poll_interval_is_bounded() {
+        assert_eq!(Config::parse("").unwrap().jobs.poll_interval_ms, 1_000);
+        for text in [
+            "[jobs]\npoll_interval_ms = 0\n",
+            "[jobs]\npoll_interval_ms = 18446744073709551615\n",
+        ] {
+            let err = Config::parse(text).unwrap_err();
+            assert!(
+                format!("{err:#}").contains("jobs.poll_interval_ms"),
+                "{text}: {err:#}"
+            );
+        }
     }
 
     #[test]

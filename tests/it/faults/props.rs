@@ -80,12 +80,10 @@ impl Api {
         config.server.max_body_bytes = 4096;
         config.server.max_files_per_job = 50;
         config.server.max_path_bytes = 200;
-        let store = Store::open(&StoreOptions::from_config(
-            &config.database,
-            Duration::from_secs(3600),
-        ))
-        .await
-        .expect("opening the store");
+        config.jobs.expiry_secs = 3600;
+        let store = Store::open(&StoreOptions::from_config(&config.database, &config.jobs))
+            .await
+            .expect("opening the store");
         let app = router(AppState::new(store.clone(), &config));
         Api {
             app,
@@ -557,12 +555,11 @@ fn the_consumer_counts_every_malformed_body_and_goes_on() {
 
     rt().block_on(async {
         let db = TestDb::new(Kind::Sqlite).await;
-        let store = Store::open(&StoreOptions::from_config(
-            &db.config().database,
-            Duration::from_secs(3600),
-        ))
-        .await
-        .unwrap();
+        let mut config = db.config();
+        config.jobs.expiry_secs = 3600;
+        let store = Store::open(&StoreOptions::from_config(&config.database, &config.jobs))
+            .await
+            .unwrap();
         store
             .submit(staged::store::NewJob {
                 job_id: 1,
@@ -856,11 +853,7 @@ fn toml_value() -> impl Strategy<Value = toml::Value> {
 fn settings_from(config: &Config) -> Result<(), String> {
     staged::engine::EngineTimings::from_config(&config.jobs);
     staged::kafka::IngestSettings::from_config(&config.kafka);
-    StoreOptions::from_config(
-        &config.database,
-        Duration::from_secs(config.jobs.expiry_secs),
-    )
-    .with_lease(Duration::from_secs(config.jobs.lease_secs));
+    StoreOptions::from_config(&config.database, &config.jobs);
     staged::adapter::Limits::from_config(&config.adapter);
     staged::scout::ScoutSettings::from_config(&config.scout, &config.kafka.topic)
         .map_err(|e| e.to_string())?;
