@@ -10,6 +10,10 @@
 //!   file (`{ file = "/run/secrets/x" }`), resolved once at load, and never printed: their
 //!   `Debug` and `Serialize` forms are redacted, and a password inside the database URL is
 //!   masked wherever the URL is shown.
+//! - A value with a parsed form is held in that form (the adapter's HTTP allow-list is an
+//!   [`AllowList`]), so a bad entry fails here, naming its key, and nothing downstream
+//!   parses configuration text again. Each module turns its section into its own settings
+//!   with one `from_config` beside its settings type; the defaults live only here.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -985,11 +989,27 @@ mod tests {
 
     #[test]
     fn secrets_from_env_and_file_are_redacted() {
+        // The variable is handed to a child run of this test rather than set here: setting
+        // the environment of a running process is unsound while other threads (the other
+        // tests, C code reading it with getenv) may read it.
+        if std::env::var_os("STAGED_TEST_SECRET_CFG").is_none() {
+            let name = "config::tests::secrets_from_env_and_file_are_redacted";
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", name, "--test-threads=1"])
+                .env("STAGED_TEST_SECRET_CFG", "from-env")
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && stdout.contains("1 passed"),
+                "{stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return;
+        }
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("pw");
         std::fs::write(&file, "from-file\n").unwrap();
-        // SAFETY: the variable name is unique to this test.
-        unsafe { std::env::set_var("STAGED_TEST_SECRET_CFG", "from-env") };
         let text = format!(
             "[scout]\npassword = {{ env = \"STAGED_TEST_SECRET_CFG\" }}\n[kafka]\npassword = {{ file = {:?} }}\n[callbacks]\npassword = \"inline-pw\"\n[database]\nurl = \"postgres://u:urlpw@h/db\"\n",
             file.display().to_string()
