@@ -84,7 +84,11 @@ async fn measure(url: &str, args: &IngestArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     db.max_connections = 8;
-    let store = Store::open(&StoreOptions::from_config(&db, Duration::from_secs(86_400)))
+    let jobs = staged::config::JobsConfig {
+        expiry_secs: 86_400,
+        ..Default::default()
+    };
+    let store = Store::open(&StoreOptions::from_config(&db, &jobs))
         .await
         .context("opening the store")?;
     let n = args.messages;

@@ -37,11 +37,7 @@ pub struct Server {
 
 /// Opens the store (applying migrations) and starts serving on `config.server.listen`.
 pub async fn start(config: &Config) -> anyhow::Result<Server> {
-    let opts = StoreOptions::from_config(
-        &config.database,
-        Duration::from_secs(config.jobs.expiry_secs),
-    )
-    .with_lease(Duration::from_secs(config.jobs.lease_secs));
+    let opts = StoreOptions::from_config(&config.database, &config.jobs);
     let store = Store::open(&opts)
         .await
         .with_context(|| format!("opening the store at {}", redact_url(&config.database.url)))?;

@@ -10,6 +10,10 @@
 //!   file (`{ file = "/run/secrets/x" }`), resolved once at load, and never printed: their
 //!   `Debug` and `Serialize` forms are redacted, and a password inside the database URL is
 //!   masked wherever the URL is shown.
+//! - A value with a parsed form is held in that form (the adapter's HTTP allow-list is an
+//!   [`AllowList`]), so a bad entry fails here, naming its key, and nothing downstream
+//!   parses configuration text again. Each module turns its section into its own settings
+//!   with one `from_config` beside its settings type; the defaults live only here.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -18,6 +22,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize, Serializer};
+
+use crate::allow_list::AllowList;
 
 /// The whole configuration file.
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -229,6 +235,9 @@ pub struct JobsConfig {
     pub lease_secs: u64,
     /// Days a finished job stays in the history shown by the dashboard.
     pub history_days: u64,
+    /// Milliseconds between each engine loop's looks for due work that nothing in this
+    /// process announced (work another daemon or a crashed one left, timers coming due).
+    pub poll_interval_ms: u64,
 }
 
 impl Default for JobsConfig {
@@ -241,6 +250,7 @@ impl Default for JobsConfig {
             retry_max_secs: 600,
             lease_secs: 120,
             history_days: 30,
+            poll_interval_ms: 1_000,
         }
     }
 }
@@ -507,9 +517,9 @@ pub struct AdapterConfig {
     pub max_input_bytes: usize,
     /// Most bytes one call may return (strings and lists summed).
     pub max_output_bytes: usize,
-    /// Where the adapter may send HTTP GETs (see `staged::adapter::AllowList` for the
-    /// forms). Empty: nowhere.
-    pub http_allow: Vec<String>,
+    /// Where the adapter may send HTTP GETs (see [`AllowList`] for the forms), parsed as
+    /// the file is read. Empty: nowhere.
+    pub http_allow: AllowList,
     /// Time one GET may take, in milliseconds.
     pub http_timeout_ms: u64,
     /// Largest GET response body, in bytes.
@@ -526,11 +536,35 @@ impl Default for AdapterConfig {
             memory_limit_bytes: 128 * 1024 * 1024,
             max_input_bytes: 64 * 1024 * 1024,
             max_output_bytes: 64 * 1024 * 1024,
-            http_allow: Vec::new(),
+            http_allow: AllowList::default(),
             http_timeout_ms: 20_000,
             http_max_response_bytes: 32 * 1024 * 1024,
             settings: toml::Table::new(),
         }
+    }
+}
+
+impl AdapterConfig {
+    /// Checks the call bounds that types alone cannot; errors name the key within
+    /// `[adapter]`. [`Config::parse`] runs it, and so does loading an adapter from a config
+    /// built in code.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.call_timeout_ms == 0 {
+            bail!("call_timeout_ms: must be at least 1");
+        }
+        if self.http_timeout_ms == 0 {
+            bail!("http_timeout_ms: must be at least 1");
+        }
+        if self.memory_limit_bytes < 2 * 1024 * 1024 {
+            bail!("memory_limit_bytes: must be at least 2 MiB (2097152)");
+        }
+        if self.memory_limit_bytes > 4 * 1024 * 1024 * 1024 {
+            bail!("memory_limit_bytes: must be at most 4 GiB (a 32-bit guest's address space)");
+        }
+        if self.max_input_bytes == 0 || self.max_output_bytes == 0 {
+            bail!("max_input_bytes and max_output_bytes: must be at least 1");
+        }
+        Ok(())
     }
 }
 
@@ -660,6 +694,9 @@ impl Config {
         if self.jobs.sweep_interval_secs == 0 || self.jobs.lease_secs == 0 {
             bail!("jobs.sweep_interval_secs and jobs.lease_secs: must be at least 1");
         }
+        if self.jobs.poll_interval_ms == 0 {
+            bail!("jobs.poll_interval_ms: must be at least 1");
+        }
         if self.server.max_files_per_job == 0 {
             bail!("server.max_files_per_job: must be at least 1");
         }
@@ -694,8 +731,7 @@ impl Config {
                 srv.max_body_bytes
             );
         }
-        crate::adapter::Limits::from_config(&self.adapter).context("adapter")?;
-        crate::adapter::AllowList::parse(&self.adapter.http_allow).context("adapter.http_allow")?;
+        self.adapter.check().context("adapter")?;
         for node in &self.scout.nodes {
             check_http_url(node).with_context(|| format!("scout.nodes: {node:?}"))?;
         }
@@ -763,6 +799,7 @@ impl Config {
             ("scout.backoff_max_ms", s.backoff_max_ms),
             ("kafka.batch_max_wait_ms", self.kafka.batch_max_wait_ms),
             ("callbacks.slow_after_ms", c.slow_after_ms),
+            ("jobs.poll_interval_ms", j.poll_interval_ms),
             ("adapter.call_timeout_ms", self.adapter.call_timeout_ms),
             ("adapter.http_timeout_ms", self.adapter.http_timeout_ms),
         ] {
@@ -964,11 +1001,27 @@ mod tests {
 
     #[test]
     fn secrets_from_env_and_file_are_redacted() {
+        // The variable is handed to a child run of this test rather than set here: setting
+        // the environment of a running process is unsound while other threads (the other
+        // tests, C code reading it with getenv) may read it.
+        if std::env::var_os("STAGED_TEST_SECRET_CFG").is_none() {
+            let name = "config::tests::secrets_from_env_and_file_are_redacted";
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", name, "--test-threads=1"])
+                .env("STAGED_TEST_SECRET_CFG", "from-env")
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && stdout.contains("1 passed"),
+                "{stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return;
+        }
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("pw");
         std::fs::write(&file, "from-file\n").unwrap();
-        // SAFETY: the variable name is unique to this test.
-        unsafe { std::env::set_var("STAGED_TEST_SECRET_CFG", "from-env") };
         let text = format!(
             "[scout]\npassword = {{ env = \"STAGED_TEST_SECRET_CFG\" }}\n[kafka]\npassword = {{ file = {:?} }}\n[callbacks]\npassword = \"inline-pw\"\n[database]\nurl = \"postgres://u:urlpw@h/db\"\n",
             file.display().to_string()
@@ -1034,6 +1087,46 @@ mod tests {
         }
         let c = Config::parse("[jobs]\nhistory_days = 36500\n").unwrap();
         assert_eq!(c.jobs.history_days, 36_500);
+    }
+
+    #[test]
+    fn a_bad_allow_list_entry_names_the_key_and_the_entry() {
+        let err = Config::parse("[adapter]\nhttp_allow = [\"ok.example.org\", \"user@host\"]\n")
+            .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("adapter.http_allow"), "{msg}");
+        assert!(msg.contains("\"user@host\""), "{msg}");
+    }
+
+    #[test]
+    fn the_allow_list_reads_back_as_written() {
+        let c = Config::parse("[adapter]\nhttp_allow = [\"*.Example.org\", \"https://h/api/\"]\n")
+            .unwrap();
+        assert!(
+            c.adapter
+                .http_allow
+                .allows(&url::Url::parse("https://a.example.org/").unwrap())
+        );
+        let shown = c.redacted_toml().unwrap();
+        assert!(
+            shown.contains("\"*.Example.org\"") && shown.contains("\"https://h/api/\""),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn the_poll_interval_is_bounded() {
+        assert_eq!(Config::parse("").unwrap().jobs.poll_interval_ms, 1_000);
+        for text in [
+            "[jobs]\npoll_interval_ms = 0\n",
+            "[jobs]\npoll_interval_ms = 18446744073709551615\n",
+        ] {
+            let err = Config::parse(text).unwrap_err();
+            assert!(
+                format!("{err:#}").contains("jobs.poll_interval_ms"),
+                "{text}: {err:#}"
+            );
+        }
     }
 
     #[test]

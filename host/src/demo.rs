@@ -23,6 +23,7 @@ use staged_testkit::TempDir;
 use staged_testkit::metadata::{MetadataSim, ObsFiles};
 use staged_testkit::scout::{FileState, ScoutSim, SimNode, SimSettings};
 
+use crate::allow_list::AllowList;
 use crate::app;
 use crate::config::{Config, LogFormat, Secret};
 
@@ -185,7 +186,8 @@ fn demo_config(
     c.kafka.topic = TOPIC.into();
     c.kafka.group_id = "staged-demo".into();
     c.adapter.wasm = Some(adapter.to_path_buf());
-    c.adapter.http_allow = vec![metadata.allow()];
+    c.adapter.http_allow = AllowList::parse(&[metadata.allow()])
+        .expect("the simulator's address is an allow-list entry");
     c.adapter.settings.insert(
         "data_files_url".into(),
         toml::Value::String(metadata.data_files_url()),

@@ -2,13 +2,18 @@
 //! the requester when it is ready.
 //!
 //! The crate is the daemon. Its modules, in the order a request meets them:
-//! [`config`] (the TOML file), [`telemetry`] (logs), [`app`] (wiring and lifecycle),
-//! [`api`] (the ASVO-compatible HTTP API), [`store`] (SQLite or PostgreSQL, all SQL lives
-//! there) and [`reports`] (failure report files). The tape system's two peers have their own
-//! modules: [`scout`] (the Scout API client) and [`kafka`] (recall messages into the store).
-//! Their simulators live in the `staged-testkit` crate, which [`demo`] uses.
+//! [`config`] (the TOML file, parsed once into the types the daemon runs on),
+//! [`telemetry`] (logs), [`app`] (wiring and lifecycle), [`api`] (the ASVO-compatible HTTP
+//! API), [`store`] (SQLite or PostgreSQL, all SQL lives there), [`engine`] (each stored
+//! job from accepted to called back) and [`reports`] (failure report files). The tape
+//! system's two peers have their own modules: [`scout`] (the Scout API client) and
+//! [`kafka`] (recall messages into the store). Everything telescope-specific runs in a
+//! WebAssembly [`adapter`], whose HTTP is bounded by an [`allow_list`]. Shared by several
+//! of them: [`backoff`] (the one retry policy) and [`error_text`] (an error as one line).
+//! The simulators live in the `staged-testkit` crate, which [`demo`] (`staged demo`) uses.
 
 pub mod adapter;
+pub mod allow_list;
 pub mod api;
 pub mod app;
 pub mod backoff;

@@ -3,7 +3,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -145,10 +144,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate { common } => {
             let config = common.load()?;
             telemetry::init(&config.logging);
-            let opts = StoreOptions::from_config(
-                &config.database,
-                Duration::from_secs(config.jobs.expiry_secs),
-            );
+            let opts = StoreOptions::from_config(&config.database, &config.jobs);
             let backend = Store::migrate_only(&opts)
                 .await
                 .with_context(|| format!("migrating {}", redact_url(&config.database.url)))?;

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use crate::common::adapters::{MetadataSim, adapter_config, settings, wasm};
 use serde_json::json;
-use staged::adapter::{AdapterError, Adapters, JobSummaryForAdapter, LoadError, ResolveError};
+use staged::adapter::{
+    AdapterError, Adapters, AllowList, JobSummaryForAdapter, LoadError, ResolveError,
+};
 use staged::config::AdapterConfig;
 use staged::reports;
 
@@ -20,7 +22,7 @@ async fn load(config: &AdapterConfig) -> std::sync::Arc<staged::adapter::LoadedA
 
 async fn mwa_with_sim(sim: &MetadataSim) -> std::sync::Arc<staged::adapter::LoadedAdapter> {
     let mut c = adapter_config("mwa");
-    c.http_allow = vec![sim.allow()];
+    c.http_allow = AllowList::parse(&[sim.allow()]).unwrap();
     c.settings = settings(&[("data_files_url", &sim.base)]);
     load(&c).await
 }
@@ -144,7 +146,7 @@ async fn mwa_lookup_failures_are_typed() {
         l.local_addr().unwrap()
     };
     let mut c = adapter_config("mwa");
-    c.http_allow = vec![dead.to_string()];
+    c.http_allow = AllowList::parse(&[dead.to_string()]).unwrap();
     let url = format!("http://{dead}/metadata/data_files");
     c.settings = settings(&[("data_files_url", &url)]);
     let down = load(&c).await;
@@ -167,7 +169,7 @@ async fn http_outside_the_allow_list_is_refused() {
         vec!["*.example.org".into()],
     ] {
         let mut c = adapter_config("mwa");
-        c.http_allow = allow.clone();
+        c.http_allow = AllowList::parse(&allow).unwrap();
         c.settings = settings(&[("data_files_url", &sim.base)]);
         let a = load(&c).await;
         match a.resolve_observation(&json!({"obs_id": 1000})).await {

@@ -11,7 +11,7 @@ use crate::common::adapters::{MetadataSim, adapter_config, settings, wasm};
 use crate::common::{Kind, TestApp};
 use crate::common::{NO_CALLBACK, files_job, obs_job, wait_for};
 use serde_json::{Value, json};
-use staged::adapter::AdapterError;
+use staged::adapter::{AdapterError, AllowList};
 
 fn job(id: i64, obs: Value) -> Value {
     obs_job(id, obs, NO_CALLBACK)
@@ -36,7 +36,7 @@ async fn mwa_in_the_daemon_validates_obs_and_documents_it() {
     let sim = MetadataSim::start().await;
     let app = TestApp::start_with(Kind::Sqlite, |c| {
         c.adapter = adapter_config("mwa");
-        c.adapter.http_allow = vec![sim.allow()];
+        c.adapter.http_allow = AllowList::parse(&[sim.allow()]).unwrap();
         c.adapter.settings = settings(&[("data_files_url", &sim.base)]);
     })
     .await;

@@ -10,6 +10,7 @@ use crate::common::pipeline::{Receiver, Tape};
 use crate::common::{Kind, TestApp};
 use crate::common::{files_job, obs_job, poll_until, wait_for};
 use serde_json::{Value, json};
+use staged::adapter::AllowList;
 use staged::store::FileEvent;
 
 fn job(id: i64, files: &[&str], receiver: &Receiver) -> Value {
@@ -528,7 +529,7 @@ async fn observation_through_the_mwa_adapter_with_a_mount_prefix() {
         tape.configure(c);
         c.adapter.wasm =
             Some(std::path::PathBuf::from(env!("STAGED_ADAPTERS_DIR")).join("adapter_mwa.wasm"));
-        c.adapter.http_allow = vec![metadata.addr.to_string()];
+        c.adapter.http_allow = AllowList::parse(&[metadata.addr.to_string()]).unwrap();
         c.adapter
             .settings
             .insert("data_files_url".into(), metadata.data_files_url().into());
@@ -580,7 +581,7 @@ async fn observation_lookup_failures_give_101_and_100() {
         quick(c);
         c.adapter.wasm =
             Some(std::path::PathBuf::from(env!("STAGED_ADAPTERS_DIR")).join("adapter_mwa.wasm"));
-        c.adapter.http_allow = vec![metadata.addr.to_string()];
+        c.adapter.http_allow = AllowList::parse(&[metadata.addr.to_string()]).unwrap();
         c.adapter
             .settings
             .insert("data_files_url".into(), metadata.data_files_url().into());

@@ -111,12 +111,13 @@ fn at_ms(at: &str) -> i64 {
 }
 
 async fn open_store(db: &TestDb) -> Store {
-    Store::open(&StoreOptions::from_config(
-        &db.config().database,
-        Duration::from_secs(3600),
-    ))
-    .await
-    .unwrap()
+    let jobs = staged::config::JobsConfig {
+        expiry_secs: 3600,
+        ..Default::default()
+    };
+    Store::open(&StoreOptions::from_config(&db.config().database, &jobs))
+        .await
+        .unwrap()
 }
 
 async fn submit(store: &Store, id: i64, files: &[&str]) {

@@ -4,10 +4,15 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use crate::common::{Kind, TestDb};
+use staged::config::JobsConfig;
 use staged::store::{CallbackGate, FileEvent, Intake, NewJob, Store, StoreOptions};
 
 fn opts(db: &TestDb) -> StoreOptions {
-    StoreOptions::from_config(&db.config().database, Duration::from_secs(3600))
+    let jobs = JobsConfig {
+        expiry_secs: 3600,
+        ..Default::default()
+    };
+    StoreOptions::from_config(&db.config().database, &jobs)
 }
 
 fn job(id: i64, files: &[&str]) -> NewJob {

@@ -16,7 +16,6 @@
 //! - A swap is one atomic pointer store: a call holds the `Arc<LoadedAdapter>` it started
 //!   with and finishes on it; a new file that fails its checks never replaces the old one.
 
-mod allow;
 mod error;
 pub mod policy;
 mod runtime;
@@ -24,12 +23,13 @@ mod runtime;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use anyhow::Context;
 use arc_swap::ArcSwapOption;
 use serde_json::Value;
 use wasmtime::Engine;
 use wasmtime::component::{Component, HasSelf, Linker};
 
-pub use allow::{AllowList, AllowListError};
+pub use crate::allow_list::{AllowList, AllowListError};
 pub use error::{AdapterError, LoadError, ReloadError, ResolveError};
 pub use policy::Limits;
 
@@ -242,9 +242,11 @@ impl Adapters {
 impl Source {
     fn new(path: PathBuf, config: &AdapterConfig) -> Result<Source, LoadError> {
         let engine_err = |e: anyhow::Error| LoadError::Engine(format!("{e:#}"));
-        let limits = Limits::from_config(config).map_err(engine_err)?;
-        let allow = AllowList::parse(&config.http_allow)
-            .map_err(|e| LoadError::Engine(format!("adapter.http_allow: {e}")))?;
+        // A config from `Config::parse` passed this check already; one built in code (tests,
+        // `staged demo`) gets it here.
+        config.check().context("adapter").map_err(engine_err)?;
+        let limits = Limits::from_config(config);
+        let allow = config.http_allow.clone();
         let settings_json = serde_json::to_string(&config.settings)
             .map_err(|e| LoadError::Engine(format!("adapter.settings: {e}")))?;
         let (engine, allocator) = policy::engine(&limits).map_err(engine_err)?;
@@ -648,7 +650,7 @@ pub async fn inspect(path: &Path, config: &AdapterConfig) -> Result<Vec<String>,
         memory_limit_bytes: config.memory_limit_bytes,
         max_input_bytes: config.max_input_bytes,
         max_output_bytes: config.max_output_bytes,
-        http_allow: Vec::new(),
+        http_allow: AllowList::default(),
         http_timeout_ms: config.http_timeout_ms,
         http_max_response_bytes: config.http_max_response_bytes,
         settings: config.settings.clone(),

@@ -7,7 +7,6 @@
 
 use std::time::Duration;
 
-use anyhow::bail;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use crate::config::AdapterConfig;
@@ -46,31 +45,16 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// Checks the values that types alone cannot.
-    pub fn from_config(c: &AdapterConfig) -> anyhow::Result<Limits> {
-        if c.call_timeout_ms == 0 {
-            bail!("call_timeout_ms: must be at least 1");
-        }
-        if c.http_timeout_ms == 0 {
-            bail!("http_timeout_ms: must be at least 1");
-        }
-        if c.memory_limit_bytes < 2 * 1024 * 1024 {
-            bail!("memory_limit_bytes: must be at least 2 MiB (2097152)");
-        }
-        if c.memory_limit_bytes > 4 * 1024 * 1024 * 1024 {
-            bail!("memory_limit_bytes: must be at most 4 GiB (a 32-bit guest's address space)");
-        }
-        if c.max_input_bytes == 0 || c.max_output_bytes == 0 {
-            bail!("max_input_bytes and max_output_bytes: must be at least 1");
-        }
-        Ok(Limits {
+    /// The bounds `[adapter]` gives; its values were checked by [`AdapterConfig::check`].
+    pub fn from_config(c: &AdapterConfig) -> Limits {
+        Limits {
             call_timeout: Duration::from_millis(c.call_timeout_ms),
             memory_bytes: c.memory_limit_bytes,
             max_input_bytes: c.max_input_bytes,
             max_output_bytes: c.max_output_bytes,
             http_timeout: Duration::from_millis(c.http_timeout_ms),
             http_max_response_bytes: c.http_max_response_bytes,
-        })
+        }
     }
 
     /// Epoch ticks a call may run before it is interrupted.

@@ -20,9 +20,9 @@ use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, WasiView};
 
-use super::allow::AllowList;
 use super::error::AdapterError;
 use super::policy::{Limits, MAX_LOG_BYTES, MAX_TABLE_ELEMENTS};
+use crate::allow_list::AllowList;
 
 wasmtime::component::bindgen!({
     path: "../wit",

@@ -32,7 +32,7 @@ use utoipa_swagger_ui::SwaggerUi;
 pub use error::ApiError;
 
 use crate::adapter::Adapters;
-use crate::config::Config;
+use crate::config::{Config, ServerConfig};
 use crate::kafka::IngestStatus;
 use crate::scout::ScoutClient;
 use crate::store::Store;
@@ -44,6 +44,17 @@ pub struct Limits {
     pub max_files_per_job: usize,
     pub max_filestatus_files: usize,
     pub max_path_bytes: usize,
+}
+
+impl Limits {
+    pub fn from_config(server: &ServerConfig) -> Self {
+        Limits {
+            max_body_bytes: server.max_body_bytes,
+            max_files_per_job: server.max_files_per_job,
+            max_filestatus_files: server.max_filestatus_files,
+            max_path_bytes: server.max_path_bytes,
+        }
+    }
 }
 
 /// What every handler can reach.
@@ -67,12 +78,7 @@ impl AppState {
     pub fn new(store: Store, config: &Config) -> Self {
         AppState {
             store,
-            limits: Arc::new(Limits {
-                max_body_bytes: config.server.max_body_bytes,
-                max_files_per_job: config.server.max_files_per_job,
-                max_filestatus_files: config.server.max_filestatus_files,
-                max_path_bytes: config.server.max_path_bytes,
-            }),
+            limits: Arc::new(Limits::from_config(&config.server)),
             reports_dir: Arc::new(config.reports.dir.clone()),
             adapters: Adapters::none(),
             scout: None,

@@ -110,8 +110,8 @@ pub struct EngineParts {
     pub ingest: Option<crate::kafka::IngestStatus>,
 }
 
-/// The engine's tunables in one place, from `[jobs]` (the callbacks' own come from
-/// `[callbacks]` in `notify`); the poll interval is fixed here.
+/// The engine's timings, all from `[jobs]` (the notifier reads its own bounds from
+/// `[callbacks]` in `notify`).
 #[derive(Debug, Clone)]
 pub struct EngineTimings {
     pub restage_interval: Duration,
@@ -121,7 +121,8 @@ pub struct EngineTimings {
     pub lease: Duration,
     pub history_keep: Duration,
     /// How often each loop looks for due work that no in-process signal announced
-    /// (work left by another daemon or a crashed one, timers coming due).
+    /// (work left by another daemon or a crashed one, timers coming due;
+    /// `jobs.poll_interval_ms`).
     pub poll: Duration,
 }
 
@@ -134,7 +135,7 @@ impl EngineTimings {
             retry_max: Duration::from_secs(jobs.retry_max_secs),
             lease: Duration::from_secs(jobs.lease_secs),
             history_keep: Duration::from_secs(jobs.history_days * 86_400),
-            poll: Duration::from_secs(1),
+            poll: Duration::from_millis(jobs.poll_interval_ms),
         }
     }
 }

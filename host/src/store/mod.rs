@@ -41,7 +41,7 @@ use sqlx::sqlite::{
 };
 use thiserror::Error;
 
-use crate::config::{DatabaseConfig, SqliteSync, redact_url};
+use crate::config::{DatabaseConfig, JobsConfig, SqliteSync, redact_url};
 #[cfg(any(test, feature = "test-support"))]
 pub use engine::HistoryRow;
 pub use engine::{
@@ -216,6 +216,7 @@ pub struct StoreOptions {
     pub intake_writers: usize,
     /// SQLite's `max_page_count` for every connection; 0: SQLite's own limit.
     pub sqlite_max_pages: u64,
+    /// How long an unfinished job lives (`jobs.expiry_secs`).
     pub expiry: Duration,
     /// How long a claim on a job or callback lasts (`jobs.lease_secs`); a daemon that dies
     /// holding one loses it after this.
@@ -223,7 +224,8 @@ pub struct StoreOptions {
 }
 
 impl StoreOptions {
-    pub fn from_config(db: &DatabaseConfig, expiry: Duration) -> Self {
+    /// The options `[database]` and `[jobs]` give.
+    pub fn from_config(db: &DatabaseConfig, jobs: &JobsConfig) -> Self {
         Self {
             url: db.url.clone(),
             password: db.password.as_ref().map(|s| s.expose().to_string()),
@@ -232,12 +234,13 @@ impl StoreOptions {
             intake_batch_max: db.intake_batch_max,
             intake_writers: db.intake_writers,
             sqlite_max_pages: db.sqlite_max_pages,
-            expiry,
-            lease: Duration::from_secs(120),
+            expiry: Duration::from_secs(jobs.expiry_secs),
+            lease: Duration::from_secs(jobs.lease_secs),
         }
     }
 
-    /// The same options with claims lasting `lease`.
+    /// The same options with claims lasting `lease`, for a lease finer than the whole
+    /// seconds `jobs.lease_secs` can give (tests of the lease itself).
     pub fn with_lease(mut self, lease: Duration) -> Self {
         self.lease = lease;
         self

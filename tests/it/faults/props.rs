@@ -80,12 +80,10 @@ impl Api {
         config.server.max_body_bytes = 4096;
         config.server.max_files_per_job = 50;
         config.server.max_path_bytes = 200;
-        let store = Store::open(&StoreOptions::from_config(
-            &config.database,
-            Duration::from_secs(3600),
-        ))
-        .await
-        .expect("opening the store");
+        config.jobs.expiry_secs = 3600;
+        let store = Store::open(&StoreOptions::from_config(&config.database, &config.jobs))
+            .await
+            .expect("opening the store");
         let app = router(AppState::new(store.clone(), &config));
         Api {
             app,
@@ -557,12 +555,11 @@ fn the_consumer_counts_every_malformed_body_and_goes_on() {
 
     rt().block_on(async {
         let db = TestDb::new(Kind::Sqlite).await;
-        let store = Store::open(&StoreOptions::from_config(
-            &db.config().database,
-            Duration::from_secs(3600),
-        ))
-        .await
-        .unwrap();
+        let mut config = db.config();
+        config.jobs.expiry_secs = 3600;
+        let store = Store::open(&StoreOptions::from_config(&config.database, &config.jobs))
+            .await
+            .unwrap();
         store
             .submit(staged::store::NewJob {
                 job_id: 1,
@@ -623,7 +620,7 @@ fn the_consumer_counts_every_malformed_body_and_goes_on() {
 /// answers into paths: arbitrary answers give valid paths or a typed error.
 #[test]
 fn adapter_results_are_accepted_as_documented_or_refused_typed() {
-    use staged::adapter::{AdapterError, Adapters, ResolveError};
+    use staged::adapter::{AdapterError, Adapters, AllowList, ResolveError};
     use staged::config::AdapterConfig;
 
     const LIMIT: usize = 2048;
@@ -721,7 +718,7 @@ fn adapter_results_are_accepted_as_documented_or_refused_typed() {
     });
     let mut mwa_config = config("mwa");
     mwa_config.max_output_bytes = 64 * 1024;
-    mwa_config.http_allow = vec![format!("127.0.0.1:{}", addr.port())];
+    mwa_config.http_allow = AllowList::parse(&[format!("127.0.0.1:{}", addr.port())]).unwrap();
     mwa_config.settings = [(
         "data_files_url".to_string(),
         toml::Value::String(format!("http://{addr}/metadata/data_files")),
@@ -856,12 +853,8 @@ fn toml_value() -> impl Strategy<Value = toml::Value> {
 fn settings_from(config: &Config) -> Result<(), String> {
     staged::engine::EngineTimings::from_config(&config.jobs);
     staged::kafka::IngestSettings::from_config(&config.kafka);
-    StoreOptions::from_config(
-        &config.database,
-        Duration::from_secs(config.jobs.expiry_secs),
-    )
-    .with_lease(Duration::from_secs(config.jobs.lease_secs));
-    staged::adapter::Limits::from_config(&config.adapter).map_err(|e| e.to_string())?;
+    StoreOptions::from_config(&config.database, &config.jobs);
+    staged::adapter::Limits::from_config(&config.adapter);
     staged::scout::ScoutSettings::from_config(&config.scout, &config.kafka.topic)
         .map_err(|e| e.to_string())?;
     Ok(())

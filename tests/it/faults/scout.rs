@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use staged::adapter::AllowList;
 use staged::config::Config;
 use staged_testkit::scout::{SimNode, SimSettings};
 
@@ -336,7 +337,7 @@ async fn metadata_service_down_then_back() {
             c.adapter.wasm = Some(
                 std::path::PathBuf::from(env!("STAGED_ADAPTERS_DIR")).join("adapter_mwa.wasm"),
             );
-            c.adapter.http_allow = vec![addr.to_string()];
+            c.adapter.http_allow = AllowList::parse(&[addr.to_string()]).unwrap();
             c.adapter.http_timeout_ms = 1000;
             c.adapter
                 .settings

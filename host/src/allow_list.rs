@@ -2,8 +2,11 @@
 //!
 //! Invariant: a URL is fetched only if some entry of `adapter.http_allow` matches it, and
 //! an empty list matches nothing (deny all). Entries are parsed once, when the
-//! configuration is loaded; a malformed entry is a configuration error, never a silent
-//! "allow".
+//! configuration is deserialized (an [`AllowList`] is the config's own type for the key,
+//! so a malformed entry is a configuration error naming `adapter.http_allow`, never a
+//! silent "allow"); the adapter runtime clones the parsed list.
+//!
+//! This module is a leaf: it imports neither `config` nor `adapter`, so both can use it.
 //!
 //! | entry form | matches |
 //! |---|---|
@@ -20,10 +23,13 @@
 
 use std::fmt;
 
+use serde::{Deserialize, Serialize};
 use url::Url;
 
-/// A parsed allow-list.
-#[derive(Debug, Clone, Default)]
+/// A parsed allow-list. It reads and writes as the list of entries it was parsed from, so a
+/// configuration shown back (`check-config`) reads as it was written.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(try_from = "Vec<String>", into = "Vec<String>")]
 pub struct AllowList {
     entries: Vec<Entry>,
 }
@@ -189,6 +195,20 @@ fn explicit_port(host_port: &str) -> Result<Option<u16>, String> {
     };
     port.map(|p| p.parse().map_err(|_| format!("bad port {p:?}")))
         .transpose()
+}
+
+impl TryFrom<Vec<String>> for AllowList {
+    type Error = AllowListError;
+
+    fn try_from(entries: Vec<String>) -> Result<Self, AllowListError> {
+        AllowList::parse(&entries)
+    }
+}
+
+impl From<AllowList> for Vec<String> {
+    fn from(list: AllowList) -> Vec<String> {
+        list.entries.into_iter().map(|e| e.source).collect()
+    }
 }
 
 impl fmt::Display for AllowList {
