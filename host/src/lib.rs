@@ -10,6 +10,8 @@
 //! [`kafka`] (recall messages into the store). Everything telescope-specific runs in a
 //! WebAssembly [`adapter`], whose HTTP is bounded by an [`allow_list`]. Shared by several
 //! of them: [`backoff`] (the one retry policy) and [`error_text`] (an error as one line).
+//! [`net_guard`] keeps callbacks off link-local, metadata-service and unspecified addresses;
+//! [`systemd`] tells a service manager when the daemon is ready, alive, reloading, stopping.
 //! The simulators live in the `staged-testkit` crate, which [`demo`] (`staged demo`) uses.
 
 pub mod adapter;
@@ -22,6 +24,7 @@ pub mod demo;
 pub mod engine;
 pub mod error_text;
 pub mod kafka;
+pub mod net_guard;
 pub mod reports;
 pub mod scout;
 pub mod store;

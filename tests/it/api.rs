@@ -391,6 +391,33 @@ async fn bad_files_and_notify_url_are_400(kind: Kind) {
         (files_job(1, ["a"], "not a url"), "notify_url"),
         (files_job(1, ["a"], "http://h/\u{0}"), "notify_url"),
         (files_job(1, ["a"], ""), "notify_url"),
+        // Where a cloud's metadata service answers, or the local host by another name: the
+        // callback credentials must never be sent there.
+        (
+            files_job(1, ["a"], "http://169.254.169.254/latest/meta-data/"),
+            "points at 169.254.169.254, a link-local, metadata-service",
+        ),
+        (
+            files_job(1, ["a"], "http://[fe80::1]:8080/cb"),
+            "points at fe80::1",
+        ),
+        (
+            files_job(1, ["a"], "http://[fd00:ec2::254]/cb"),
+            "points at fd00:ec2::254",
+        ),
+        (
+            files_job(1, ["a"], "http://0.0.0.0:9/cb"),
+            "points at 0.0.0.0",
+        ),
+        (files_job(1, ["a"], "http://[::]:9/cb"), "points at ::"),
+        (
+            files_job(1, ["a"], "http://[::ffff:169.254.169.254]/cb"),
+            "metadata-service",
+        ),
+        (
+            files_job(1, ["a"], "http://0xA9FEA9FE/cb"),
+            "points at 169.254.169.254",
+        ),
     ];
     for (body, msg) in cases {
         let (status, v) = app.post_job(body.clone()).await;

@@ -653,3 +653,25 @@ async fn adapter_failure_while_resolving_gives_199() {
     );
     app.stop().await;
 }
+
+/// A callback to a host name goes through the checked resolver and arrives (IP literals,
+/// which every other test uses, never reach a resolver).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_to_a_host_name_is_resolved_and_delivered() {
+    let receiver = Receiver::start().await;
+    let app = TestApp::start_with(Kind::Sqlite, quick).await;
+    let url = format!("http://localhost:{}/cb", receiver.addr.port());
+    assert_eq!(app.post_job(files_job(30, ["n/1"], url)).await.0, 202);
+    app.store()
+        .apply_file_events(&[FileEvent {
+            path: "n/1".into(),
+            at_ms: 1_700_000_000_000,
+            error: None,
+        }])
+        .await
+        .unwrap();
+    let got = receiver.wait_delivered(1, PIPELINE).await;
+    assert_eq!(got.len(), 1, "{}", app.describe(30).await);
+    assert_eq!(got[0].body["return_code"], 0);
+    app.stop().await;
+}

@@ -137,11 +137,16 @@ fn validate(
             "Error for job {job_id}: notify_url contains control characters"
         )));
     }
-    check_http_url(&req.notify_url).map_err(|e| {
+    let notify_url = check_http_url(&req.notify_url).map_err(|e| {
         ApiError::bad_request(format!(
             "Error for job {job_id}: notify_url must be an http(s) URL: {e}"
         ))
     })?;
+    if let Some(ip) = crate::net_guard::forbidden_literal(&notify_url) {
+        return Err(ApiError::bad_request(format!(
+            "Error for job {job_id}: notify_url points at {ip}, a link-local, metadata-service or unspecified address; callbacks never go there"
+        )));
+    }
     let files = req.files.unwrap_or_default();
     if !files.is_empty() {
         if files.len() > limits.max_files_per_job {

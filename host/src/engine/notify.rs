@@ -251,6 +251,8 @@ impl Notifier {
             .timeout(Duration::from_secs(cfg.timeout_secs))
             .connect_timeout(Duration::from_secs(cfg.timeout_secs.min(10)))
             .redirect(reqwest::redirect::Policy::none())
+            // Names are resolved once per connection and only checked addresses used.
+            .dns_resolver(std::sync::Arc::new(crate::net_guard::GuardedResolver))
             .build()
             .expect("building the callback HTTP client");
         let retry_min = Duration::from_secs(cfg.retry_min_secs);
@@ -493,6 +495,19 @@ impl Notifier {
             error_files: row.error_files,
             comment,
         };
+        // Intake refuses these; a row stored by an older build may still hold one.
+        if let Some(ip) = url::Url::parse(&row.notify_url)
+            .ok()
+            .as_ref()
+            .and_then(crate::net_guard::forbidden_literal)
+        {
+            return Err(Failure {
+                why: format!(
+                    "not sent: {ip} is a link-local, metadata-service or unspecified address"
+                ),
+                host: true,
+            });
+        }
         let resp = self
             .http
             .post(&row.notify_url)
