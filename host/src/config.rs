@@ -262,6 +262,11 @@ pub struct CallbacksConfig {
     pub username: String,
     /// HTTP basic-auth password (RESULT_PASSWORD).
     pub password: Option<Secret>,
+    /// Where callbacks may go, in the adapter allow-list's forms: a job whose `notify_url`
+    /// matches no entry is refused with 400, and none is ever sent elsewhere. Empty (the
+    /// default, as the original): any host, except that link-local, metadata-service and
+    /// unspecified addresses are always refused unless an entry names them.
+    pub allow: AllowList,
     /// Most callback attempts started to one destination (scheme, host and port) in any
     /// 60 seconds (the original's 200 a minute, which went to one ASVO). Each destination
     /// has its own budget, so failing attempts spend only their own destination's.
@@ -296,6 +301,7 @@ impl Default for CallbacksConfig {
         Self {
             username: String::new(),
             password: None,
+            allow: AllowList::default(),
             per_minute: 200,
             concurrency: 16,
             per_host_concurrency: 4,

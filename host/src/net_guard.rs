@@ -4,8 +4,9 @@
 //! unspecified addresses 0.0.0.0 and :: (which reach the local host), also in their
 //! IPv4-mapped IPv6 forms.
 //!
-//! Invariant: a callback connection goes only to an address checked here. An IP literal is
-//! refused at intake ([`forbidden_literal`]) and again before delivery; a host name is
+//! Invariant: a callback connection goes only to an address checked here, and only to a
+//! host `callbacks.allow` lists when it lists any. A URL is checked at intake
+//! ([`check_callback_url`]) and again before delivery; a host name is
 //! resolved once per delivery by [`GuardedResolver`], which hands the HTTP client only the
 //! addresses that pass, so the connection goes to a checked address and a name that
 //! resolves to nothing else fails the attempt.
@@ -13,6 +14,8 @@
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use url::{Host, Url};
+
+use crate::allow_list::AllowList;
 
 /// The EC2 instance metadata service's IPv6 address.
 const EC2_METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
@@ -38,6 +41,25 @@ pub fn forbidden_literal(url: &Url) -> Option<IpAddr> {
         Host::Domain(_) => return None,
     };
     is_forbidden(ip).then_some(ip)
+}
+
+/// Whether a callback may go to `url` under `callbacks.allow`: a non-empty list must match
+/// it, and a forbidden IP literal passes only when the list matches it. The error completes
+/// "notify_url ...".
+pub fn check_callback_url(url: &Url, allow: &AllowList) -> Result<(), String> {
+    let listed = !allow.is_empty() && allow.allows(url);
+    if !allow.is_empty() && !listed {
+        return Err(format!(
+            "{}: its host is not in callbacks.allow",
+            url.host_str().unwrap_or("")
+        ));
+    }
+    match forbidden_literal(url) {
+        Some(ip) if !listed => Err(format!(
+            "points at {ip}, a link-local, metadata-service or unspecified address; callbacks never go there"
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The addresses of `name` a callback may use; an error naming them when none may.
@@ -123,6 +145,25 @@ mod tests {
         assert_eq!(lit("http://0xA9FEA9FE/"), Some(ip("169.254.169.254")));
         assert_eq!(lit("http://asvo.example.org/cb"), None);
         assert_eq!(lit("http://127.0.0.1:9/cb"), None);
+    }
+
+    #[test]
+    fn the_allow_list_decides_and_can_name_a_forbidden_address() {
+        let url = |u: &str| Url::parse(u).unwrap();
+        let list = |e: &[&str]| {
+            AllowList::parse(&e.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
+        };
+        let any = AllowList::default();
+        assert!(check_callback_url(&url("http://asvo.example.org/cb"), &any).is_ok());
+        assert!(check_callback_url(&url("http://169.254.169.254/"), &any).is_err());
+        let asvo = list(&["asvo.example.org"]);
+        assert!(check_callback_url(&url("https://asvo.example.org:8443/cb"), &asvo).is_ok());
+        let err = check_callback_url(&url("http://evil.example.net/cb"), &asvo).unwrap_err();
+        assert!(err.contains("not in callbacks.allow"), "{err}");
+        assert!(check_callback_url(&url("http://169.254.169.254/"), &asvo).is_err());
+        let named = list(&["169.254.10.10:8080"]);
+        assert!(check_callback_url(&url("http://169.254.10.10:8080/cb"), &named).is_ok());
+        assert!(check_callback_url(&url("http://169.254.10.10:9/cb"), &named).is_err());
     }
 
     #[test]

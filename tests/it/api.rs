@@ -730,3 +730,28 @@ async fn openapi_matches_the_original_and_docs_work_offline() {
     assert!(r.text().await.unwrap().contains("/openapi.json"));
     app.stop().await;
 }
+
+/// With `callbacks.allow` set, a job whose notify_url names another host is refused at
+/// intake, so the callback credentials can only go where the operator said.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_url_must_be_allowed_when_a_list_is_set() {
+    let app = TestApp::start_with(Kind::Sqlite, |c| {
+        c.callbacks.allow = toml::from_str::<toml::Table>("v = [\"127.0.0.1\"]").unwrap()["v"]
+            .clone()
+            .try_into()
+            .unwrap();
+    })
+    .await;
+    let (status, v) = app
+        .post_job(files_job(1, ["a"], "http://attacker.example.net/cb"))
+        .await;
+    assert_eq!(status, 400, "{v}");
+    assert_errormsg(
+        &v,
+        "attacker.example.net: its host is not in callbacks.allow",
+    );
+    assert_eq!(app.get("/staging/?job_id=1").await.0, 404, "nothing stored");
+    let (status, v) = app.post_job(files_job(1, ["a"], NO_CALLBACK)).await;
+    assert_eq!(status, 202, "{v}");
+    app.stop().await;
+}

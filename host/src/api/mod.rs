@@ -72,6 +72,8 @@ pub struct AppState {
     /// Scout file-status calls in flight, shared by every `/filestatus/` request so that
     /// many requests at once cost Scout no more than one.
     pub filestatus_slots: Arc<tokio::sync::Semaphore>,
+    /// `callbacks.allow`: where a job's `notify_url` may point.
+    pub callback_allow: Arc<crate::allow_list::AllowList>,
 }
 
 impl AppState {
@@ -83,6 +85,7 @@ impl AppState {
             adapters: Adapters::none(),
             scout: None,
             kafka: None,
+            callback_allow: Arc::new(config.callbacks.allow.clone()),
             filestatus_slots: Arc::new(tokio::sync::Semaphore::new(
                 config.server.filestatus_concurrency,
             )),

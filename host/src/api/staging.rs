@@ -42,7 +42,7 @@ pub async fn create(
     let req: NewJob = json_body(&headers, body, app.limits.max_body_bytes).await?;
     Span::current().record("job_id", req.job_id);
     let job_id = req.job_id;
-    let Some(job) = validate(req, &app.limits, &app.adapters)? else {
+    let Some(job) = validate(req, &app.limits, &app.callback_allow, &app.adapters)? else {
         // The original answers 403 before 400 when the id exists.
         if app
             .store
@@ -129,6 +129,7 @@ fn duplicate(job_id: i64) -> ApiError {
 fn validate(
     req: NewJob,
     limits: &Limits,
+    callback_allow: &crate::allow_list::AllowList,
     adapters: &Adapters,
 ) -> Result<Option<store::NewJob>, ApiError> {
     let job_id = req.job_id;
@@ -142,9 +143,9 @@ fn validate(
             "Error for job {job_id}: notify_url must be an http(s) URL: {e}"
         ))
     })?;
-    if let Some(ip) = crate::net_guard::forbidden_literal(&notify_url) {
+    if let Err(why) = crate::net_guard::check_callback_url(&notify_url, callback_allow) {
         return Err(ApiError::bad_request(format!(
-            "Error for job {job_id}: notify_url points at {ip}, a link-local, metadata-service or unspecified address; callbacks never go there"
+            "Error for job {job_id}: notify_url {why}"
         )));
     }
     let files = req.files.unwrap_or_default();

@@ -217,6 +217,8 @@ pub(crate) struct Notifier {
     http: reqwest::Client,
     username: String,
     password: Option<String>,
+    /// `callbacks.allow`, checked again before each attempt.
+    allow: crate::allow_list::AllowList,
     hosts: Arc<Hosts>,
     slots: Arc<Semaphore>,
     slow: Arc<Semaphore>,
@@ -263,6 +265,7 @@ impl Notifier {
             http,
             username: cfg.username.clone(),
             password: cfg.password.as_ref().map(|p| p.expose().to_string()),
+            allow: cfg.allow.clone(),
             hosts: Arc::new(Hosts::new(
                 cfg.per_host_concurrency,
                 cfg.per_minute as usize,
@@ -495,16 +498,13 @@ impl Notifier {
             error_files: row.error_files,
             comment,
         };
-        // Intake refuses these; a row stored by an older build may still hold one.
-        if let Some(ip) = url::Url::parse(&row.notify_url)
-            .ok()
-            .as_ref()
-            .and_then(crate::net_guard::forbidden_literal)
-        {
+        // Intake refuses these; a row stored before the list changed may still hold one.
+        let checked = url::Url::parse(&row.notify_url)
+            .map_err(|e| e.to_string())
+            .and_then(|u| crate::net_guard::check_callback_url(&u, &self.allow));
+        if let Err(why) = checked {
             return Err(Failure {
-                why: format!(
-                    "not sent: {ip} is a link-local, metadata-service or unspecified address"
-                ),
+                why: format!("not sent: notify_url {why}"),
                 host: true,
             });
         }
