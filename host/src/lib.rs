@@ -11,7 +11,8 @@
 //! WebAssembly [`adapter`], whose HTTP is bounded by an [`allow_list`]. Shared by several
 //! of them: [`backoff`] (the one retry policy) and [`error_text`] (an error as one line).
 //! [`net_guard`] keeps callbacks off link-local, metadata-service and unspecified addresses;
-//! [`systemd`] tells a service manager when the daemon is ready, alive, reloading, stopping.
+//! [`systemd`] tells a service manager when the daemon is ready, alive, reloading, stopping;
+//! [`import_env`] turns the original service's `.envrc` into a config.
 //! The simulators live in the `staged-testkit` crate, which [`demo`] (`staged demo`) uses.
 
 pub mod adapter;
@@ -23,6 +24,7 @@ pub mod config;
 pub mod demo;
 pub mod engine;
 pub mod error_text;
+pub mod import_env;
 pub mod kafka;
 pub mod net_guard;
 pub mod reports;

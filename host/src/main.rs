@@ -44,6 +44,15 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Turn the original service's `.envrc` into a staged config: the TOML goes to
+    /// stdout (or --out), the variables to set and anything to check to stderr.
+    ImportEnv {
+        /// The `.envrc` (direnv syntax: `export NAME=value`, quotes, comments).
+        file: PathBuf,
+        /// Write the config here instead of stdout (refused if it exists).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Check a config file and print the effective configuration, secrets redacted.
     CheckConfig {
         #[command(flatten)]
@@ -159,6 +168,46 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let lines = staged::adapter::inspect(&file, &config.adapter).await?;
             for line in lines {
                 println!("{line}");
+            }
+            Ok(())
+        }
+        Command::ImportEnv { file, out } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let vars =
+                staged::import_env::parse(&text).with_context(|| file.display().to_string())?;
+            let imported =
+                staged::import_env::import(&vars).with_context(|| file.display().to_string())?;
+            match &out {
+                Some(path) => {
+                    use std::io::Write as _;
+                    let mut f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(path)
+                        .with_context(|| format!("creating {}", path.display()))?;
+                    f.write_all(imported.toml.as_bytes())
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    eprintln!("wrote {}", path.display());
+                }
+                None => print!("{}", imported.toml),
+            }
+            if !imported.set_env.is_empty() {
+                eprintln!(
+                    "secrets are not copied; set these where the daemon runs (e.g. /etc/staged/staged.env):"
+                );
+                for (new, old) in &imported.set_env {
+                    eprintln!("  {new}  (the value of {old})");
+                }
+            }
+            for note in &imported.notes {
+                eprintln!("note: {note}");
+            }
+            if !imported.unknown.is_empty() {
+                eprintln!(
+                    "not imported, unknown variables: {}",
+                    imported.unknown.join(", ")
+                );
             }
             Ok(())
         }

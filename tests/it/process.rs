@@ -517,3 +517,70 @@ async fn two_daemons_share_the_work_and_survive_one_kill() {
     assert!(by_job.values().all(|d| d[0]["return_code"] == 0));
     drop(b);
 }
+
+/// The original's template `.envrc` (from its README, in fixtures/) imports into a config that
+/// `check-config` accepts once the secrets it names are set; no secret is written.
+#[test]
+fn import_env_of_the_original_template_passes_check_config() {
+    let template = include_str!("fixtures/original.envrc");
+    let dir = tempfile::tempdir().unwrap();
+    let envrc = dir.path().join(".envrc");
+    std::fs::write(
+        &envrc,
+        format!("{template}\nexport DBPASSWORD='hunter2'\nexport SOMETHING_ELSE=1\n"),
+    )
+    .unwrap();
+    let config = dir.path().join("staged.toml");
+    let out = run(
+        &[
+            "import-env",
+            envrc.to_str().unwrap(),
+            "--out",
+            config.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    for secret in [
+        "STAGED_SCOUT_PASSWORD",
+        "STAGED_RESULT_PASSWORD",
+        "STAGED_DB_PASSWORD",
+        "STAGED_KAFKA_PASSWORD",
+    ] {
+        assert!(said.contains(secret), "{secret} not named: {said}");
+    }
+    assert!(said.contains("HAProxy front"), "{said}");
+    assert!(said.contains("unknown variables: SOMETHING_ELSE"), "{said}");
+    let toml = std::fs::read_to_string(&config).unwrap();
+    assert!(!toml.contains("hunter2"), "a secret was copied:\n{toml}");
+    let envs = [
+        ("STAGED_DB_PASSWORD", "x"),
+        ("STAGED_SCOUT_PASSWORD", "x"),
+        ("STAGED_KAFKA_PASSWORD", "x"),
+        ("STAGED_RESULT_PASSWORD", "x"),
+    ];
+    let check = run(
+        &["check-config", "--config", config.to_str().unwrap()],
+        &envs,
+    );
+    assert!(
+        check.status.success(),
+        "check-config refused the import: {}\n{toml}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let effective = String::from_utf8_lossy(&check.stdout);
+    assert!(effective.contains("ws.mwatelescope.org"), "{effective}");
+    assert!(effective.contains("691200"), "{effective}");
+    // An existing file is never overwritten.
+    let again = run(
+        &[
+            "import-env",
+            envrc.to_str().unwrap(),
+            "--out",
+            config.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(!again.status.success());
+}
