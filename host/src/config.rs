@@ -267,6 +267,10 @@ pub struct CallbacksConfig {
     /// default, as the original): any host, except that link-local, metadata-service and
     /// unspecified addresses are always refused unless an entry names them.
     pub allow: AllowList,
+    /// Credentials of their own for some destinations, so that one leaked pair does not
+    /// open every endpoint: the first entry whose `hosts` match a callback's URL gives its
+    /// username and password; a URL no entry matches gets `username` and `password` above.
+    pub credentials: Vec<CallbackCredentials>,
     /// Most callback attempts started to one destination (scheme, host and port) in any
     /// 60 seconds (the original's 200 a minute, which went to one ASVO). Each destination
     /// has its own budget, so failing attempts spend only their own destination's.
@@ -296,12 +300,23 @@ pub struct CallbacksConfig {
     pub expired_grace_secs: u64,
 }
 
+/// One `[[callbacks.credentials]]` entry.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallbackCredentials {
+    /// Where these credentials are sent, in the allow-list's forms.
+    pub hosts: AllowList,
+    pub username: String,
+    pub password: Option<Secret>,
+}
+
 impl Default for CallbacksConfig {
     fn default() -> Self {
         Self {
             username: String::new(),
             password: None,
             allow: AllowList::default(),
+            credentials: Vec::new(),
             per_minute: 200,
             concurrency: 16,
             per_host_concurrency: 4,

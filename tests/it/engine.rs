@@ -675,3 +675,37 @@ async fn a_callback_to_a_host_name_is_resolved_and_delivered() {
     assert_eq!(got[0].body["return_code"], 0);
     app.stop().await;
 }
+
+/// `[[callbacks.credentials]]`: a destination with credentials of its own gets those, every
+/// other one the `[callbacks]` pair, so one leaked pair does not open every endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_destination_gets_its_own_credentials() {
+    let special = Receiver::start().await;
+    let plain = Receiver::start().await;
+    let entry = format!(
+        "hosts = [\"127.0.0.1:{}\"]\nusername = \"special\"\npassword = \"sp-pw\"\n",
+        special.addr.port()
+    );
+    let app = TestApp::start_with(Kind::Sqlite, |c| {
+        quick(c);
+        c.callbacks.credentials = vec![toml::from_str(&entry).unwrap()];
+    })
+    .await;
+    assert_eq!(app.post_job(job(40, &["c/1"], &special)).await.0, 202);
+    assert_eq!(app.post_job(job(41, &["c/2"], &plain)).await.0, 202);
+    let events: Vec<FileEvent> = ["c/1", "c/2"]
+        .map(|p| FileEvent {
+            path: p.into(),
+            at_ms: 1_700_000_000_000,
+            error: None,
+        })
+        .into();
+    app.store().apply_file_events(&events).await.unwrap();
+    let s = special.wait_delivered(1, PIPELINE).await;
+    let p = plain.wait_delivered(1, PIPELINE).await;
+    assert_eq!((s.len(), p.len()), (1, 1), "{}", app.describe(40).await);
+    // special:sp-pw and asvo:cb-pw.
+    assert_eq!(s[0].auth.as_deref(), Some("Basic c3BlY2lhbDpzcC1wdw=="));
+    assert_eq!(p[0].auth.as_deref(), Some("Basic YXN2bzpjYi1wdw=="));
+    app.stop().await;
+}

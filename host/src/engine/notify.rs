@@ -219,6 +219,8 @@ pub(crate) struct Notifier {
     password: Option<String>,
     /// `callbacks.allow`, checked again before each attempt.
     allow: crate::allow_list::AllowList,
+    /// `callbacks.credentials`: (hosts, username, password), the first match wins.
+    credentials: Vec<(crate::allow_list::AllowList, String, Option<String>)>,
     hosts: Arc<Hosts>,
     slots: Arc<Semaphore>,
     slow: Arc<Semaphore>,
@@ -266,6 +268,17 @@ impl Notifier {
             username: cfg.username.clone(),
             password: cfg.password.as_ref().map(|p| p.expose().to_string()),
             allow: cfg.allow.clone(),
+            credentials: cfg
+                .credentials
+                .iter()
+                .map(|c| {
+                    (
+                        c.hosts.clone(),
+                        c.username.clone(),
+                        c.password.as_ref().map(|p| p.expose().to_string()),
+                    )
+                })
+                .collect(),
             hosts: Arc::new(Hosts::new(
                 cfg.per_host_concurrency,
                 cfg.per_minute as usize,
@@ -499,19 +512,28 @@ impl Notifier {
             comment,
         };
         // Intake refuses these; a row stored before the list changed may still hold one.
-        let checked = url::Url::parse(&row.notify_url)
-            .map_err(|e| e.to_string())
-            .and_then(|u| crate::net_guard::check_callback_url(&u, &self.allow));
-        if let Err(why) = checked {
-            return Err(Failure {
-                why: format!("not sent: notify_url {why}"),
-                host: true,
-            });
-        }
+        let url = url::Url::parse(&row.notify_url).map_err(|e| e.to_string());
+        let checked =
+            url.and_then(|u| crate::net_guard::check_callback_url(&u, &self.allow).map(|()| u));
+        let url = match checked {
+            Ok(url) => url,
+            Err(why) => {
+                return Err(Failure {
+                    why: format!("not sent: notify_url {why}"),
+                    host: true,
+                });
+            }
+        };
+        let (username, password) = self
+            .credentials
+            .iter()
+            .find(|(hosts, _, _)| hosts.allows(&url))
+            .map(|(_, u, p)| (u.as_str(), p.as_deref()))
+            .unwrap_or((self.username.as_str(), self.password.as_deref()));
         let resp = self
             .http
             .post(&row.notify_url)
-            .basic_auth(&self.username, self.password.as_deref())
+            .basic_auth(username, password)
             .json(&body)
             .send()
             .await
