@@ -78,6 +78,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Server> {
     state.adapters = adapters.clone();
     state.scout = scout;
     state.kafka = ingest.as_ref().map(|i| i.status());
+    state.engine_counters = Some(engine.counters.clone());
     let app = api::router(state);
     let (stop, stopped) = oneshot::channel::<()>();
     let bounds = api::serve::Bounds::from_config(&config.server);

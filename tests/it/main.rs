@@ -12,6 +12,7 @@ mod engine;
 mod faults;
 mod health;
 mod kafka;
+mod metrics;
 mod process;
 mod scout;
 mod store;

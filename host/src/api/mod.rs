@@ -10,6 +10,7 @@ mod error;
 mod health;
 mod info;
 mod input;
+pub mod metrics;
 pub mod models;
 pub mod serve;
 mod staging;
@@ -74,6 +75,10 @@ pub struct AppState {
     pub filestatus_slots: Arc<tokio::sync::Semaphore>,
     /// `callbacks.allow`: where a job's `notify_url` may point.
     pub callback_allow: Arc<crate::allow_list::AllowList>,
+    /// The engine's counters, once it runs (for `/metrics`).
+    pub engine_counters: Option<Arc<crate::engine::EngineCounters>>,
+    /// The store's totals as `/metrics` last read them.
+    pub metrics_store: Arc<metrics::StoreSnapshot>,
 }
 
 impl AppState {
@@ -86,6 +91,8 @@ impl AppState {
             scout: None,
             kafka: None,
             callback_allow: Arc::new(config.callbacks.allow.clone()),
+            engine_counters: None,
+            metrics_store: Arc::default(),
             filestatus_slots: Arc::new(tokio::sync::Semaphore::new(
                 config.server.filestatus_concurrency,
             )),
@@ -106,6 +113,7 @@ impl AppState {
         info::ping,
         health::livez,
         health::readyz,
+        metrics::metrics,
         info::stats,
         info::job_list,
         info::failed_list,
@@ -152,6 +160,7 @@ pub fn router(state: AppState) -> Router {
     r = r.route("/livez", get(health::livez));
     r = r.route("/healthz", get(health::livez));
     r = r.route("/readyz", get(health::readyz));
+    r = r.route("/metrics", get(metrics::metrics));
     r = both(r, "/get_stats/", get(info::stats));
     r = both(r, "/get_joblist/", get(info::job_list));
     r = both(r, "/get_failed_joblist/", get(info::failed_list));
