@@ -82,7 +82,29 @@ async fn metrics_follow_a_job_through_the_pipeline() {
         matches!(value(&text, "staged_kafka_alive"), Some(v) if v == 0.0 || v == 1.0),
         "{text}"
     );
+    assert_eq!(
+        value(
+            &text,
+            "staged_http_responses_total{method=\"POST\",route=\"/staging\",status=\"202\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    // An unknown path is counted under one label, whatever it is.
+    assert_eq!(app.get("/no/such/job/42").await.0, 404);
+    let text = scrape(&app).await.1;
+    assert_eq!(
+        value(
+            &text,
+            "staged_http_responses_total{method=\"GET\",route=\"other\",status=\"404\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
     // No label grows with the data.
-    assert!(!text.contains("m/1") && !text.contains("job_id"), "{text}");
+    assert!(
+        !text.contains("m/1") && !text.contains("job_id") && !text.contains("/42"),
+        "{text}"
+    );
     app.stop().await;
 }

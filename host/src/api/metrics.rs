@@ -5,7 +5,8 @@
 //! The store's job and file totals are the one figure that needs a query: a scrape serves
 //! the last snapshot and, when it is older than [`STORE_REFRESH`], starts one refresh in
 //! the background, so a scrape costs the same with ten jobs or ten million. No label grows
-//! with the data: labels are states, outcomes and the configured Scout nodes.
+//! with the data: labels are states, outcomes, the API's routes and status codes, and the
+//! configured Scout nodes.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -67,6 +68,68 @@ impl StoreSnapshot {
 
 type Labels = Vec<(String, String)>;
 
+/// Answers by method, route and status code: bounded labels, since the route is one of
+/// the API's paths (trailing slash dropped) or `other`.
+pub type Responses = Family<Labels, prometheus_client::metrics::counter::Counter>;
+
+/// The API's routes, as they are counted.
+const ROUTES: [&str; 15] = [
+    "/staging",
+    "/ping",
+    "/livez",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/get_stats",
+    "/get_joblist",
+    "/get_failed_joblist",
+    "/get_failed_job",
+    "/filestatus",
+    "/admin/adapter/reload",
+    "/openapi.json",
+    "/docs",
+    "/",
+];
+
+fn route_of(path: &str) -> &'static str {
+    let p = match path.trim_end_matches('/') {
+        "" => "/",
+        p => p,
+    };
+    if p.starts_with("/docs") {
+        return "/docs";
+    }
+    ROUTES.iter().find(|r| **r == p).copied().unwrap_or("other")
+}
+
+/// Middleware: counts every answer in [`Responses`].
+pub async fn count_responses(
+    State(responses): State<Responses>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let method: &'static str = match req.method().as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        "PATCH" => "PATCH",
+        _ => "other",
+    };
+    let route = route_of(req.uri().path());
+    let resp = next.run(req).await;
+    responses
+        .get_or_create(&labels(&[
+            ("method", method),
+            ("route", route),
+            ("status", resp.status().as_str()),
+        ]))
+        .inc();
+    resp
+}
+
 fn labels(pairs: &[(&str, &str)]) -> Labels {
     pairs
         .iter()
@@ -110,6 +173,12 @@ fn collect(app: &AppState) -> Registry {
             ]),
             None => labels(&[("name", "")]),
         }),
+    );
+
+    r.register(
+        "http_responses",
+        "HTTP answers by method, route and status",
+        app.http_responses.clone(),
     );
 
     if let Some((age, s)) = app.metrics_store.read(&app.store) {

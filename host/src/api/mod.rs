@@ -79,6 +79,8 @@ pub struct AppState {
     pub engine_counters: Option<Arc<crate::engine::EngineCounters>>,
     /// The store's totals as `/metrics` last read them.
     pub metrics_store: Arc<metrics::StoreSnapshot>,
+    /// Answers given, by method, route and status (for `/metrics`).
+    pub http_responses: metrics::Responses,
 }
 
 impl AppState {
@@ -93,6 +95,7 @@ impl AppState {
             callback_allow: Arc::new(config.callbacks.allow.clone()),
             engine_counters: None,
             metrics_store: Arc::default(),
+            http_responses: metrics::Responses::default(),
             filestatus_slots: Arc::new(tokio::sync::Semaphore::new(
                 config.server.filestatus_concurrency,
             )),
@@ -148,6 +151,7 @@ fn both(router: Router<AppState>, path: &str, route: MethodRouter<AppState>) -> 
 }
 
 pub fn router(state: AppState) -> Router {
+    let responses = state.http_responses.clone();
     let mut r = Router::new();
     r = both(
         r,
@@ -196,6 +200,11 @@ pub fn router(state: AppState) -> Router {
                 .on_failure(()),
         )
         .layer(CatchPanicLayer::custom(panic_response))
+        // Outermost, so that even a panic's 500 is counted.
+        .layer(axum::middleware::from_fn_with_state(
+            responses,
+            metrics::count_responses,
+        ))
 }
 
 async fn not_found() -> ApiError {
