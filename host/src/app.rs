@@ -27,7 +27,7 @@ pub struct Server {
     /// The telescope adapter in service (hot-swappable).
     pub adapters: Adapters,
     /// Reloads the adapter on SIGHUP while the server runs.
-    reload_on_hup: Option<JoinHandle<()>>,
+    reload_on_hup: JoinHandle<()>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<std::io::Result<()>>,
     ingest: Option<kafka::IngestHandle>,
@@ -88,7 +88,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Server> {
     tracing::info!(%addr, store = store.backend_name(), "staged is listening");
     // Caught even with no adapter to reload: SIGHUP's default action would end the daemon,
     // and a service manager's reload must not.
-    let reload_on_hup = Some(reload_on_sighup(adapters.clone()));
+    let reload_on_hup = reload_on_sighup(adapters.clone());
     Ok(Server {
         addr,
         store,
@@ -116,9 +116,7 @@ impl Server {
     /// Stops accepting connections, lets in-flight requests finish (up to the grace
     /// period), then closes the store.
     pub async fn stop(mut self) -> anyhow::Result<()> {
-        if let Some(hup) = self.reload_on_hup.take() {
-            hup.abort();
-        }
+        self.reload_on_hup.abort();
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
