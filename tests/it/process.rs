@@ -1,25 +1,16 @@
 //! The real `staged` binary: crash safety (SIGKILL right after 202), graceful stop on
 //! SIGTERM, the config checks of the command line.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::daemon::{BIN, Daemon, free_port, toml_str, write_pipeline_config};
+use crate::common::daemon::{
+    BIN, Daemon, free_port, toml_str, write_pipeline_config, write_plain_config,
+};
 use crate::common::{Kind, TestDb};
 use crate::common::{NO_CALLBACK, files_job, poll_until, wait_for};
 use serde_json::Value;
-
-fn write_config(dir: &Path, db_url: &str, port: u16) -> PathBuf {
-    let path = dir.join(format!("staged-{port}.toml"));
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:{port}\"\n\n[database]\nurl = {}\n\n[reports]\ndir = {}\n",
-        toml_str(db_url),
-        toml_str(&dir.join("reports").display().to_string()),
-    );
-    std::fs::write(&path, text).unwrap();
-    path
-}
 
 fn run(args: &[&str], envs: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(BIN);
@@ -36,7 +27,7 @@ both_backends!(sigkill_right_after_202_loses_no_job, sigterm_stops_cleanly);
 async fn sigkill_right_after_202_loses_no_job(kind: Kind) {
     let db = TestDb::new(kind).await;
     let port = free_port();
-    let config = write_config(db.dir.path(), &db.url, port);
+    let config = write_plain_config(db.dir.path(), &db.url, port);
     let mut daemon = Daemon::start(&config, port).await;
     let http = reqwest::Client::new();
     let url = format!("{}/staging/", daemon.base);
@@ -103,7 +94,7 @@ async fn sigkill_right_after_202_loses_no_job(kind: Kind) {
 async fn sigterm_stops_cleanly(kind: Kind) {
     let db = TestDb::new(kind).await;
     let port = free_port();
-    let config = write_config(db.dir.path(), &db.url, port);
+    let config = write_plain_config(db.dir.path(), &db.url, port);
     let mut daemon = Daemon::start(&config, port).await;
     let http = reqwest::Client::new();
     let r = http
@@ -531,15 +522,18 @@ fn import_env_of_the_original_template_passes_check_config() {
     )
     .unwrap();
     let config = dir.path().join("staged.toml");
-    let out = run(
-        &[
-            "import-env",
-            envrc.to_str().unwrap(),
-            "--out",
-            config.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let import = || {
+        run(
+            &[
+                "import-env",
+                envrc.to_str().unwrap(),
+                "--out",
+                config.to_str().unwrap(),
+            ],
+            &[],
+        )
+    };
+    let out = import();
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{said}");
     for secret in [
@@ -573,14 +567,6 @@ fn import_env_of_the_original_template_passes_check_config() {
     assert!(effective.contains("ws.mwatelescope.org"), "{effective}");
     assert!(effective.contains("691200"), "{effective}");
     // An existing file is never overwritten.
-    let again = run(
-        &[
-            "import-env",
-            envrc.to_str().unwrap(),
-            "--out",
-            config.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let again = import();
     assert!(!again.status.success());
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::net::UnixDatagram;
 
-use crate::common::daemon::{BIN, Daemon, free_port, toml_str};
+use crate::common::daemon::{BIN, Daemon, free_port, write_plain_config};
 use crate::common::{Kind, TestDb};
 
 /// The next notification that is not a watchdog ping, and how many pings came before it.
@@ -31,16 +31,7 @@ async fn next_state(sock: &UnixDatagram, pings: &mut usize) -> String {
 async fn systemd_hears_ready_watchdog_reload_and_stopping() {
     let db = TestDb::new(Kind::Sqlite).await;
     let port = free_port();
-    let config = db.dir.path().join("staged.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\n\n[database]\nurl = {}\n\n[reports]\ndir = {}\n",
-            toml_str(&db.url),
-            toml_str(&db.dir.path().join("reports").display().to_string()),
-        ),
-    )
-    .unwrap();
+    let config = write_plain_config(db.dir.path(), &db.url, port);
     let sock_path = db.dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     let mut daemon = Daemon::start_with(&config, port, |c| {
@@ -99,15 +90,7 @@ async fn systemd_hears_ready_watchdog_reload_and_stopping() {
 async fn a_notify_socket_that_is_gone_costs_nothing() {
     let db = TestDb::new(Kind::Sqlite).await;
     let port = free_port();
-    let config = db.dir.path().join("staged.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\n\n[database]\nurl = {}\n",
-            toml_str(&db.url)
-        ),
-    )
-    .unwrap();
+    let config = write_plain_config(db.dir.path(), &db.url, port);
     let mut daemon = Daemon::start_with(&config, port, |c| {
         c.env("NOTIFY_SOCKET", db.dir.path().join("nobody-listens"))
             .env("WATCHDOG_USEC", "100000");

@@ -225,3 +225,16 @@ extra = {{ "session.timeout.ms" = "6000", "heartbeat.interval.ms" = "300", "fetc
     std::fs::write(&path, text).unwrap();
     path
 }
+
+/// A config of the embedded defaults but for the port, the database and the reports
+/// directory (inside `dir`); written to `dir`, its path returned.
+pub fn write_plain_config(dir: &Path, db_url: &str, port: u16) -> PathBuf {
+    let path = dir.join(format!("staged-{port}.toml"));
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\n\n[database]\nurl = {}\n\n[reports]\ndir = {}\n",
+        toml_str(db_url),
+        toml_str(&dir.join("reports").display().to_string()),
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
