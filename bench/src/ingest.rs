@@ -101,6 +101,7 @@ async fn measure(url: &str, args: &IngestArgs) -> anyhow::Result<()> {
                 notify_url: "http://127.0.0.1:9/".into(),
                 files: chunk.to_vec(),
                 obs: None,
+                submitted_by: None,
             })
             .await?;
     }

@@ -37,6 +37,17 @@ pub struct Server {
 
 /// Opens the store (applying migrations) and starts serving on `config.server.listen`.
 pub async fn start(config: &Config) -> anyhow::Result<Server> {
+    if let Some(risk) = crate::auth::unauthenticated_exposure(&config.server)
+        && !config.server.allow_unauthenticated
+    {
+        anyhow::bail!(
+            "{risk}; add [[server.auth.tokens]] (see the README's \"Securing staged\"), listen on loopback, \
+             or set server.allow_unauthenticated = true if something in front of the daemon checks callers"
+        );
+    }
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     let opts = StoreOptions::from_config(&config.database, &config.jobs);
     let store = Store::open(&opts)
         .await
@@ -79,6 +90,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Server> {
     state.scout = scout;
     state.kafka = ingest.as_ref().map(|i| i.status());
     state.engine_counters = Some(engine.counters.clone());
+    let auth = state.auth.clone();
     let app = api::router(state);
     let (stop, stopped) = oneshot::channel::<()>();
     let bounds = api::serve::Bounds::from_config(&config.server);
@@ -88,7 +100,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Server> {
     tracing::info!(%addr, store = store.backend_name(), "staged is listening");
     // Caught even with no adapter to reload: SIGHUP's default action would end the daemon,
     // and a service manager's reload must not.
-    let reload_on_hup = reload_on_sighup(adapters.clone());
+    let reload_on_hup = reload_on_sighup(adapters.clone(), auth, config.source.clone());
     Ok(Server {
         addr,
         store,
@@ -141,9 +153,14 @@ impl Server {
     }
 }
 
-/// Reloads the adapter on every SIGHUP, telling systemd (RELOADING=1, then READY=1); a
-/// failed reload keeps the adapter in service (the reload logs why).
-fn reload_on_sighup(adapters: Adapters) -> JoinHandle<()> {
+/// On every SIGHUP, reloads the adapter and reads the config file again for its API tokens,
+/// telling systemd (RELOADING=1, then READY=1). A failed reload keeps what is in service
+/// (and logs why); other changes to the file take effect at the next start.
+fn reload_on_sighup(
+    adapters: Adapters,
+    auth: api::access::Auth,
+    source: Option<std::path::PathBuf>,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         #[cfg(unix)]
         {
@@ -163,12 +180,27 @@ fn reload_on_sighup(adapters: Adapters) -> JoinHandle<()> {
                 } else {
                     tracing::info!("SIGHUP: no adapter is configured; nothing to reload");
                 }
+                if let Some(path) = &source {
+                    reload_tokens(&auth, path);
+                }
                 crate::systemd::ready();
             }
         }
         #[cfg(not(unix))]
-        drop(adapters);
+        drop((adapters, auth, source));
     })
+}
+
+/// Puts the tokens of the config file at `path` in force, or keeps the current ones if the
+/// file no longer reads.
+fn reload_tokens(auth: &api::access::Auth, path: &std::path::Path) {
+    match Config::load(path) {
+        Ok(new) => auth.replace(crate::auth::TokenTable::from_config(&new.server.auth)),
+        Err(e) => tracing::error!(
+            error = format!("{e:#}"),
+            "SIGHUP: the config file does not read; keeping the API tokens in force"
+        ),
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -38,6 +38,9 @@ pub struct Config {
     pub scout: ScoutConfig,
     pub kafka: KafkaConfig,
     pub adapter: AdapterConfig,
+    /// The file this was read from, so that SIGHUP can read it again.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -83,6 +86,54 @@ pub struct ServerConfig {
     pub drain_max_bytes: usize,
     /// How long that draining may take.
     pub drain_timeout_secs: u64,
+    /// Listening on an address other than loopback with no `[server.auth]` tokens is refused
+    /// unless this is true (then the daemon warns at start): anyone who can reach the port
+    /// could submit and delete jobs.
+    pub allow_unauthenticated: bool,
+    /// API tokens; with none, every caller may do everything (loopback only, see above).
+    pub auth: AuthConfig,
+}
+
+/// `[server.auth]`: the API's bearer tokens.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `[[server.auth.tokens]]`: `name`, `secret` (a [`Secret`]), `scopes`.
+    pub tokens: Vec<TokenConfig>,
+    /// Submissions (`POST /staging/`) per second each token may make, on average; 0 is no
+    /// limit. Beyond it, 429 with `Retry-After`. A token's own `submit_rate` wins.
+    pub submit_rate: f64,
+    /// Submissions a token may make at once above its rate (the bucket's size); 0 means
+    /// one second's worth of the rate, at least 1.
+    pub submit_burst: u32,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            tokens: Vec::new(),
+            submit_rate: 0.0,
+            submit_burst: 0,
+        }
+    }
+}
+
+/// One API token.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Who holds it: shown in logs and stored with the jobs it submits.
+    pub name: String,
+    /// What the client sends as `Authorization: Bearer ...`; at least 16 characters.
+    pub secret: Secret,
+    /// Any of `submit`, `read`, `cancel`, `admin`, `metrics`.
+    pub scopes: Vec<crate::auth::Scope>,
+    /// This token's own submission rate (see [`AuthConfig::submit_rate`]).
+    #[serde(default)]
+    pub submit_rate: Option<f64>,
+    /// This token's own burst (see [`AuthConfig::submit_burst`]).
+    #[serde(default)]
+    pub submit_burst: Option<u32>,
 }
 
 impl Default for ServerConfig {
@@ -105,6 +156,8 @@ impl Default for ServerConfig {
             body_budget_bytes: 128 * 1024 * 1024,
             drain_max_bytes: 64 * 1024 * 1024,
             drain_timeout_secs: 5,
+            allow_unauthenticated: false,
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -661,7 +714,10 @@ impl Config {
     pub fn load(path: &Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
-        Self::parse(&text).with_context(|| format!("in config file {}", path.display()))
+        let mut config =
+            Self::parse(&text).with_context(|| format!("in config file {}", path.display()))?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
     }
 
     /// Parses configuration text and checks values that types alone cannot.
@@ -752,6 +808,7 @@ impl Config {
                 srv.max_body_bytes
             );
         }
+        crate::auth::check_config(&srv.auth)?;
         self.adapter.check().context("adapter")?;
         for node in &self.scout.nodes {
             check_http_url(node).with_context(|| format!("scout.nodes: {node:?}"))?;
@@ -901,6 +958,38 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// What in this configuration is allowed but unsafe, one sentence each: `staged
+    /// check-config` prints them, and the daemon logs them at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        let srv = &self.server;
+        if let Some(risk) = crate::auth::unauthenticated_exposure(srv)
+            && srv.allow_unauthenticated
+        {
+            w.push(format!("{risk} (server.allow_unauthenticated = true)"));
+        }
+        if srv.auth.tokens.is_empty() && srv.auth.submit_rate > 0.0 {
+            w.push(
+                "server.auth.submit_rate has no effect: rates are per token, and no tokens are configured"
+                    .into(),
+            );
+        }
+        if self.scout.insecure_skip_tls_verify {
+            w.push(
+                "scout.insecure_skip_tls_verify = true: Scout's certificate is not checked, so anyone on the path can read the Scout password"
+                    .into(),
+            );
+        }
+        let cb = &self.callbacks;
+        if cb.allow.is_empty() && (cb.password.is_some() || !cb.credentials.is_empty()) {
+            w.push(
+                "callbacks.allow is empty: the callback password goes to whatever host a submitted notify_url names; list your ASVO there"
+                    .into(),
+            );
+        }
+        w
     }
 
     /// The effective configuration as TOML, secrets and URL passwords redacted.

@@ -12,6 +12,7 @@
 //! of them: [`backoff`] (the one retry policy) and [`error_text`] (an error as one line).
 //! [`net_guard`] keeps callbacks off link-local, metadata-service and unspecified addresses;
 //! [`systemd`] tells a service manager when the daemon is ready, alive, reloading, stopping;
+//! [`auth`] holds the API's tokens and scopes;
 //! [`import_env`] turns the original service's `.envrc` into a config.
 //! The simulators live in the `staged-testkit` crate, which [`demo`] (`staged demo`) uses.
 
@@ -19,6 +20,7 @@ pub mod adapter;
 pub mod allow_list;
 pub mod api;
 pub mod app;
+pub mod auth;
 pub mod backoff;
 pub mod config;
 pub mod demo;

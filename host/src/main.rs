@@ -214,6 +214,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::CheckConfig { common } => {
             let config = common.load()?;
             print!("{}", config.redacted_toml()?);
+            for warning in config.warnings() {
+                eprintln!("warning: {warning}");
+            }
             Ok(())
         }
     }

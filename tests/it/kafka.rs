@@ -127,6 +127,7 @@ async fn submit(store: &Store, id: i64, files: &[&str]) {
             notify_url: "http://127.0.0.1:9/cb".into(),
             files: files.iter().map(|s| s.to_string()).collect(),
             obs: None,
+            submitted_by: None,
         })
         .await
         .unwrap();

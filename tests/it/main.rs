@@ -8,6 +8,7 @@ mod common;
 mod adapter;
 mod adapter_daemon;
 mod api;
+mod auth;
 mod engine;
 mod faults;
 mod health;

@@ -207,6 +207,9 @@ fn shipped_configs_check() {
         ("STAGED_SCOUT_PASSWORD", "x"),
         ("STAGED_KAFKA_PASSWORD", "x"),
         ("STAGED_RESULT_PASSWORD", "x"),
+        ("STAGED_TOKEN_ASVO", "asvo-token-0123456789"),
+        ("STAGED_TOKEN_OPS", "ops-token-0123456789"),
+        ("STAGED_TOKEN_PROMETHEUS", "prometheus-token-0123456789"),
     ];
     for name in ["staged.example.toml", "embedded.toml"] {
         let path = root.join("config").join(name);
@@ -569,4 +572,46 @@ fn import_env_of_the_original_template_passes_check_config() {
     // An existing file is never overwritten.
     let again = import();
     assert!(!again.status.success());
+}
+
+/// `check-config` accepts an unsafe but allowed combination and says why it is unsafe.
+#[test]
+fn check_config_warns_about_unsafe_combinations() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("open.toml");
+    std::fs::write(
+        &path,
+        "[server]\nlisten = \"0.0.0.0:8000\"\nallow_unauthenticated = true\n\
+         [scout]\nnodes = [\"https://scout.example:8080\"]\ninsecure_skip_tls_verify = true\n\
+         [callbacks]\npassword = \"pw\"\n",
+    )
+    .unwrap();
+    let out = run(&["check-config", "--config", path.to_str().unwrap()], &[]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    for expected in [
+        "warning: server.listen is 0.0.0.0:8000",
+        "warning: scout.insecure_skip_tls_verify",
+        "warning: callbacks.allow is empty",
+    ] {
+        assert!(said.contains(expected), "{expected:?} not in:\n{said}");
+    }
+    // The shipped template has none of them.
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/staged.example.toml");
+    let envs = [
+        ("STAGED_DB_PASSWORD", "x"),
+        ("STAGED_SCOUT_PASSWORD", "x"),
+        ("STAGED_KAFKA_PASSWORD", "x"),
+        ("STAGED_RESULT_PASSWORD", "x"),
+        ("STAGED_TOKEN_ASVO", "asvo-token-0123456789"),
+        ("STAGED_TOKEN_OPS", "ops-token-0123456789"),
+        ("STAGED_TOKEN_PROMETHEUS", "prometheus-token-0123456789"),
+    ];
+    let out = run(
+        &["check-config", "--config", example.to_str().unwrap()],
+        &envs,
+    );
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !said.contains("warning"), "{said}");
 }

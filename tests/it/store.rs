@@ -21,6 +21,7 @@ fn job(id: i64, files: &[&str]) -> NewJob {
         notify_url: "http://127.0.0.1:9/cb".into(),
         files: files.iter().map(|s| s.to_string()).collect(),
         obs: None,
+        submitted_by: None,
     }
 }
 
@@ -299,6 +300,7 @@ async fn hundred_thousand_file_job(kind: Kind) {
         notify_url: "http://127.0.0.1:9/cb".into(),
         files: paths.clone(),
         obs: None,
+        submitted_by: None,
     };
     assert_eq!(store.submit(j).await.unwrap(), Intake::Created);
     let s = store.job_summary(1).await.unwrap().unwrap();
@@ -323,6 +325,7 @@ async fn observation_job_is_stored(kind: Kind) {
         notify_url: "http://127.0.0.1:9/cb".into(),
         files: vec![],
         obs: Some(r#"{"obs_id":1234567890}"#.into()),
+        submitted_by: None,
     };
     assert_eq!(store.submit(j).await.unwrap(), Intake::Created);
     let s = store.job_summary(5).await.unwrap().unwrap();

@@ -5,6 +5,7 @@
 //! Invariant: whatever the input, the answer is a JSON body with a status code; errors carry
 //! `errormsg`. Unknown paths, wrong methods and even a panicking handler end that way.
 
+pub mod access;
 mod admin;
 mod error;
 mod health;
@@ -12,6 +13,7 @@ mod info;
 mod input;
 pub mod metrics;
 pub mod models;
+mod rate_limit;
 pub mod serve;
 mod staging;
 
@@ -81,6 +83,8 @@ pub struct AppState {
     pub metrics_store: Arc<metrics::StoreSnapshot>,
     /// Answers given, by method, route and status (for `/metrics`).
     pub http_responses: metrics::Responses,
+    /// `[server.auth]`'s tokens (replaced on SIGHUP) and the submission buckets.
+    pub auth: access::Auth,
 }
 
 impl AppState {
@@ -96,6 +100,7 @@ impl AppState {
             engine_counters: None,
             metrics_store: Arc::default(),
             http_responses: metrics::Responses::default(),
+            auth: access::Auth::new(crate::auth::TokenTable::from_config(&config.server.auth)),
             filestatus_slots: Arc::new(tokio::sync::Semaphore::new(
                 config.server.filestatus_concurrency,
             )),
@@ -141,7 +146,9 @@ struct ApiDoc;
 
 /// The OpenAPI document of this API.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    ApiDoc::openapi()
+    let mut doc = ApiDoc::openapi();
+    access::document(&mut doc);
+    doc
 }
 
 /// Registers `path` (which ends in `/`) and its twin without the slash.
@@ -152,6 +159,7 @@ fn both(router: Router<AppState>, path: &str, route: MethodRouter<AppState>) -> 
 
 pub fn router(state: AppState) -> Router {
     let responses = state.http_responses.clone();
+    let auth = state.auth.clone();
     let mut r = Router::new();
     r = both(
         r,
@@ -174,6 +182,9 @@ pub fn router(state: AppState) -> Router {
     r = r.route("/admin/adapter/reload", post(admin::reload_adapter));
     // Served by our handler, not SwaggerUi's, because the adapter's schema is part of it.
     r = r.route("/openapi.json", get(admin::openapi_json));
+    // On the routes so far (so each request's matched path is known); the documentation
+    // UI below is static and open.
+    r = r.route_layer(axum::middleware::from_fn_with_state(auth, access::enforce));
     let docs: Router<AppState> = SwaggerUi::new("/docs")
         .config(utoipa_swagger_ui::Config::new(["/openapi.json"]))
         .into();
@@ -191,6 +202,7 @@ pub fn router(state: AppState) -> Router {
                         method = %req.method(),
                         path = %req.uri().path(),
                         job_id = tracing::field::Empty,
+                        token = tracing::field::Empty,
                     )
                 })
                 .on_request(())

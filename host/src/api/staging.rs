@@ -4,12 +4,13 @@ use std::collections::HashSet;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{RawQuery, State};
+use axum::extract::{Extension, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use serde_json::json;
 use tracing::Span;
 
+use super::access::Caller;
 use super::error::ApiError;
 use super::input::{QueryParams, json_body, null_body};
 use super::models::{ErrorResult, FilesMap, JobStatus, NewJob};
@@ -36,13 +37,14 @@ use crate::store::{self, Intake};
 )]
 pub async fn create(
     State(app): State<AppState>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<impl IntoResponse, ApiError> {
     let req: NewJob = json_body(&headers, body, app.limits.max_body_bytes).await?;
     Span::current().record("job_id", req.job_id);
     let job_id = req.job_id;
-    let Some(job) = validate(req, &app.limits, &app.callback_allow, &app.adapters)? else {
+    let Some(mut job) = validate(req, &app.limits, &app.callback_allow, &app.adapters)? else {
         // The original answers 403 before 400 when the id exists.
         if app
             .store
@@ -59,6 +61,9 @@ pub async fn create(
     if let Some(adapter) = app.adapters.current() {
         check_recognised(&adapter, job_id, &job.files).await?;
     }
+    job.submitted_by = caller
+        .and_then(|Extension(c)| c.token)
+        .map(|t| t.to_string());
     let files = job.files.len();
     let with_obs = job.obs.is_some();
     match app.store.submit(job).await {
@@ -188,6 +193,7 @@ fn validate(
             notify_url: req.notify_url,
             files,
             obs: None,
+            submitted_by: None,
         }));
     }
     match req.obs {
@@ -215,6 +221,7 @@ fn validate(
                 notify_url: req.notify_url,
                 files: Vec::new(),
                 obs: Some(obs.to_string()),
+                submitted_by: None,
             }))
         }
         _ => Ok(None),
@@ -273,6 +280,7 @@ pub async fn status(
     params(("job_id" = i64, Query, description = "Job id")),
     responses(
         (status = 200, description = "Deleted; the body is `null`"),
+        (status = 403, description = "With tokens configured: the job was submitted by another token, and this one is not `admin`", body = ErrorResult),
         (status = 404, description = "No such job", body = ErrorResult),
         (status = 422, description = "Bad job_id", body = ErrorResult),
         (status = 500, body = ErrorResult),
@@ -280,10 +288,32 @@ pub async fn status(
 )]
 pub async fn delete(
     State(app): State<AppState>,
+    caller: Option<Extension<Caller>>,
     RawQuery(query): RawQuery,
 ) -> Result<impl IntoResponse, ApiError> {
     let job_id = QueryParams::parse(query.as_deref()).required_i64("job_id")?;
     Span::current().record("job_id", job_id);
+    let caller = caller.map_or_else(Caller::anonymous, |Extension(c)| c);
+    if !caller.admin {
+        let owner = app
+            .store
+            .job_owner(job_id)
+            .await
+            .map_err(|e| ApiError::internal(&format!("Exception deleting job {job_id}"), e))?
+            .ok_or_else(|| ApiError::not_found(format!("Job {job_id} not found")))?;
+        if owner.as_deref() != caller.token.as_deref() {
+            tracing::warn!(
+                owner = owner.as_deref(),
+                "refused: deleting another token's job"
+            );
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "Job {job_id} was not submitted by this token; only its submitter or an admin token may delete it"
+                ),
+            ));
+        }
+    }
     if let Some(scout) = &app.scout {
         cancel_unshared(&app, scout, job_id).await;
     }

@@ -390,10 +390,11 @@ async fn insert_sqlite(
     // The batch travels as one JSON array per statement: one round trip however large.
     const JOBS: &str = "INSERT INTO jobs (job_id, notify_url, request_obs, state, total_files, \
                                           created_ms, updated_ms, next_stage_ms, expires_ms, \
-                                          lease_owner, lease_until_ms) \
+                                          lease_owner, lease_until_ms, submitted_by) \
          SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), \
                 json_extract(value, '$[2]'), json_extract(value, '$[3]'), \
-                json_extract(value, '$[4]'), $2, $2, $5, $3, $4, $5 \
+                json_extract(value, '$[4]'), $2, $2, $5, $3, $4, $5, \
+                json_extract(value, '$[5]') \
          FROM json_each($1) WHERE true \
          ON CONFLICT (job_id) DO NOTHING RETURNING job_id";
     const FILES: &str = "INSERT INTO job_files (job_id, path) \
@@ -408,6 +409,7 @@ async fn insert_sqlite(
                 &j.obs,
                 initial_state(j).as_str(),
                 j.files.len(),
+                &j.submitted_by,
             )
         })
         .collect();
@@ -454,10 +456,11 @@ async fn insert_postgres(
     const SQL: &str = "WITH j AS ( \
              INSERT INTO jobs (job_id, notify_url, request_obs, state, total_files, \
                                created_ms, updated_ms, next_stage_ms, expires_ms, \
-                               lease_owner, lease_until_ms) \
-             SELECT u.id, u.url, u.obs, u.state, u.total, $6, $6, $11, $7, $10, $11 \
-             FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[]) \
-                  AS u(id, url, obs, state, total) \
+                               lease_owner, lease_until_ms, submitted_by) \
+             SELECT u.id, u.url, u.obs, u.state, u.total, $6, $6, $11, $7, $10, $11, u.owner \
+             FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], \
+                         $12::text[]) \
+                  AS u(id, url, obs, state, total, owner) \
              ON CONFLICT (job_id) DO NOTHING RETURNING job_id), \
          f AS ( \
              INSERT INTO job_files (job_id, path) \
@@ -470,6 +473,7 @@ async fn insert_postgres(
     let obs: Vec<Option<&str>> = jobs.iter().map(|j| j.obs.as_deref()).collect();
     let states: Vec<&str> = jobs.iter().map(|j| initial_state(j).as_str()).collect();
     let totals: Vec<i64> = jobs.iter().map(|j| j.files.len() as i64).collect();
+    let owners: Vec<Option<&str>> = jobs.iter().map(|j| j.submitted_by.as_deref()).collect();
     let (file_jobs, file_paths): (Vec<i64>, Vec<&str>) = jobs
         .iter()
         .flat_map(|j| j.files.iter().map(move |f| (j.job_id, f.as_str())))
@@ -487,6 +491,7 @@ async fn insert_postgres(
         .bind(file_paths)
         .bind(stamp.owner)
         .bind(stamp.lease_until)
+        .bind(owners)
         .fetch_all(conn)
         .await?
         .into_iter()

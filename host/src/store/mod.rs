@@ -154,6 +154,8 @@ pub struct NewJob {
     pub files: Vec<String>,
     /// The request's observation, as JSON text, when it gave one and no files.
     pub obs: Option<String>,
+    /// The name of the API token that submitted it (none with auth off).
+    pub submitted_by: Option<String>,
 }
 
 /// Counts for one job, as `GET /staging/` and `/get_joblist/` report them.
@@ -448,6 +450,17 @@ impl Store {
                 .fetch_one(p)
                 .await?);
         Ok(n > 0)
+    }
+
+    /// Which token submitted a job: `None` if there is no such job, `Some(None)` if it was
+    /// submitted with auth off.
+    pub async fn job_owner(&self, job_id: i64) -> Result<Option<Option<String>>, StoreError> {
+        let owner: Option<Option<String>> = with_pool!(&self.backend, p =>
+            sqlx::query_scalar("SELECT submitted_by FROM jobs WHERE job_id = $1")
+                .bind(job_id)
+                .fetch_optional(p)
+                .await?);
+        Ok(owner)
     }
 
     /// The counts of one job, or `None` if there is no such job.

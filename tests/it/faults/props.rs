@@ -566,6 +566,7 @@ fn the_consumer_counts_every_malformed_body_and_goes_on() {
                 notify_url: "http://127.0.0.1:9/cb".into(),
                 files: vec!["props/last".into()],
                 obs: None,
+                submitted_by: None,
             })
             .await
             .unwrap();
@@ -794,12 +795,22 @@ fn example_config() -> toml::Table {
     let mut table: toml::Table = text.parse().expect("the example config is TOML");
     fn inline_secrets(t: &mut toml::Table) {
         for (_, v) in t.iter_mut() {
-            if let toml::Value::Table(inner) = v {
-                if inner.len() == 1 && inner.contains_key("env") {
-                    *v = toml::Value::String("secret".into());
-                } else {
-                    inline_secrets(inner);
+            match v {
+                toml::Value::Table(inner) => match inner.get("env") {
+                    // Unique and long enough for an API token's secret.
+                    Some(toml::Value::String(env)) if inner.len() == 1 => {
+                        *v = toml::Value::String(format!("secret-of-{env}"));
+                    }
+                    _ => inline_secrets(inner),
+                },
+                toml::Value::Array(items) => {
+                    for item in items {
+                        if let toml::Value::Table(inner) = item {
+                            inline_secrets(inner);
+                        }
+                    }
                 }
+                _ => {}
             }
         }
     }
