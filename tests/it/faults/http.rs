@@ -754,3 +754,131 @@ async fn accept_errors_back_off_instead_of_spinning() {
     assert!(used < 1.0, "{used:.2} CPU seconds in 3 s of accept errors");
     assert_eq!(status.ok(), Some(202), "{log}");
 }
+
+/// The real daemon with its default `[server]` bounds under systemd's usual open-file limit
+/// (1,024): 2,000 idle connections, twice what it can hold, and 100 slowloris heads
+/// trickling a byte every 500 ms, while another client posts 40 jobs. Each is acknowledged
+/// and stored, about as fast as with nobody else connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_idle_connections_and_slowloris_do_not_hold_up_others() {
+    const IDLE: usize = 2000;
+    const LORISES: usize = 100;
+    raise_own_file_limit((IDLE + LORISES + 512) as u64);
+    let db = TestDb::new(Kind::Sqlite).await;
+    let daemon = start_daemon(db.dir.path(), "", Some(1024)).await;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let post = async |id: i64| {
+        let started = Instant::now();
+        let r = http
+            .post(format!("{}/staging/", daemon.base))
+            .json(&files_job(id, [format!("mwa/{id}/a.fits")], NO_CALLBACK))
+            .send()
+            .await;
+        match r {
+            Ok(r) if r.status() == 202 => started.elapsed(),
+            other => panic!("job {id}: {other:?}; daemon log:\n{}", daemon.log_text()),
+        }
+    };
+    let mut quiet = Vec::new();
+    for id in 1..=20 {
+        quiet.push(post(id).await);
+    }
+
+    let idle = open_idle(daemon.addr, IDLE).await;
+    let mut lorises = open_idle(daemon.addr, LORISES).await;
+    for s in &mut lorises {
+        let _ = s.write_all(b"POST /staging/ HTTP/1.1\r\nHost: x\r\n").await;
+    }
+    let trickle = tokio::spawn(async move {
+        let deadline = Instant::now() + Duration::from_secs(8);
+        while Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            for s in &mut lorises {
+                let _ = s.write_all(b"X").await;
+            }
+        }
+        lorises
+    });
+    let mut loaded = Vec::new();
+    for id in 101..=140 {
+        loaded.push(post(id).await);
+    }
+    let lorises = trickle.await.unwrap();
+
+    let mut stored = 0u64;
+    for id in (1..=20).chain(101..=140) {
+        let r = http
+            .get(format!("{}/staging/?job_id={id}", daemon.base))
+            .send()
+            .await
+            .unwrap();
+        stored += u64::from(r.status() == 200);
+    }
+    let closed = idle.iter().filter(|s| is_closed_now(s)).count();
+    let (q50, qmax) = p50_max(&mut quiet);
+    let (l50, lmax) = p50_max(&mut loaded);
+    println!(
+        "file limit 1024, {IDLE} idle + {LORISES} slowloris connections ({closed} idle closed by the daemon): \
+         POST p50 {q50:?} / max {qmax:?} alone, p50 {l50:?} / max {lmax:?} under load"
+    );
+    let row = Row {
+        fault: "http 2,000 idle and 100 slowloris connections",
+        backend: "sqlite",
+        acknowledged: 60,
+        stored,
+        called_back: 0,
+        lost: 60 - stored,
+    };
+    ledger::record(&row);
+    assert_eq!(row.lost, 0, "{row:?}");
+    assert!(
+        lmax < Duration::from_secs(2),
+        "slowest POST under load {lmax:?}"
+    );
+    // The cap (the limit less reserved_fds) held: the oldest idle connections were closed
+    // to let the others in, and no accept failed for want of a file descriptor.
+    assert!(
+        closed >= IDLE - 1024,
+        "only {closed} of {IDLE} idle connections closed"
+    );
+    assert!(
+        !daemon.log_text().contains("Too many open files"),
+        "{}",
+        daemon.log_text()
+    );
+    drop((idle, lorises));
+}
+
+fn p50_max(v: &mut [Duration]) -> (Duration, Duration) {
+    v.sort();
+    (v[v.len() / 2], v[v.len() - 1])
+}
+
+/// This test process holds thousands of sockets: lifts its own open-file limit (as root
+/// the hard limit too) when it is lower.
+fn raise_own_file_limit(want: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write and read only the struct passed.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        if lim.rlim_cur as u64 >= want {
+            return;
+        }
+        lim.rlim_cur = want as libc::rlim_t;
+        if (lim.rlim_max as u64) < want {
+            lim.rlim_max = want as libc::rlim_t;
+        }
+        assert_eq!(
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim),
+            0,
+            "cannot raise this test's open-file limit to {want}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
