@@ -185,6 +185,34 @@ pub struct DatabaseConfig {
     /// `max_page_count` on every connection; 0 leaves SQLite's own limit. Beyond it writes
     /// fail as on a full disk: new jobs get 500, nothing acknowledged is lost.
     pub sqlite_max_pages: u64,
+    /// PostgreSQL only: how the server's TLS certificate is checked. "auto": `verify-full`
+    /// for a server on another host, `prefer` (encrypted if the server offers it,
+    /// unverified) for one on loopback or a Unix socket; or libpq's `disable`, `prefer`,
+    /// `require`, `verify-ca`, `verify-full`. An `sslmode` in the URL is refused beside a
+    /// value here other than "auto".
+    pub sslmode: PgSslMode,
+    /// PostgreSQL only: the CA certificates (PEM) the server's certificate must chain to
+    /// when verified; without it, the system's roots.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// `database.sslmode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PgSslMode {
+    Auto,
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl PgSslMode {
+    /// Whether the server's certificate is checked against a CA.
+    pub fn verifies(self) -> bool {
+        matches!(self, PgSslMode::VerifyCa | PgSslMode::VerifyFull)
+    }
 }
 
 impl Default for DatabaseConfig {
@@ -198,6 +226,8 @@ impl Default for DatabaseConfig {
             // Two writers made batches half as large: 10-25 % fewer jobs/s on the bench.
             intake_writers: 1,
             sqlite_max_pages: 0,
+            sslmode: PgSslMode::Auto,
+            ca_file: None,
         }
     }
 }
@@ -213,6 +243,8 @@ impl fmt::Debug for DatabaseConfig {
             .field("intake_batch_max", &self.intake_batch_max)
             .field("intake_writers", &self.intake_writers)
             .field("sqlite_max_pages", &self.sqlite_max_pages)
+            .field("sslmode", &self.sslmode)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
@@ -755,6 +787,11 @@ impl Config {
         if db.intake_writers == 0 {
             bail!("database.intake_writers: must be at least 1");
         }
+        if let Some(ca) = &db.ca_file
+            && let Err(e) = std::fs::metadata(ca)
+        {
+            bail!("database.ca_file: cannot read {}: {e}", ca.display());
+        }
         if db.max_connections < 2 {
             bail!("database.max_connections: must be at least 2");
         }
@@ -976,6 +1013,12 @@ impl Config {
                     .into(),
             );
         }
+        if let Some(mode) = self.pg_unverified_remote() {
+            w.push(format!(
+                "the PostgreSQL server is on another host and sslmode is {mode}: its certificate is not checked, \
+                 so anyone on the path could read the database password and the jobs (use verify-full)"
+            ));
+        }
         if self.scout.insecure_skip_tls_verify {
             w.push(
                 "scout.insecure_skip_tls_verify = true: Scout's certificate is not checked, so anyone on the path can read the Scout password"
@@ -990,6 +1033,43 @@ impl Config {
             );
         }
         w
+    }
+
+    /// The sslmode in force when PostgreSQL is on another host and its certificate goes
+    /// unchecked.
+    fn pg_unverified_remote(&self) -> Option<String> {
+        let url = url::Url::parse(&self.database.url).ok()?;
+        if !matches!(url.scheme(), "postgres" | "postgresql") {
+            return None;
+        }
+        let host = url.host_str().unwrap_or("");
+        let local = host.is_empty()
+            || host.eq_ignore_ascii_case("localhost")
+            || host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+            || url
+                .query_pairs()
+                .any(|(k, v)| k == "host" && v.starts_with('/'));
+        if local {
+            return None;
+        }
+        let in_url = url
+            .query_pairs()
+            .find(|(k, _)| k == "sslmode")
+            .map(|(_, v)| v.into_owned());
+        match (in_url, self.database.sslmode) {
+            (Some(m), _) if !matches!(m.as_str(), "verify-ca" | "verify-full") => Some(m),
+            (None, m) if m != PgSslMode::Auto && !m.verifies() => Some(
+                serde_json::to_value(m)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+            ),
+            _ => None,
+        }
     }
 
     /// The effective configuration as TOML, secrets and URL passwords redacted.

@@ -222,6 +222,16 @@ impl std::fmt::Debug for Cluster {
 impl Cluster {
     /// Creates and starts a server; blocks for the seconds that takes.
     pub fn start() -> Result<Cluster, PgError> {
+        Self::start_with(None)
+    }
+
+    /// Like [`start`](Self::start), serving TLS (`ssl = on`) with this certificate chain and
+    /// private key (PEM).
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Result<Cluster, PgError> {
+        Self::start_with(Some((cert_pem, key_pem)))
+    }
+
+    fn start_with(tls: Option<(&str, &str)>) -> Result<Cluster, PgError> {
         let bin = server_bin_dir().ok_or(PgError::NotInstalled)?;
         let run_as = running_as_root().then_some("postgres");
         let dir = std::env::temp_dir().join(format!(
@@ -255,6 +265,9 @@ impl Cluster {
             "--locale=C",
             "--no-sync",
         ]))?;
+        if let Some((cert, key)) = tls {
+            cluster.enable_tls(cert, key)?;
+        }
         // A free port may be taken between looking and binding: try a few.
         let mut last = None;
         for _ in 0..5 {
@@ -280,6 +293,31 @@ impl Cluster {
     /// Restarts the server on the same port (stopping it at once first if it runs).
     pub fn restart(&self) -> Result<(), PgError> {
         self.pg_ctl("restart")
+    }
+
+    /// Writes the certificate and key into the data directory (the key readable by the
+    /// server's user only, as PostgreSQL demands) and turns `ssl` on.
+    fn enable_tls(&self, cert: &str, key: &str) -> Result<(), PgError> {
+        use std::os::unix::fs::PermissionsExt;
+        let data = self.dir.join("data");
+        let write = |name: &str, text: &str| -> Result<(), PgError> {
+            let path = data.join(name);
+            std::fs::write(&path, text).map_err(|e| cluster_error("writing the TLS files", e))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| cluster_error("chmod of the TLS files", e))?;
+            if let Some(user) = self.run_as {
+                run(Command::new("chown").arg(user).arg(&path))?;
+            }
+            Ok(())
+        };
+        write("server.crt", cert)?;
+        write("server.key", key)?;
+        let conf = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf)
+            .map_err(|e| cluster_error("reading postgresql.conf", e))?;
+        text.push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        std::fs::write(&conf, text).map_err(|e| cluster_error("writing postgresql.conf", e))?;
+        Ok(())
     }
 
     fn data(&self) -> String {

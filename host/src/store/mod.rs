@@ -41,7 +41,7 @@ use sqlx::sqlite::{
 };
 use thiserror::Error;
 
-use crate::config::{DatabaseConfig, JobsConfig, SqliteSync, redact_url};
+use crate::config::{DatabaseConfig, JobsConfig, PgSslMode, SqliteSync, redact_url};
 #[cfg(any(test, feature = "test-support"))]
 pub use engine::HistoryRow;
 pub use engine::{
@@ -223,6 +223,10 @@ pub struct StoreOptions {
     /// How long a claim on a job or callback lasts (`jobs.lease_secs`); a daemon that dies
     /// holding one loses it after this.
     pub lease: Duration,
+    /// PostgreSQL: how the server's certificate is checked (`database.sslmode`).
+    pub pg_sslmode: PgSslMode,
+    /// PostgreSQL: the CA file for that check (`database.ca_file`).
+    pub pg_ca_file: Option<std::path::PathBuf>,
 }
 
 impl StoreOptions {
@@ -238,6 +242,8 @@ impl StoreOptions {
             sqlite_max_pages: db.sqlite_max_pages,
             expiry: Duration::from_secs(jobs.expiry_secs),
             lease: Duration::from_secs(jobs.lease_secs),
+            pg_sslmode: db.sslmode,
+            pg_ca_file: db.ca_file.clone(),
         }
     }
 
@@ -621,6 +627,17 @@ async fn connect(opts: &StoreOptions) -> Result<(Backend, Backend), StoreError> 
         if let Some(pw) = &opts.password {
             connect = connect.password(pw);
         }
+        connect = pg_tls(
+            connect,
+            &opts.url,
+            opts.pg_sslmode,
+            opts.pg_ca_file.as_deref(),
+        )?;
+        tracing::info!(
+            host = connect.get_host(),
+            sslmode = ?connect.get_ssl_mode(),
+            "PostgreSQL connection"
+        );
         // Tables here swing from empty to hundreds of thousands of rows within minutes. A
         // generic plan cached while a table was small keeps its sequential scans after it
         // grew (a 64-row update by key took 10 ms on 100,000 jobs); planning every execution
@@ -647,6 +664,60 @@ async fn connect(opts: &StoreOptions) -> Result<(Backend, Backend), StoreError> 
     } else {
         Err(bad_url("expected sqlite:// or postgres://".into()))
     }
+}
+
+/// Applies `database.sslmode` and `database.ca_file` to the connection options (see
+/// [`PgSslMode`]): "auto" verifies the certificate of any server that is not on this
+/// machine.
+fn pg_tls(
+    connect: PgConnectOptions,
+    url: &str,
+    mode: PgSslMode,
+    ca_file: Option<&std::path::Path>,
+) -> Result<PgConnectOptions, StoreError> {
+    use sqlx::postgres::PgSslMode as Sqlx;
+    let in_url = url::Url::parse(url)
+        .map(|u| u.query_pairs().any(|(k, _)| k == "sslmode"))
+        .unwrap_or(false);
+    let chosen = match (mode, in_url) {
+        (PgSslMode::Auto, true) => None,
+        (_, true) => {
+            return Err(StoreError::BadUrl {
+                url: redact_url(url),
+                reason: "it gives an sslmode and so does database.sslmode: give one".into(),
+            });
+        }
+        (PgSslMode::Auto, false) if pg_host_is_local(&connect) => Some(Sqlx::Prefer),
+        (PgSslMode::Auto, false) => Some(Sqlx::VerifyFull),
+        (PgSslMode::Disable, _) => Some(Sqlx::Disable),
+        (PgSslMode::Prefer, _) => Some(Sqlx::Prefer),
+        (PgSslMode::Require, _) => Some(Sqlx::Require),
+        (PgSslMode::VerifyCa, _) => Some(Sqlx::VerifyCa),
+        (PgSslMode::VerifyFull, _) => Some(Sqlx::VerifyFull),
+    };
+    let mut connect = match chosen {
+        Some(m) => connect.ssl_mode(m),
+        None => connect,
+    };
+    if let Some(ca) = ca_file {
+        connect = connect.ssl_root_cert(ca);
+    }
+    Ok(connect)
+}
+
+/// A Unix socket, `localhost` or a loopback address: a link no one else is on.
+fn pg_host_is_local(connect: &PgConnectOptions) -> bool {
+    if connect.get_socket().is_some() {
+        return true;
+    }
+    let host = connect.get_host();
+    host.starts_with('/')
+        || host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 async fn migrate(backend: &Backend) -> Result<(), StoreError> {
