@@ -26,6 +26,8 @@ pub struct Server {
     pub store: Store,
     /// The telescope adapter in service (hot-swappable).
     pub adapters: Adapters,
+    /// The API's TLS certificate, with `[server.tls]` (reloadable).
+    pub tls: Option<api::tls::Tls>,
     /// Reloads the adapter on SIGHUP while the server runs.
     reload_on_hup: JoinHandle<()>,
     stop: Option<oneshot::Sender<()>>,
@@ -46,6 +48,8 @@ pub async fn start(config: &Config) -> anyhow::Result<Server> {
     let adapters = Adapters::from_config(&config.adapter)
         .await
         .context("loading the telescope adapter")?;
+    let tls = config.server.tls.as_ref().map(api::tls::Tls::from_config);
+    let tls = tls.transpose().context("loading [server.tls]")?;
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("listening on {}", config.server.listen))?;
@@ -82,17 +86,24 @@ pub async fn start(config: &Config) -> anyhow::Result<Server> {
     let app = api::router(state);
     let (stop, stopped) = oneshot::channel::<()>();
     let bounds = api::serve::Bounds::from_config(&config.server);
-    let task = tokio::spawn(api::serve::serve(listener, app, bounds, async {
-        let _ = stopped.await;
-    }));
+    let task = tokio::spawn(api::serve::serve(
+        listener,
+        app,
+        bounds,
+        tls.clone(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
     tracing::info!(%addr, store = store.backend_name(), "staged is listening");
     // Caught even with no adapter to reload: SIGHUP's default action would end the daemon,
     // and a service manager's reload must not.
-    let reload_on_hup = reload_on_sighup(adapters.clone());
+    let reload_on_hup = reload_on_sighup(adapters.clone(), tls.clone());
     Ok(Server {
         addr,
         store,
         adapters,
+        tls,
         reload_on_hup,
         stop: Some(stop),
         task,
@@ -141,9 +152,9 @@ impl Server {
     }
 }
 
-/// Reloads the adapter on every SIGHUP, telling systemd (RELOADING=1, then READY=1); a
-/// failed reload keeps the adapter in service (the reload logs why).
-fn reload_on_sighup(adapters: Adapters) -> JoinHandle<()> {
+/// Reloads the adapter (and the TLS certificate) on every SIGHUP, telling systemd
+/// (RELOADING=1, then READY=1); a failed reload keeps what is in service (the reload logs why).
+fn reload_on_sighup(adapters: Adapters, tls: Option<api::tls::Tls>) -> JoinHandle<()> {
     tokio::spawn(async move {
         #[cfg(unix)]
         {
@@ -163,11 +174,14 @@ fn reload_on_sighup(adapters: Adapters) -> JoinHandle<()> {
                 } else {
                     tracing::info!("SIGHUP: no adapter is configured; nothing to reload");
                 }
+                if let Some(tls) = &tls {
+                    let _ = tls.reload();
+                }
                 crate::systemd::ready();
             }
         }
         #[cfg(not(unix))]
-        drop(adapters);
+        drop((adapters, tls));
     })
 }
 

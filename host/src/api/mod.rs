@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod models;
 pub mod serve;
 mod staging;
+pub mod tls;
 
 use std::path::PathBuf;
 use std::sync::Arc;
