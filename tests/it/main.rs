@@ -17,3 +17,4 @@ mod process;
 mod scout;
 mod store;
 mod systemd;
+mod tls;
