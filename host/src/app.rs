@@ -26,6 +26,8 @@ pub struct Server {
     pub store: Store,
     /// The telescope adapter in service (hot-swappable).
     pub adapters: Adapters,
+    /// The API's TLS certificate, with `[server.tls]` (reloadable).
+    pub tls: Option<api::tls::Tls>,
     /// Reloads the adapter on SIGHUP while the server runs.
     reload_on_hup: JoinHandle<()>,
     stop: Option<oneshot::Sender<()>>,
@@ -57,6 +59,8 @@ pub async fn start(config: &Config) -> anyhow::Result<Server> {
     let adapters = Adapters::from_config(&config.adapter)
         .await
         .context("loading the telescope adapter")?;
+    let tls = config.server.tls.as_ref().map(api::tls::Tls::from_config);
+    let tls = tls.transpose().context("loading [server.tls]")?;
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("listening on {}", config.server.listen))?;
@@ -94,17 +98,25 @@ pub async fn start(config: &Config) -> anyhow::Result<Server> {
     let app = api::router(state);
     let (stop, stopped) = oneshot::channel::<()>();
     let bounds = api::serve::Bounds::from_config(&config.server);
-    let task = tokio::spawn(api::serve::serve(listener, app, bounds, async {
-        let _ = stopped.await;
-    }));
+    let task = tokio::spawn(api::serve::serve(
+        listener,
+        app,
+        bounds,
+        tls.clone(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
     tracing::info!(%addr, store = store.backend_name(), "staged is listening");
     // Caught even with no adapter to reload: SIGHUP's default action would end the daemon,
     // and a service manager's reload must not.
-    let reload_on_hup = reload_on_sighup(adapters.clone(), auth, config.source.clone());
+    let reload_on_hup =
+        reload_on_sighup(adapters.clone(), tls.clone(), auth, config.source.clone());
     Ok(Server {
         addr,
         store,
         adapters,
+        tls,
         reload_on_hup,
         stop: Some(stop),
         task,
@@ -153,11 +165,13 @@ impl Server {
     }
 }
 
-/// On every SIGHUP, reloads the adapter and reads the config file again for its API tokens,
-/// telling systemd (RELOADING=1, then READY=1). A failed reload keeps what is in service
-/// (and logs why); other changes to the file take effect at the next start.
+/// On every SIGHUP, reloads the adapter and the TLS certificate, and reads the config file
+/// again for its API tokens, telling systemd (RELOADING=1, then READY=1). A failed reload
+/// keeps what is in service (and logs why); other changes to the file take effect at the
+/// next start.
 fn reload_on_sighup(
     adapters: Adapters,
+    tls: Option<api::tls::Tls>,
     auth: api::access::Auth,
     source: Option<std::path::PathBuf>,
 ) -> JoinHandle<()> {
@@ -180,6 +194,9 @@ fn reload_on_sighup(
                 } else {
                     tracing::info!("SIGHUP: no adapter is configured; nothing to reload");
                 }
+                if let Some(tls) = &tls {
+                    let _ = tls.reload();
+                }
                 if let Some(path) = &source {
                     reload_tokens(&auth, path);
                 }
@@ -187,7 +204,7 @@ fn reload_on_sighup(
             }
         }
         #[cfg(not(unix))]
-        drop((adapters, auth, source));
+        drop((adapters, tls, auth, source));
     })
 }
 

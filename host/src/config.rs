@@ -48,6 +48,8 @@ pub struct Config {
 pub struct ServerConfig {
     /// Address the HTTP API listens on.
     pub listen: SocketAddr,
+    /// `[server.tls]`: HTTPS on `listen` instead of plain HTTP. Absent: plain HTTP.
+    pub tls: Option<TlsConfig>,
     /// Largest request body accepted, in bytes; larger bodies get 413.
     pub max_body_bytes: usize,
     /// Most files one job may name; more is refused with 400.
@@ -140,6 +142,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            tls: None,
             max_body_bytes: 64 * 1024 * 1024,
             max_files_per_job: 500_000,
             max_filestatus_files: 1000,
@@ -159,6 +162,55 @@ impl Default for ServerConfig {
             allow_unauthenticated: false,
             auth: AuthConfig::default(),
         }
+    }
+}
+
+/// `[server.tls]`: the API's own TLS. The files are read at start (a bad one stops the
+/// start), again on SIGHUP, and whenever their modification time changes.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain, the server's own certificate first. Required.
+    pub cert: PathBuf,
+    /// PEM private key of that certificate (PKCS#8, PKCS#1 or SEC1). Required.
+    pub key: PathBuf,
+    /// PEM file of the CAs client certificates are verified against. Unset: no client
+    /// certificate is asked for.
+    pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: refuse a client without a certificate it signed. False: a client may
+    /// connect without one (and authenticate by token); one it presents is still verified.
+    pub client_cert_required: bool,
+    /// Seconds between looks at the files' modification times (a change reloads them);
+    /// 0: only SIGHUP reloads.
+    pub watch_interval_secs: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            client_ca: None,
+            client_cert_required: false,
+            watch_interval_secs: 5,
+        }
+    }
+}
+
+impl TlsConfig {
+    /// Checks what types alone cannot; the files themselves are read by
+    /// `api::tls::Tls::from_config`, which names the key and the file of any problem.
+    fn check(&self) -> anyhow::Result<()> {
+        if self.cert.as_os_str().is_empty() {
+            bail!("server.tls.cert: required (a PEM certificate chain)");
+        }
+        if self.key.as_os_str().is_empty() {
+            bail!("server.tls.key: required (the certificate's PEM private key)");
+        }
+        if self.client_cert_required && self.client_ca.is_none() {
+            bail!("server.tls.client_cert_required: needs server.tls.client_ca to verify against");
+        }
+        Ok(())
     }
 }
 
@@ -846,6 +898,9 @@ impl Config {
             );
         }
         crate::auth::check_config(&srv.auth)?;
+        if let Some(tls) = &srv.tls {
+            tls.check()?;
+        }
         self.adapter.check().context("adapter")?;
         for node in &self.scout.nodes {
             check_http_url(node).with_context(|| format!("scout.nodes: {node:?}"))?;
@@ -881,6 +936,13 @@ impl Config {
             ("server.body_timeout_secs", self.server.body_timeout_secs),
             ("server.idle_timeout_secs", self.server.idle_timeout_secs),
             ("server.drain_timeout_secs", self.server.drain_timeout_secs),
+            (
+                "server.tls.watch_interval_secs",
+                self.server
+                    .tls
+                    .as_ref()
+                    .map_or(0, |t| t.watch_interval_secs),
+            ),
             ("jobs.restage_interval_secs", j.restage_interval_secs),
             ("jobs.expiry_secs", j.expiry_secs),
             ("jobs.sweep_interval_secs", j.sweep_interval_secs),
@@ -1316,6 +1378,35 @@ mod tests {
                 format!("{err:#}").contains("jobs.poll_interval_ms"),
                 "{text}: {err:#}"
             );
+        }
+    }
+
+    #[test]
+    fn the_tls_section_is_checked() {
+        assert!(Config::parse("").unwrap().server.tls.is_none());
+        let c = Config::parse("[server.tls]\ncert = \"/c.pem\"\nkey = \"/k.pem\"\n").unwrap();
+        let tls = c.server.tls.unwrap();
+        assert_eq!(tls.cert, Path::new("/c.pem"));
+        assert!(tls.client_ca.is_none() && !tls.client_cert_required);
+        assert_eq!(tls.watch_interval_secs, 5);
+        for (text, key) in [
+            ("[server.tls]\nkey = \"/k.pem\"\n", "server.tls.cert"),
+            ("[server.tls]\ncert = \"/c.pem\"\n", "server.tls.key"),
+            (
+                "[server.tls]\ncert = \"/c\"\nkey = \"/k\"\nclient_cert_required = true\n",
+                "server.tls.client_cert_required",
+            ),
+            (
+                "[server.tls]\ncert = \"/c\"\nkey = \"/k\"\nwatch_interval_secs = 18446744073709551615\n",
+                "server.tls.watch_interval_secs",
+            ),
+            (
+                "[server.tls]\ncert = \"/c\"\nkey = \"/k\"\nciphers = 1\n",
+                "ciphers",
+            ),
+        ] {
+            let err = Config::parse(text).unwrap_err();
+            assert!(format!("{err:#}").contains(key), "{text}: {err:#}");
         }
     }
 

@@ -1,7 +1,7 @@
 //! The `staged` command line.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -213,6 +213,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::CheckConfig { common } => {
             let config = common.load()?;
+            // The files are read as `serve` reads them, so a bad one fails here, not at start.
+            if let Some(tls) = &config.server.tls {
+                let file = common.config.as_deref().unwrap_or(Path::new("")).display();
+                staged::api::tls::Tls::from_config(tls)
+                    .with_context(|| format!("[server.tls] in config file {file}"))?;
+            }
             print!("{}", config.redacted_toml()?);
             for warning in config.warnings() {
                 eprintln!("warning: {warning}");

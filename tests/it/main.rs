@@ -18,3 +18,4 @@ mod process;
 mod scout;
 mod store;
 mod systemd;
+mod tls;

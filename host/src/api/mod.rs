@@ -16,6 +16,7 @@ pub mod models;
 mod rate_limit;
 pub mod serve;
 mod staging;
+pub mod tls;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -9,9 +9,12 @@
 //!   wait in the kernel's backlog. Accept errors (`EMFILE` and the like) back off instead
 //!   of spinning, and are logged at most once every 10 s, with their count.
 //! - **time**: a request head must arrive within `header_timeout_secs` of the connection
-//!   being ready for it (hyper's header timer, so slowloris heads are closed); a body must be
-//!   read within `body_timeout_secs` (408); a connection with nothing in hand and no bytes
-//!   moving is closed after `idle_timeout_secs`.
+//!   being ready for it (hyper's header timer, so slowloris heads are closed); with
+//!   `[server.tls]`, the TLS handshake before it must finish within the same time, holding
+//!   its slot under the cap meanwhile (a client that never sends its hello is closed then,
+//!   one that speaks plain HTTP at its first bytes); a body must be read within
+//!   `body_timeout_secs` (408); a connection with nothing in hand and no bytes moving is
+//!   closed after `idle_timeout_secs`.
 //! - **memory**: request bodies held at once are charged to one budget
 //!   (`body_budget_bytes`): an announced length is reserved before the handler runs, a
 //!   chunked body as it arrives; what does not fit gets 503 with `Retry-After`. The charge is
@@ -24,7 +27,7 @@
 //!   whole body before reading sees the answer rather than a reset.
 //!
 //! HTTP/1.1 only, like the original service (uvicorn); hyper's HTTP/2 has no header or body
-//! timers to bound it with.
+//! timers to bound it with. Over TLS too: ALPN offers only `http/1.1` (see [`super::tls`]).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -48,7 +51,11 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tower::ServiceExt;
 
 use super::ApiError;
+use super::tls::{PeerCertName, Tls};
 use crate::config::ServerConfig;
+
+mod stream;
+use stream::Stream;
 
 /// Seconds a client is asked to wait after a 503 for lack of body budget: about the time a
 /// large body takes to read and store.
@@ -185,14 +192,17 @@ impl ConnState {
     }
 }
 
-/// Serves `router` on `listener` until `stop` resolves, then lets every connection finish
-/// its request in hand and returns once all are closed.
+/// Serves `router` on `listener` (over TLS with `tls`, whose files are watched meanwhile)
+/// until `stop` resolves, then lets every connection finish its request in hand and returns
+/// once all are closed.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     bounds: Bounds,
+    tls: Option<Tls>,
     stop: impl Future<Output = ()>,
 ) -> io::Result<()> {
+    let _watch = tls.as_ref().and_then(Tls::watch).map(AbortOnDrop);
     let slots = Arc::new(Semaphore::new(bounds.connection_cap));
     let shared = Arc::new(Shared {
         budget: Arc::new(Semaphore::new(
@@ -207,6 +217,7 @@ pub async fn serve(
     tracing::info!(
         connection_cap = shared.bounds.connection_cap,
         body_budget_bytes = shared.bounds.body_budget_bytes,
+        tls = tls.is_some(),
         "HTTP server bounds"
     );
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -288,6 +299,7 @@ pub async fn serve(
             stream,
             permit,
             stopping.clone(),
+            tls.clone(),
         );
     }
     drop(listener);
@@ -318,6 +330,15 @@ fn is_connection_error(e: &io::Error) -> bool {
     )
 }
 
+/// Aborts a task when dropped, so that it ends with the function that started it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 fn spawn_connection(
     shared: &Arc<Shared>,
     http: &hyper::server::conn::http1::Builder,
@@ -325,6 +346,7 @@ fn spawn_connection(
     stream: TcpStream,
     permit: OwnedSemaphorePermit,
     mut stopping: watch::Receiver<bool>,
+    tls: Option<Tls>,
 ) {
     let state = Arc::new(ConnState {
         in_service: AtomicUsize::new(0),
@@ -340,28 +362,38 @@ fn spawn_connection(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .insert(id, state.clone());
-    let io = Io {
-        stream: Some(stream),
-        permit: Some(permit),
-        conn: state.clone(),
-        shared: shared.clone(),
-        heads_seen: 0,
-        pending: Vec::new(),
-        pending_pos: 0,
-        saw_eof: false,
-    };
-    let service = Service {
-        router,
-        conn: state.clone(),
-        shared: shared.clone(),
-    };
-    let conn = http.serve_connection(TokioIo::new(io), service);
+    let http = http.clone();
     let shared = shared.clone();
     tokio::spawn(async move {
         let _registered = Registered {
             shared: shared.clone(),
             id,
         };
+        let (stream, peer) = match tls {
+            None => (Stream::Plain(stream), None),
+            Some(tls) => match handshake(&tls, stream, &state, &shared, &mut stopping).await {
+                Some((stream, peer)) => (Stream::Tls(Box::new(stream)), peer),
+                // The slot is given back as the socket closes.
+                None => return,
+            },
+        };
+        let io = Io {
+            stream: Some(stream),
+            permit: Some(permit),
+            conn: state.clone(),
+            shared: shared.clone(),
+            heads_seen: 0,
+            pending: Vec::new(),
+            pending_pos: 0,
+            saw_eof: false,
+        };
+        let service = Service {
+            router,
+            conn: state.clone(),
+            shared: shared.clone(),
+            peer,
+        };
+        let conn = http.serve_connection(TokioIo::new(io), service);
         tokio::pin!(conn);
         let idle = shared.bounds.idle_timeout;
         let mut graceful = *stopping.borrow();
@@ -409,6 +441,44 @@ fn spawn_connection(
     });
 }
 
+/// The server side of a TLS handshake, bounded by the header timeout; `None` (logged at
+/// debug) when it failed (a client that does not speak TLS among them), took too long, or
+/// the connection was chosen to make room or the server is stopping.
+async fn handshake(
+    tls: &Tls,
+    stream: TcpStream,
+    state: &ConnState,
+    shared: &Shared,
+    stopping: &mut watch::Receiver<bool>,
+) -> Option<(
+    tokio_rustls::server::TlsStream<TcpStream>,
+    Option<PeerCertName>,
+)> {
+    let timeout = shared.bounds.header_timeout;
+    tokio::select! {
+        done = tokio::time::timeout(timeout, tls.accept(stream)) => match done {
+            Ok(Ok(accepted)) => {
+                // The request head's own timer starts now.
+                state.touch(shared);
+                Some(accepted)
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(?timeout, "TLS handshake not finished within the header timeout");
+                None
+            }
+        },
+        _ = state.kill.notified() => {
+            tracing::debug!("closing a connection in its TLS handshake to make room");
+            None
+        }
+        _ = stopping.wait_for(|stopping| *stopping) => None,
+    }
+}
+
 /// Removes a connection from the registry when its task ends, however it ends.
 struct Registered {
     shared: Arc<Shared>,
@@ -438,6 +508,8 @@ struct Service {
     router: Router,
     conn: Arc<ConnState>,
     shared: Arc<Shared>,
+    /// The connection's verified client certificate, given to every request on it.
+    peer: Option<PeerCertName>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for Service {
@@ -445,7 +517,10 @@ impl hyper::service::Service<Request<Incoming>> for Service {
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        if let Some(peer) = &self.peer {
+            req.extensions_mut().insert(peer.clone());
+        }
         self.conn.dispatched.fetch_add(1, Ordering::AcqRel);
         self.conn.in_service.fetch_add(1, Ordering::AcqRel);
         let in_service = InService(self.conn.clone());
@@ -693,7 +768,7 @@ impl HttpBody for BoundedBody {
 /// writes itself, and hands the socket to a bounded drain when it closes with request bytes
 /// possibly still coming.
 struct Io {
-    stream: Option<TcpStream>,
+    stream: Option<Stream>,
     /// The connection's slot under the cap, held until the socket is closed (drain included).
     permit: Option<OwnedSemaphorePermit>,
     conn: Arc<ConnState>,
@@ -707,7 +782,7 @@ struct Io {
 }
 
 impl Io {
-    fn stream(&mut self) -> &mut TcpStream {
+    fn stream(&mut self) -> &mut Stream {
         self.stream
             .as_mut()
             .expect("the stream is taken only on drop")
@@ -892,7 +967,7 @@ impl Drop for Io {
 /// and thrown away, for at most `timeout`. Closing with unread bytes would make the kernel
 /// reset the connection, and a client still writing would see that reset, not the answer.
 async fn drain_and_close(
-    mut stream: TcpStream,
+    mut stream: Stream,
     permit: OwnedSemaphorePermit,
     max: usize,
     timeout: Duration,
