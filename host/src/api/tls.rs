@@ -21,6 +21,10 @@
 //!
 //! The handshake runs in [`super::serve`]'s connection task, where it holds a slot of the
 //! connection cap and must finish within `header_timeout_secs`.
+//!
+//! Client certificates are checked against `client_ca` and their validity dates only: no
+//! revocation list is read, so shutting out one holder means refusing its name where names
+//! are authorised, or a new client CA.
 
 mod peer_name;
 
