@@ -91,7 +91,8 @@ impl Rate {
 /// One configured token, as checked at load.
 pub struct Token {
     pub name: Arc<str>,
-    digest: [u8; 32],
+    /// `None`: held only by a client certificate of this name.
+    digest: Option<[u8; 32]>,
     scopes: BTreeSet<Scope>,
     pub rate: Option<Rate>,
 }
@@ -127,7 +128,7 @@ impl TokenTable {
                 .iter()
                 .map(|t| Token {
                     name: Arc::from(t.name.as_str()),
-                    digest: digest(t.secret.expose()),
+                    digest: t.secret.as_ref().map(|s| digest(s.expose())),
                     scopes: t.scopes.iter().copied().collect(),
                     rate: Rate::for_token(auth, t),
                 })
@@ -145,7 +146,9 @@ impl TokenTable {
         let d = digest(presented);
         let mut found = None;
         for t in &self.tokens {
-            if bool::from(t.digest.ct_eq(&d)) {
+            if let Some(td) = &t.digest
+                && bool::from(td.ct_eq(&d))
+            {
                 found = Some(t);
             }
         }
@@ -178,8 +181,10 @@ pub fn unauthenticated_exposure(server: &ServerConfig) -> Option<String> {
     ))
 }
 
-/// Checks `[server.auth]` beyond what its types say.
-pub fn check_config(auth: &AuthConfig) -> anyhow::Result<()> {
+/// Checks `[server.auth]` beyond what its types say; `client_ca` is whether client
+/// certificates are verified (`server.tls.client_ca`), the only way to hold a token with no
+/// secret.
+pub fn check_config(auth: &AuthConfig, client_ca: bool) -> anyhow::Result<()> {
     if !auth.submit_rate.is_finite() || auth.submit_rate < 0.0 {
         bail!("server.auth.submit_rate: must be 0 (no limit) or a positive number");
     }
@@ -208,18 +213,27 @@ pub fn check_config(auth: &AuthConfig) -> anyhow::Result<()> {
                 t.name
             );
         }
-        let chars = t.secret.expose().chars().count();
-        if chars < MIN_SECRET_CHARS {
-            bail!(
-                "{key}.secret: token {:?}'s secret has {chars} characters; at least {MIN_SECRET_CHARS} are needed (e.g. `openssl rand -hex 32`)",
+        match &t.secret {
+            None if !client_ca => bail!(
+                "{key}.secret: token {:?} has no secret, and without server.tls.client_ca no client certificate can hold it",
                 t.name
-            );
-        }
-        if !digests.insert(digest(t.secret.expose())) {
-            bail!(
-                "{key}.secret: token {:?} has the same secret as another token",
-                t.name
-            );
+            ),
+            None => {}
+            Some(secret) => {
+                let chars = secret.expose().chars().count();
+                if chars < MIN_SECRET_CHARS {
+                    bail!(
+                        "{key}.secret: token {:?}'s secret has {chars} characters; at least {MIN_SECRET_CHARS} are needed (e.g. `openssl rand -hex 32`)",
+                        t.name
+                    );
+                }
+                if !digests.insert(digest(secret.expose())) {
+                    bail!(
+                        "{key}.secret: token {:?} has the same secret as another token",
+                        t.name
+                    );
+                }
+            }
         }
         if let Some(r) = t.submit_rate
             && (!r.is_finite() || r < 0.0)

@@ -127,7 +127,10 @@ pub struct TokenConfig {
     /// Who holds it: shown in logs and stored with the jobs it submits.
     pub name: String,
     /// What the client sends as `Authorization: Bearer ...`; at least 16 characters.
-    pub secret: Secret,
+    /// Without one, the token is held only by a client certificate whose name (subject CN,
+    /// or first DNS name) is the token's name, which needs `server.tls.client_ca`.
+    #[serde(default)]
+    pub secret: Option<Secret>,
     /// Any of `submit`, `read`, `cancel`, `admin`, `metrics`.
     pub scopes: Vec<crate::auth::Scope>,
     /// This token's own submission rate (see [`AuthConfig::submit_rate`]).
@@ -897,7 +900,10 @@ impl Config {
                 srv.max_body_bytes
             );
         }
-        crate::auth::check_config(&srv.auth)?;
+        crate::auth::check_config(
+            &srv.auth,
+            srv.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+        )?;
         if let Some(tls) = &srv.tls {
             tls.check()?;
         }
@@ -1068,6 +1074,12 @@ impl Config {
             && srv.allow_unauthenticated
         {
             w.push(format!("{risk} (server.allow_unauthenticated = true)"));
+        }
+        if !srv.auth.tokens.is_empty() && srv.tls.is_none() && !srv.listen.ip().is_loopback() {
+            w.push(format!(
+                "server.listen is {} without [server.tls]: API tokens travel in clear text; serve TLS or put a TLS proxy in front",
+                srv.listen
+            ));
         }
         if srv.auth.tokens.is_empty() && srv.auth.submit_rate > 0.0 {
             w.push(

@@ -769,3 +769,66 @@ async fn sighup_reloads_the_certificate_of_the_real_binary() {
     let r = http.get(&ping).send().await.unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// A client certificate holds the API token of its name: with `client_ca` set, a token
+/// with no secret is reached only by a certificate named for it; a bearer token, when sent,
+/// is what counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_holds_the_token_of_its_name() {
+    let ca = Ca::new("test CA");
+    let clients = Ca::new("client CA");
+    let files = Files::new(&ca.server(1));
+    std::fs::write(&files.client_ca, clients.pem()).unwrap();
+    let tokens = "[[server.auth.tokens]]\nname = \"robot\"\nscopes = [\"read\"]\n\
+                  [[server.auth.tokens]]\nname = \"person\"\nsecret = \"person-secret-0123456789\"\nscopes = [\"submit\"]\n";
+    let client_ca = files.client_ca.clone();
+    let app = tls_app(&files, |c| {
+        c.server.tls.as_mut().unwrap().client_ca = Some(client_ca.clone());
+        let with_ca = format!(
+            "[server.tls]\ncert = \"c\"\nkey = \"k\"\nclient_ca = {}\n{tokens}",
+            toml_str(&client_ca.display().to_string())
+        );
+        c.server.auth = staged::config::Config::parse(&with_ca).unwrap().server.auth;
+    })
+    .await;
+    let port = app.server.as_ref().unwrap().addr.port();
+    let stats = format!("https://127.0.0.1:{port}/get_stats/");
+    let status = async |client: reqwest::Client, bearer: Option<&str>| {
+        let mut req = client.get(&stats);
+        if let Some(b) = bearer {
+            req = req.bearer_auth(b);
+        }
+        req.send().await.unwrap().status().as_u16()
+    };
+    let robot = clients.client("robot");
+    let stranger = clients.client("stranger");
+    assert_eq!(
+        status(https_client(&ca.pem(), Some(&robot)), None).await,
+        200
+    );
+    assert_eq!(status(https_client(&ca.pem(), None), None).await, 401);
+    assert_eq!(
+        status(https_client(&ca.pem(), Some(&stranger)), None).await,
+        401,
+        "a certificate named for no token"
+    );
+    // The bearer token decides: a wrong one is refused however good the certificate, and
+    // person's holds only submit.
+    assert_eq!(
+        status(
+            https_client(&ca.pem(), Some(&robot)),
+            Some("wrong-secret-0123456789")
+        )
+        .await,
+        401
+    );
+    assert_eq!(
+        status(
+            https_client(&ca.pem(), Some(&robot)),
+            Some("person-secret-0123456789")
+        )
+        .await,
+        403
+    );
+    app.stop().await;
+}

@@ -7,6 +7,9 @@
 //!   router.
 //! - An endpoint the table does not list needs `admin` (fail closed): a new route added
 //!   without a rule is not open to everyone.
+//! - A request holds a token by its secret (`Authorization: Bearer`), or, without that
+//!   header, by a client certificate verified against `server.tls.client_ca` whose name is
+//!   the token's.
 //! - With auth on, a request without a valid token gets 401 with `WWW-Authenticate:
 //!   Bearer`, a valid token without the scope 403, both JSON with `errormsg`; the token's
 //!   name is recorded in the request's log span and handed to the handler as a [`Caller`].
@@ -23,6 +26,7 @@ use tracing::Span;
 
 use super::ApiError;
 use super::rate_limit::SubmitLimiter;
+use super::tls::PeerCertName;
 use crate::auth::{Scope, TokenTable};
 
 /// What an endpoint needs.
@@ -143,15 +147,29 @@ pub async fn enforce(State(auth): State<Auth>, mut req: Request, next: Next) -> 
         Ok(p) => p,
         Err(()) => return unauthorized("the Authorization header is not `Bearer <token>`", true),
     };
-    let Some(presented) = presented else {
-        return unauthorized(
-            "this endpoint needs a token: Authorization: Bearer <token>",
-            false,
-        );
-    };
-    let Some(token) = table.by_secret(presented) else {
-        tracing::warn!(%scope, "refused: unknown token");
-        return unauthorized("the token is not valid", true);
+    let token = match presented {
+        Some(presented) => match table.by_secret(presented) {
+            Some(t) => t,
+            None => {
+                tracing::warn!(%scope, "refused: unknown token");
+                return unauthorized("the token is not valid", true);
+            }
+        },
+        // A client certificate verified against `server.tls.client_ca` holds the token
+        // of its name.
+        None => match req
+            .extensions()
+            .get::<PeerCertName>()
+            .and_then(|PeerCertName(name)| table.by_name(name))
+        {
+            Some(t) => t,
+            None => {
+                return unauthorized(
+                    "this endpoint needs a token: Authorization: Bearer <token>, or a client certificate named for one",
+                    false,
+                );
+            }
+        },
     };
     Span::current().record("token", &*token.name);
     if !token.has(scope) {
