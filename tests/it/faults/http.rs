@@ -867,12 +867,13 @@ fn raise_own_file_limit(want: u64) {
     // SAFETY: getrlimit/setrlimit write and read only the struct passed.
     unsafe {
         assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
-        if lim.rlim_cur as u64 >= want {
+        let want = want as libc::rlim_t;
+        if lim.rlim_cur >= want {
             return;
         }
-        lim.rlim_cur = want as libc::rlim_t;
-        if (lim.rlim_max as u64) < want {
-            lim.rlim_max = want as libc::rlim_t;
+        lim.rlim_cur = want;
+        if lim.rlim_max < want {
+            lim.rlim_max = want;
         }
         assert_eq!(
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim),
