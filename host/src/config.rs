@@ -438,6 +438,12 @@ pub struct CallbacksConfig {
     /// Seconds an expired job's callback is retried before the job is removed anyway
     /// (the removal is recorded in the history as undelivered).
     pub expired_grace_secs: u64,
+    /// CA certificates (PEM) callback destinations may chain to, beside the system's (an
+    /// ASVO with a site CA).
+    pub ca_file: Option<PathBuf>,
+    /// Accept any certificate from callback destinations. Only for a test system; warned
+    /// about at start.
+    pub insecure_skip_tls_verify: bool,
 }
 
 /// One `[[callbacks.credentials]]` entry.
@@ -467,6 +473,8 @@ impl Default for CallbacksConfig {
             retry_min_secs: 10,
             retry_max_secs: 600,
             expired_grace_secs: 86_400,
+            ca_file: None,
+            insecure_skip_tls_verify: false,
         }
     }
 }
@@ -686,6 +694,11 @@ pub struct AdapterConfig {
     /// Largest GET response body, in bytes.
     pub http_max_response_bytes: usize,
     /// The adapter's own settings, handed to it as a JSON object; the host does not read them.
+    /// CA certificates (PEM) the adapter's HTTPS peers may chain to, beside the system's.
+    pub ca_file: Option<PathBuf>,
+    /// Accept any certificate from the adapter's HTTPS peers. Only for a test system; warned
+    /// about at start.
+    pub insecure_skip_tls_verify: bool,
     pub settings: toml::Table,
 }
 
@@ -700,6 +713,8 @@ impl Default for AdapterConfig {
             http_allow: AllowList::default(),
             http_timeout_ms: 20_000,
             http_max_response_bytes: 32 * 1024 * 1024,
+            ca_file: None,
+            insecure_skip_tls_verify: false,
             settings: toml::Table::new(),
         }
     }
@@ -908,6 +923,28 @@ impl Config {
             tls.check()?;
         }
         self.adapter.check().context("adapter")?;
+        // Each peer's CA file is read and parsed now, so that a bad one stops the start (and
+        // check-config) naming its key rather than failing the first connection.
+        for (peer, ca, insecure) in [
+            (
+                "scout",
+                &self.scout.ca_file,
+                self.scout.insecure_skip_tls_verify,
+            ),
+            (
+                "callbacks",
+                &self.callbacks.ca_file,
+                self.callbacks.insecure_skip_tls_verify,
+            ),
+            (
+                "adapter",
+                &self.adapter.ca_file,
+                self.adapter.insecure_skip_tls_verify,
+            ),
+        ] {
+            crate::tls_trust::Trust::from_config(peer, ca.as_deref(), insecure)
+                .map_err(anyhow::Error::msg)?;
+        }
         for node in &self.scout.nodes {
             check_http_url(node).with_context(|| format!("scout.nodes: {node:?}"))?;
         }
@@ -1023,9 +1060,6 @@ impl Config {
         if !(s.eject_secs.is_finite() && s.eject_secs >= 0.0) {
             bail!("scout.eject_secs: must be zero or more seconds");
         }
-        if s.ca_file.is_some() && s.insecure_skip_tls_verify {
-            bail!("scout.ca_file and scout.insecure_skip_tls_verify exclude each other");
-        }
         Ok(())
     }
 
@@ -1093,11 +1127,28 @@ impl Config {
                  so anyone on the path could read the database password and the jobs (use verify-full)"
             ));
         }
-        if self.scout.insecure_skip_tls_verify {
-            w.push(
-                "scout.insecure_skip_tls_verify = true: Scout's certificate is not checked, so anyone on the path can read the Scout password"
-                    .into(),
-            );
+        for (peer, insecure, what) in [
+            (
+                "scout",
+                self.scout.insecure_skip_tls_verify,
+                "the Scout password",
+            ),
+            (
+                "callbacks",
+                self.callbacks.insecure_skip_tls_verify,
+                "the callback credentials",
+            ),
+            (
+                "adapter",
+                self.adapter.insecure_skip_tls_verify,
+                "what the adapter fetches",
+            ),
+        ] {
+            if insecure {
+                w.push(format!(
+                    "{peer}.insecure_skip_tls_verify = true: that peer's certificate is not checked, so anyone on the path can read or change {what}"
+                ));
+            }
         }
         let cb = &self.callbacks;
         if cb.allow.is_empty() && (cb.password.is_some() || !cb.credentials.is_empty()) {

@@ -12,7 +12,7 @@
 //! of them: [`backoff`] (the one retry policy) and [`error_text`] (an error as one line).
 //! [`net_guard`] keeps callbacks off link-local, metadata-service and unspecified addresses;
 //! [`systemd`] tells a service manager when the daemon is ready, alive, reloading, stopping;
-//! [`auth`] holds the API's tokens and scopes;
+//! [`auth`] holds the API's tokens and scopes; [`tls_trust`] how outbound HTTPS checks its peers;
 //! [`import_env`] turns the original service's `.envrc` into a config.
 //! The simulators live in the `staged-testkit` crate, which [`demo`] (`staged demo`) uses.
 
@@ -34,3 +34,4 @@ pub mod scout;
 pub mod store;
 pub mod systemd;
 pub mod telemetry;
+pub mod tls_trust;

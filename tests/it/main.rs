@@ -14,6 +14,7 @@ mod faults;
 mod health;
 mod kafka;
 mod metrics;
+mod outbound_tls;
 mod process;
 mod scout;
 mod store;

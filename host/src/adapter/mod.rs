@@ -161,6 +161,8 @@ struct Source {
     engine: Engine,
     linker: Linker<CallState>,
     limits: Limits,
+    /// How the adapter's HTTPS peers are checked (`adapter.ca_file`).
+    trust: crate::tls_trust::Trust,
     allow: AllowList,
     settings_json: String,
     allocator: &'static str,
@@ -246,6 +248,12 @@ impl Source {
         // `staged demo`) gets it here.
         config.check().context("adapter").map_err(engine_err)?;
         let limits = Limits::from_config(config);
+        let trust = crate::tls_trust::Trust::from_config(
+            "adapter",
+            config.ca_file.as_deref(),
+            config.insecure_skip_tls_verify,
+        )
+        .map_err(LoadError::Engine)?;
         let allow = config.http_allow.clone();
         let settings_json = serde_json::to_string(&config.settings)
             .map_err(|e| LoadError::Engine(format!("adapter.settings: {e}")))?;
@@ -261,6 +269,7 @@ impl Source {
             engine,
             linker,
             limits,
+            trust,
             allow,
             settings_json,
             allocator,
@@ -301,7 +310,8 @@ impl Source {
             allow: self.allow.clone(),
             settings_json: self.settings_json.clone(),
             slots: self.slots.clone(),
-            http: http_client(&self.limits).map_err(|e| LoadError::Engine(format!("{e:#}")))?,
+            http: http_client(&self.limits, &self.trust)
+                .map_err(|e| LoadError::Engine(format!("{e:#}")))?,
         });
         LoadedAdapter::check(pre, shared, &path, self.allocator).await
     }
@@ -313,8 +323,12 @@ fn file_name(path: &Path) -> String {
         .unwrap_or_else(|| path.display().to_string())
 }
 
-fn http_client(limits: &Limits) -> reqwest::Result<reqwest::Client> {
-    reqwest::Client::builder()
+fn http_client(
+    limits: &Limits,
+    trust: &crate::tls_trust::Trust,
+) -> reqwest::Result<reqwest::Client> {
+    trust
+        .apply(reqwest::Client::builder())
         .redirect(reqwest::redirect::Policy::none())
         .timeout(limits.http_timeout)
         .user_agent(concat!("staged/", env!("CARGO_PKG_VERSION"), " adapter"))
@@ -653,6 +667,8 @@ pub async fn inspect(path: &Path, config: &AdapterConfig) -> Result<Vec<String>,
         http_allow: AllowList::default(),
         http_timeout_ms: config.http_timeout_ms,
         http_max_response_bytes: config.http_max_response_bytes,
+        ca_file: None,
+        insecure_skip_tls_verify: false,
         settings: config.settings.clone(),
     };
     let adapters = Adapters::from_config(&config).await?;

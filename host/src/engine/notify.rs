@@ -251,7 +251,20 @@ impl Notifier {
         let reports_dir = config.reports.dir.clone();
         // Only a 200 to the POST itself is a delivery: following a redirect would turn it
         // into a bodiless GET to wherever the answer points.
-        let http = reqwest::Client::builder()
+        // Checked at config load; a CA file gone since then leaves the system's roots only,
+        // which refuses a private CA's destinations rather than trusting anyone.
+        let trust = crate::tls_trust::Trust::from_config(
+            "callbacks",
+            cfg.ca_file.as_deref(),
+            cfg.insecure_skip_tls_verify,
+        )
+        .unwrap_or_else(|e| {
+            tracing::error!(error = %e, "callbacks: checking destinations with the system's roots only");
+            crate::tls_trust::Trust::from_config("callbacks", None, false)
+                .expect("no file, nothing to fail")
+        });
+        let http = trust
+            .apply(reqwest::Client::builder())
             .timeout(Duration::from_secs(cfg.timeout_secs))
             .connect_timeout(Duration::from_secs(cfg.timeout_secs.min(10)))
             .redirect(reqwest::redirect::Policy::none())

@@ -137,8 +137,8 @@ pub struct ScoutSettings {
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
     pub eject: Duration,
-    pub ca_pem: Option<Vec<u8>>,
-    pub insecure: bool,
+    /// How Scout's certificate is checked (`scout.ca_file`, `insecure_skip_tls_verify`).
+    pub trust: crate::tls_trust::Trust,
 }
 
 impl ScoutSettings {
@@ -149,12 +149,12 @@ impl ScoutSettings {
             .iter()
             .map(|n| Url::parse(n).map_err(|e| ScoutError::Setup(format!("node {n:?}: {e}"))))
             .collect::<Result<Vec<_>, _>>()?;
-        let ca_pem = match &c.ca_file {
-            Some(path) => Some(std::fs::read(path).map_err(|e| {
-                ScoutError::Setup(format!("cannot read CA file {}: {e}", path.display()))
-            })?),
-            None => None,
-        };
+        let trust = crate::tls_trust::Trust::from_config(
+            "scout",
+            c.ca_file.as_deref(),
+            c.insecure_skip_tls_verify,
+        )
+        .map_err(ScoutError::Setup)?;
         let stage_extra = serde_json::to_value(&c.stage_extra)
             .ok()
             .and_then(|v| v.as_object().cloned())
@@ -182,8 +182,7 @@ impl ScoutSettings {
             backoff_initial: Duration::from_millis(c.backoff_initial_ms),
             backoff_max: Duration::from_millis(c.backoff_max_ms),
             eject: Duration::from_secs_f64(c.eject_secs),
-            ca_pem,
-            insecure: c.insecure_skip_tls_verify,
+            trust,
         })
     }
 }
@@ -247,21 +246,7 @@ impl ScoutClient {
             .connect_timeout(settings.connect_timeout)
             .timeout(settings.request_timeout)
             .user_agent(concat!("staged/", env!("CARGO_PKG_VERSION")));
-        if let Some(pem) = &settings.ca_pem {
-            let certs = reqwest::Certificate::from_pem_bundle(pem)
-                .map_err(|e| ScoutError::Setup(format!("CA file: {e}")))?;
-            if certs.is_empty() {
-                return Err(ScoutError::Setup("CA file holds no certificate".into()));
-            }
-            builder = builder.tls_certs_merge(certs);
-        }
-        if settings.insecure {
-            tracing::warn!(
-                "scout.insecure_skip_tls_verify is on: Scout's TLS certificates are NOT checked; \
-                 anyone on the path can read the Scout password"
-            );
-            builder = builder.tls_danger_accept_invalid_certs(true);
-        }
+        builder = settings.trust.apply(builder);
         let http = builder
             .build()
             .map_err(|e| ScoutError::Setup(e.to_string()))?;

@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod adapters;
+pub mod certs;
 pub mod daemon;
 pub mod pipeline;
 

@@ -40,6 +40,10 @@ pub struct Receiver {
     pub status: Arc<AtomicU16>,
     /// Answer 500 to this many calls first.
     pub fail_first: Arc<AtomicUsize>,
+    /// HTTPS only: connections whose TLS handshake failed (the client refused the
+    /// certificate, or spoke no TLS).
+    pub handshakes_failed: Arc<AtomicUsize>,
+    scheme: &'static str,
 }
 
 impl Receiver {
@@ -50,6 +54,8 @@ impl Receiver {
             calls: Arc::default(),
             status: Arc::new(AtomicU16::new(200)),
             fail_first: Arc::default(),
+            handshakes_failed: Arc::default(),
+            scheme: "http",
         };
         let app = axum::Router::new()
             .route("/cb", post(record))
@@ -58,8 +64,60 @@ impl Receiver {
         r
     }
 
+    /// The same endpoint over HTTPS, presenting this certificate chain and key (PEM).
+    pub async fn start_https(cert: &str, key: &str) -> Receiver {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let r = Receiver {
+            addr: listener.local_addr().unwrap(),
+            calls: Arc::default(),
+            status: Arc::new(AtomicU16::new(200)),
+            fail_first: Arc::default(),
+            handshakes_failed: Arc::default(),
+            scheme: "https",
+        };
+        let app = axum::Router::new()
+            .route("/cb", post(record))
+            .with_state(r.clone());
+        let failed = r.handshakes_failed.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (acceptor, app, failed) = (acceptor.clone(), app.clone(), failed.clone());
+                tokio::spawn(async move {
+                    let Ok(stream) = acceptor.accept(tcp).await else {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    };
+                    let service = hyper_util::service::TowerToHyperService::new(app);
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+                });
+            }
+        });
+        r
+    }
+
     pub fn url(&self) -> String {
-        format!("http://{}/cb", self.addr)
+        format!("{}://{}/cb", self.scheme, self.addr)
     }
 
     /// Callbacks answered 200, i.e. delivered.
