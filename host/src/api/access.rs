@@ -157,15 +157,22 @@ pub async fn enforce(State(auth): State<Auth>, mut req: Request, next: Next) -> 
         },
         // A client certificate verified against `server.tls.client_ca` holds the token
         // of its name.
-        None => match req
-            .extensions()
-            .get::<PeerCertName>()
-            .and_then(|PeerCertName(name)| table.by_name(name))
-        {
-            Some(t) => t,
+        None => match req.extensions().get::<PeerCertName>() {
+            Some(PeerCertName(name)) => match table.by_name(name) {
+                Some(t) => t,
+                None => {
+                    tracing::warn!(%scope, certificate = %name, "refused: no token of the client certificate's name");
+                    return unauthorized(
+                        &format!(
+                            "the client certificate names {name:?}, which is no token of this daemon; send Authorization: Bearer <token>"
+                        ),
+                        false,
+                    );
+                }
+            },
             None => {
                 return unauthorized(
-                    "this endpoint needs a token: Authorization: Bearer <token>, or a client certificate named for one",
+                    "this endpoint needs a token: Authorization: Bearer <token>",
                     false,
                 );
             }
