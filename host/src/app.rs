@@ -28,7 +28,7 @@ pub struct Server {
     pub adapters: Adapters,
     /// The API's TLS certificate, with `[server.tls]` (reloadable).
     pub tls: Option<api::tls::Tls>,
-    /// Reloads the adapter on SIGHUP while the server runs.
+    /// Reloads the adapter, the TLS certificate and the API tokens on SIGHUP while the server runs.
     reload_on_hup: JoinHandle<()>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<std::io::Result<()>>,
@@ -192,7 +192,7 @@ fn reload_on_sighup(
                     tracing::info!("SIGHUP: reloading the adapter");
                     let _ = adapters.reload().await;
                 } else {
-                    tracing::info!("SIGHUP: no adapter is configured; nothing to reload");
+                    tracing::info!("SIGHUP: no adapter is configured, so none to reload");
                 }
                 if let Some(tls) = &tls {
                     let _ = tls.reload();
