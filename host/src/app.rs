@@ -30,6 +30,8 @@ pub struct Server {
     pub tls: Option<api::tls::Tls>,
     /// Reloads the adapter, the TLS certificate and the API tokens on SIGHUP while the server runs.
     reload_on_hup: JoinHandle<()>,
+    /// Samples the dashboard's throughput.
+    sampler: JoinHandle<()>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<std::io::Result<()>>,
     ingest: Option<kafka::IngestHandle>,
@@ -94,6 +96,13 @@ pub async fn start(config: &Config) -> anyhow::Result<Server> {
     state.scout = scout;
     state.kafka = ingest.as_ref().map(|i| i.status());
     state.engine_counters = Some(engine.counters.clone());
+    state.throughput_sources = api::throughput::Sources {
+        engine: Some(engine.counters.clone()),
+        kafka: ingest.as_ref().map(|i| i.status()),
+    };
+    let sampler = state
+        .throughput
+        .start_sampling(state.throughput_sources.clone());
     let auth = state.auth.clone();
     let app = api::router(state);
     let (stop, stopped) = oneshot::channel::<()>();
@@ -118,6 +127,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Server> {
         adapters,
         tls,
         reload_on_hup,
+        sampler,
         stop: Some(stop),
         task,
         ingest,
@@ -141,6 +151,7 @@ impl Server {
     /// period), then closes the store.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.reload_on_hup.abort();
+        self.sampler.abort();
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }

@@ -9,6 +9,7 @@ mod adapter;
 mod adapter_daemon;
 mod api;
 mod auth;
+mod dashboard;
 mod engine;
 mod faults;
 mod health;

@@ -52,6 +52,10 @@ pub const RULES: &[(Method, &str, Access)] = &[
     (Method::POST, "/filestatus/", Needs(Scope::Read)),
     (Method::POST, "/admin/adapter/reload", Needs(Scope::Admin)),
     (Method::GET, "/metrics", Needs(Scope::Metrics)),
+    (Method::GET, "/dashboard.json", Needs(Scope::Read)),
+    // The dashboard's page: static, its data comes from /dashboard.json.
+    (Method::GET, "/", Open),
+    (Method::GET, "/dashboard.js", Open),
     // The original's liveness probe: says nothing but that the daemon answers, as /livez.
     (Method::GET, "/ping/", Open),
     (Method::GET, "/livez", Open),
@@ -363,8 +367,8 @@ mod tests {
             }
         }
         for (m, p, _) in RULES {
-            if *p == "/openapi.json" || *p == "/healthz" {
-                continue; // the document itself, and an alias of /livez
+            if matches!(*p, "/openapi.json" | "/healthz" | "/" | "/dashboard.js") {
+                continue; // the document itself, an alias of /livez, the dashboard's page
             }
             assert!(
                 documented.iter().any(|(dm, dp)| dm == m && dp == p),

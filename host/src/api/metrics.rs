@@ -41,7 +41,7 @@ struct SnapshotState {
 
 impl StoreSnapshot {
     /// The last totals and their age; starts a refresh when they are missing or stale.
-    fn read(self: &Arc<Self>, store: &crate::store::Store) -> Option<(Duration, Stats)> {
+    pub(crate) fn read(self: &Arc<Self>, store: &crate::store::Store) -> Option<(Duration, Stats)> {
         let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let current = s.stats.as_ref().map(|(at, st)| (at.elapsed(), st.clone()));
         let stale = current

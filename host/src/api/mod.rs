@@ -7,6 +7,7 @@
 
 pub mod access;
 mod admin;
+pub mod dashboard;
 mod error;
 mod health;
 mod info;
@@ -16,6 +17,7 @@ pub mod models;
 mod rate_limit;
 pub mod serve;
 mod staging;
+pub mod throughput;
 pub mod tls;
 
 use std::path::PathBuf;
@@ -86,6 +88,12 @@ pub struct AppState {
     pub http_responses: metrics::Responses,
     /// `[server.auth]`'s tokens (replaced on SIGHUP) and the submission buckets.
     pub auth: access::Auth,
+    /// The last hour's throughput, for the dashboard.
+    pub throughput: Arc<throughput::Throughput>,
+    /// The counters the throughput is sampled from, once the engine and ingest run.
+    pub throughput_sources: throughput::Sources,
+    /// Unsafe settings in force, shown on the dashboard.
+    pub warnings: dashboard::Warnings,
 }
 
 impl AppState {
@@ -102,6 +110,9 @@ impl AppState {
             metrics_store: Arc::default(),
             http_responses: metrics::Responses::default(),
             auth: access::Auth::new(crate::auth::TokenTable::from_config(&config.server.auth)),
+            throughput: Arc::default(),
+            throughput_sources: throughput::Sources::default(),
+            warnings: Arc::new(config.warnings()),
             filestatus_slots: Arc::new(tokio::sync::Semaphore::new(
                 config.server.filestatus_concurrency,
             )),
@@ -129,6 +140,7 @@ impl AppState {
         info::failed_job,
         admin::reload_adapter,
         info::file_status,
+        dashboard::data,
     ),
     components(schemas(
         models::NewJob,
@@ -140,7 +152,17 @@ impl AppState {
         health::Liveness,
         health::Readiness,
         health::Check,
-        info::FileStatusRequest
+        info::FileStatusRequest,
+        dashboard::Dashboard,
+        dashboard::Totals,
+        dashboard::AdapterView,
+        dashboard::KafkaView,
+        dashboard::ScoutNode,
+        dashboard::JobInFlight,
+        dashboard::Outbox,
+        dashboard::Callback,
+        dashboard::FinishedJob,
+        dashboard::ThroughputView
     ))
 )]
 struct ApiDoc;
@@ -181,6 +203,9 @@ pub fn router(state: AppState) -> Router {
     r = both(r, "/filestatus/", post(info::file_status));
 
     r = r.route("/admin/adapter/reload", post(admin::reload_adapter));
+    r = r.route("/", get(dashboard::page));
+    r = r.route("/dashboard.js", get(dashboard::script));
+    r = r.route("/dashboard.json", get(dashboard::data));
     // Served by our handler, not SwaggerUi's, because the adapter's schema is part of it.
     r = r.route("/openapi.json", get(admin::openapi_json));
     // On the routes so far (so each request's matched path is known); the documentation

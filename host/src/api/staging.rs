@@ -68,6 +68,9 @@ pub async fn create(
     let with_obs = job.obs.is_some();
     match app.store.submit(job).await {
         Ok(Intake::Created) => {
+            app.throughput
+                .accepted
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::info!(files, obs = with_obs, "job accepted");
             Ok(null_body(StatusCode::ACCEPTED))
         }

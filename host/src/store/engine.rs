@@ -165,7 +165,6 @@ impl Default for CallbackGate {
 }
 
 /// A finished job, as [`Store::history`] reads it.
-#[cfg(any(test, feature = "test-support"))]
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct HistoryRow {
     pub job_id: i64,
@@ -641,7 +640,6 @@ impl Store {
     }
 
     /// Finished jobs, newest first.
-    #[cfg(any(test, feature = "test-support"))]
     pub async fn history(&self, limit: i64) -> Result<Vec<HistoryRow>, StoreError> {
         const SQL: &str = "SELECT job_id, created_ms, finished_ms, return_code, total_files, \
                  ready_files, error_files, delivered, comment \

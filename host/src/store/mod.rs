@@ -26,6 +26,7 @@
 //! - No connection is reused after a failed statement or commit while it may still be
 //!   inside a transaction: see [`hygiene`], the `after_release` hook of every pool.
 
+mod board;
 mod engine;
 mod hygiene;
 mod ingest;
@@ -42,7 +43,7 @@ use sqlx::sqlite::{
 use thiserror::Error;
 
 use crate::config::{DatabaseConfig, JobsConfig, PgSslMode, SqliteSync, redact_url};
-#[cfg(any(test, feature = "test-support"))]
+pub use board::{FlightRow, OutboxHead, OutboxTotals};
 pub use engine::HistoryRow;
 pub use engine::{
     CallbackGate, OutboxRow, StageClaim, StageClaims, StageWork, callback_origin, codes,
