@@ -578,7 +578,10 @@ pub struct KafkaConfig {
     pub ca_file: Option<PathBuf>,
     /// Most messages applied in one database transaction.
     pub batch_max_messages: usize,
-    /// Longest a batch waits to fill after its first message, in milliseconds.
+    /// Longest a batch stays open after its first message while more keep arriving, in
+    /// milliseconds. A batch is applied as soon as the consumer holds no more messages (or
+    /// the one before it is done), so this caps a steady stream's batches, not a trickle's
+    /// latency.
     pub batch_max_wait_ms: u64,
     /// Larger messages are counted as malformed and skipped, in bytes.
     pub max_message_bytes: usize,

@@ -33,6 +33,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use futures::future::BoxFuture;
 
 use rdkafka::client::ClientContext;
@@ -530,14 +531,42 @@ impl Ingest {
                     }
                     self.finish_batch(&committer, &batch);
                 }
-                m = consumer.recv(), if may_read => match m {
-                    Ok(m) => {
-                        recv_errors = 0;
-                        paused_until = None;
-                        self.take(&mut next, &m);
-                        deadline.get_or_insert_with(|| Instant::now() + self.settings.batch_max_wait);
+                m = consumer.recv(), if may_read => {
+                    let mut error = None;
+                    match m {
+                        Ok(m) => {
+                            recv_errors = 0;
+                            paused_until = None;
+                            self.take(&mut next, &m);
+                            // What the client already holds joins the batch; once it holds
+                            // nothing more the batch is due at once, so a message never
+                            // waits for others that are not there. Under load batches still
+                            // grow, filling while the one before is applied.
+                            // `batch_max_wait` only caps how long a steady stream keeps a
+                            // batch open.
+                            let mut idle = false;
+                            while next.messages.len() < self.settings.batch_max_messages {
+                                match consumer.recv().now_or_never() {
+                                    Some(Ok(m)) => self.take(&mut next, &m),
+                                    Some(Err(e)) => {
+                                        error = Some(e);
+                                        break;
+                                    }
+                                    None => {
+                                        idle = true;
+                                        break;
+                                    }
+                                }
+                            }
+                            let now = Instant::now();
+                            let cap = *deadline.get_or_insert(now + self.settings.batch_max_wait);
+                            if idle {
+                                deadline = Some(cap.min(now));
+                            }
+                        }
+                        Err(e) => error = Some(e),
                     }
-                    Err(e) => {
+                    if let Some(e) = error {
                         self.status.count_consumer_error();
                         recv_errors += 1;
                         let fatal = e.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal);
@@ -555,7 +584,7 @@ impl Ingest {
                         // A fatal error ends this client.
                         replace = true;
                     }
-                },
+                }
                 _ = group_check.tick() => {
                     if !self.status.rejoin_due() {
                         continue;
