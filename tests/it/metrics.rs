@@ -396,8 +396,15 @@ async fn a_scrape_answers_while_the_tables_are_locked() {
         .await
         .unwrap();
     // The first scrape starts the refresh, which now waits on the lock; scrapes meanwhile
-    // answer without the totals.
-    let text = scrape(&app).await.1;
+    // answer without the totals. A scrape that waited on the lock would wait until the
+    // ROLLBACK below, which never comes: the bound turns that into a failure.
+    let unlocked = async || {
+        tokio::time::timeout(Duration::from_secs(30), scrape(&app))
+            .await
+            .expect("a scrape waited on the locked tables")
+            .1
+    };
+    let text = unlocked().await;
     assert!(text.ends_with("# EOF\n"), "{text}");
     assert_eq!(
         sample(&text, "staged_jobs", &[("state", "incomplete")]),
@@ -409,7 +416,7 @@ async fn a_scrape_answers_while_the_tables_are_locked() {
         "the blocked refresh to show as a connection in use",
         Duration::from_secs(30),
         async || {
-            waiting = scrape(&app).await.1;
+            waiting = unlocked().await;
             pool(&waiting, "shared").0 >= 1.0
         },
     )
