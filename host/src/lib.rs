@@ -9,7 +9,8 @@
 //! system's two peers have their own modules: [`scout`] (the Scout API client) and
 //! [`kafka`] (recall messages into the store). Everything telescope-specific runs in a
 //! WebAssembly [`adapter`], whose HTTP is bounded by an [`allow_list`]. Shared by several
-//! of them: [`backoff`] (the one retry policy) and [`error_text`] (an error as one line).
+//! of them: [`backoff`] (the one retry policy), [`error_text`] (an error as one line) and
+//! [`histograms`] (the bucket layouts of `/metrics`' histograms).
 //! [`net_guard`] keeps callbacks off link-local, metadata-service and unspecified addresses;
 //! [`systemd`] tells a service manager when the daemon is ready, alive, reloading, stopping;
 //! [`auth`] holds the API's tokens and scopes; [`tls_trust`] how outbound HTTPS checks its peers;
@@ -26,6 +27,7 @@ pub mod config;
 pub mod demo;
 pub mod engine;
 pub mod error_text;
+pub mod histograms;
 pub mod import_env;
 pub mod kafka;
 pub mod net_guard;

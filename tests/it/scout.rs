@@ -269,6 +269,53 @@ async fn every_node_down_is_unavailable_after_retries_and_cancel_is_best_effort(
     assert_eq!(sim.counters().cancel_requests, 1);
 }
 
+/// Every exchange with a node is timed under that node and its operation, answered or not:
+/// a dead node's failed logins are each timed (and it never gets further), the live node
+/// shows one login and each operation the calls made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_exchange_is_timed_by_node_and_operation() {
+    use staged::scout::Operation;
+    let (_sim, nodes) = sim(1).await;
+    let dead = dead_url().await;
+    let client = ScoutClient::new(settings(&[dead.clone(), nodes[0].url()])).unwrap();
+    let staged = paths(2, 10);
+    client.stage(&staged, "1").await.unwrap();
+    client.file_status(&staged[0]).await.unwrap();
+    client.cache_state().await.unwrap();
+    assert!(client.cancel(&staged, "1").await);
+
+    let stats = client.node_stats();
+    // The family as a scrape encodes it: a histogram's count is only read that way.
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register("r", "r", client.request_seconds().clone());
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let count = |node: &str, operation: Operation| -> u64 {
+        let series = format!(
+            "r_count{{node=\"{node}\",operation=\"{}\"}} ",
+            operation.as_str()
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .map_or(0, |v| v.parse().unwrap())
+    };
+    let (dead_stats, live) = (&stats[0], &stats[1].base);
+    assert_eq!(
+        count(&dead_stats.base, Operation::Login),
+        dead_stats.failures
+    );
+    assert_eq!(count(live, Operation::Login), 1);
+    for op in [
+        Operation::Stage,
+        Operation::FileStatus,
+        Operation::CacheState,
+        Operation::Cancel,
+    ] {
+        assert_eq!(count(&dead_stats.base, op), 0, "{}", op.as_str());
+        assert_eq!(count(live, op), 1, "{}", op.as_str());
+    }
+}
+
 /// Tokens good only on the node that issued them, and a node that refuses every token: each
 /// node logs in for itself, the forbidding node is a failure of that node, and every call is
 /// served by the others (never a 403 refusal).

@@ -56,6 +56,34 @@ pub enum AdapterError {
     },
 }
 
+impl AdapterError {
+    /// The export the call was for.
+    pub fn export(&self) -> &'static str {
+        match self {
+            AdapterError::Timeout { export, .. }
+            | AdapterError::MemoryExceeded { export, .. }
+            | AdapterError::Trap { export, .. }
+            | AdapterError::InputTooLarge { export, .. }
+            | AdapterError::OutputTooLarge { export, .. }
+            | AdapterError::BadOutput { export, .. }
+            | AdapterError::Instantiate { export, .. } => export,
+        }
+    }
+
+    /// The kind of failure, as `/metrics` labels it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AdapterError::Timeout { .. } => "timeout",
+            AdapterError::MemoryExceeded { .. } => "memory_exceeded",
+            AdapterError::Trap { .. } => "trap",
+            AdapterError::InputTooLarge { .. } => "input_too_large",
+            AdapterError::OutputTooLarge { .. } => "output_too_large",
+            AdapterError::BadOutput { .. } => "bad_output",
+            AdapterError::Instantiate { .. } => "instantiate",
+        }
+    }
+}
+
 /// `resolve-observation` gave no files. All but `Adapter` are the adapter's answers; the
 /// job engine turns `Invalid` and `LookupFailed` into callback 100, `NotFound` into 101,
 /// and retries `Unavailable` with back-off until the job expires.

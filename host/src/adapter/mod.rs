@@ -15,7 +15,10 @@
 //!   and gave a usable observation schema.
 //! - A swap is one atomic pointer store: a call holds the `Arc<LoadedAdapter>` it started
 //!   with and finishes on it; a new file that fails its checks never replaces the old one.
+//! - Every call is timed and every failure counted by kind ([`call_metrics`]), in figures
+//!   that outlive a reload.
 
+pub mod call_metrics;
 mod error;
 pub mod policy;
 mod runtime;
@@ -30,6 +33,7 @@ use wasmtime::Engine;
 use wasmtime::component::{Component, HasSelf, Linker};
 
 pub use crate::allow_list::{AllowList, AllowListError};
+pub use call_metrics::AdapterMetrics;
 pub use error::{AdapterError, LoadError, ReloadError, ResolveError};
 pub use policy::Limits;
 
@@ -167,6 +171,7 @@ struct Source {
     settings_json: String,
     allocator: &'static str,
     slots: Arc<tokio::sync::Semaphore>,
+    metrics: AdapterMetrics,
 }
 
 impl Adapters {
@@ -210,6 +215,12 @@ impl Adapters {
     /// (a request, a batch): a reload meanwhile does not change what that work talks to.
     pub fn current(&self) -> Option<Arc<LoadedAdapter>> {
         self.inner.current.load_full()
+    }
+
+    /// Call times and failures of the configured adapter, across reloads (`None` without
+    /// one).
+    pub fn metrics(&self) -> Option<&AdapterMetrics> {
+        self.inner.source.as_ref().map(|s| &s.metrics)
     }
 
     /// Whether an adapter is configured at all.
@@ -274,6 +285,7 @@ impl Source {
             settings_json,
             allocator,
             slots: Arc::new(tokio::sync::Semaphore::new(policy::POOL_INSTANCES as usize)),
+            metrics: AdapterMetrics::default(),
         })
     }
 
@@ -310,6 +322,7 @@ impl Source {
             allow: self.allow.clone(),
             settings_json: self.settings_json.clone(),
             slots: self.slots.clone(),
+            metrics: self.metrics.clone(),
             http: http_client(&self.limits, &self.trust)
                 .map_err(|e| LoadError::Engine(format!("{e:#}")))?,
         });
@@ -441,12 +454,12 @@ impl LoadedAdapter {
     fn check_input(&self, export: &'static str, bytes: usize) -> Result<(), AdapterError> {
         let limit = self.shared.limits.max_input_bytes;
         if bytes > limit {
-            return Err(AdapterError::InputTooLarge {
+            return Err(self.shared.metrics.failed(AdapterError::InputTooLarge {
                 adapter: self.info.name.clone(),
                 export,
                 bytes,
                 limit,
-            });
+            }));
         }
         Ok(())
     }
@@ -454,22 +467,22 @@ impl LoadedAdapter {
     fn check_output(&self, export: &'static str, bytes: usize) -> Result<(), AdapterError> {
         let limit = self.shared.limits.max_output_bytes;
         if bytes > limit {
-            return Err(AdapterError::OutputTooLarge {
+            return Err(self.shared.metrics.failed(AdapterError::OutputTooLarge {
                 adapter: self.info.name.clone(),
                 export,
                 bytes,
                 limit,
-            });
+            }));
         }
         Ok(())
     }
 
     fn bad_output(&self, export: &'static str, reason: String) -> AdapterError {
-        AdapterError::BadOutput {
+        self.shared.metrics.failed(AdapterError::BadOutput {
             adapter: self.info.name.clone(),
             export,
             reason,
-        }
+        })
     }
 
     fn logged<T>(&self, r: Result<T, AdapterError>) -> Result<T, AdapterError> {

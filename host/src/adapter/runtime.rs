@@ -85,6 +85,8 @@ pub struct Shared {
     /// Instance slots of the engine, shared by every adapter loaded on it (the old one
     /// keeps running calls while a new one is swapped in).
     pub slots: Arc<tokio::sync::Semaphore>,
+    /// Call times and failures, shared by every adapter loaded from the same source.
+    pub metrics: super::call_metrics::AdapterMetrics,
 }
 
 /// The data of one call's store.
@@ -304,20 +306,35 @@ fn request_error(e: &reqwest::Error, shared: &Shared) -> String {
 pub type CallFuture<'a, R> = Pin<Box<dyn Future<Output = wasmtime::Result<R>> + Send + 'a>>;
 
 /// Runs one export in a fresh store: instantiate, call, classify the outcome. The store is
-/// dropped when this returns.
+/// dropped when this returns. The call is timed from when it has its instance slot (the
+/// time its budget counts), and a failure counted, in `shared.metrics`.
 pub async fn call<B: Bindings, R: Send>(
     pre: &B,
     shared: &Arc<Shared>,
     export: &'static str,
     f: impl for<'a> FnOnce(&'a B::Instance, &'a mut Store<CallState>) -> CallFuture<'a, R> + Send,
 ) -> Result<R, AdapterError> {
-    let limits = &shared.limits;
     // Never closed: the semaphore lives as long as the engine.
     let _slot = shared.slots.acquire().await.ok();
+    let started = Instant::now();
+    let out = call_in_slot(pre, shared, export, started, f).await;
+    shared
+        .metrics
+        .called(export, started.elapsed().as_secs_f64());
+    out.map_err(|e| shared.metrics.failed(e))
+}
+
+async fn call_in_slot<B: Bindings, R: Send>(
+    pre: &B,
+    shared: &Arc<Shared>,
+    export: &'static str,
+    started: Instant,
+    f: impl for<'a> FnOnce(&'a B::Instance, &'a mut Store<CallState>) -> CallFuture<'a, R> + Send,
+) -> Result<R, AdapterError> {
+    let limits = &shared.limits;
     let mut store = Store::new(pre.engine(), CallState::new(shared.clone()));
     store.limiter(|s| &mut s.limiter);
     // Tick by tick, yielding to tokio each time, until the call's budget is spent.
-    let started = Instant::now();
     let budget = limits.call_timeout;
     store.set_epoch_deadline(1);
     store.epoch_deadline_callback(move |_| {

@@ -193,7 +193,11 @@ pub async fn data(State(app): State<AppState>) -> Result<Json<Dashboard>, ApiErr
         app.store.history(PAGE),
     )
     .map_err(internal)?;
-    let snapshot = app.metrics_store.read(&app.store).map(|(age, s)| Totals {
+    let snapshot = app
+        .metrics_store
+        .read(&app.store)
+        .map(|(age, t)| (age, t.stats));
+    let snapshot = snapshot.map(|(age, s)| Totals {
         age_secs: age.as_secs(),
         jobs_in_flight: s.incomplete_jobs,
         jobs_complete: s.completed_jobs,

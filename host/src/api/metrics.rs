@@ -1,12 +1,18 @@
-//! `GET /metrics`: the daemon's counters and gauges in the Prometheus (OpenMetrics) text
-//! format, encoded by `prometheus-client`.
+//! `GET /metrics`: the daemon's counters, gauges and histograms in the Prometheus
+//! (OpenMetrics) text format, encoded by `prometheus-client`.
 //!
-//! Invariant: a scrape reads counters the daemon keeps as it works and never scans a table.
-//! The store's job and file totals are the one figure that needs a query: a scrape serves
-//! the last snapshot and, when it is older than [`STORE_REFRESH`], starts one refresh in
-//! the background, so a scrape costs the same with ten jobs or ten million. No label grows
-//! with the data: labels are states, outcomes, the API's routes and status codes, and the
-//! configured Scout nodes.
+//! Invariant: a scrape reads figures the daemon keeps as it works and never scans a table.
+//! Counters and histograms live where the work is done (the engine's `EngineCounters`, the
+//! store's intake writers, the Scout client, the Kafka consumer, the adapter's
+//! `AdapterMetrics`); a scrape registers them, or a snapshot of them, in a registry of its
+//! own. The store's pool gauges come from the pools' own counts, without a query. The
+//! store's job, file and outbox totals are the one figure that needs a query: a scrape
+//! serves the last snapshot and, when it is older than [`STORE_REFRESH`], starts one
+//! refresh in the background, so a scrape costs the same with ten jobs or ten million. No
+//! label grows with the data: labels are states, outcomes, the API's routes and status
+//! codes, the configured Scout nodes and the Scout operations, the adapter's exports and
+//! kinds of failure, and the store's pools. Durations are in seconds, their bucket edges
+//! from [`crate::histograms`].
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,10 +28,17 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
 use super::AppState;
-use crate::store::Stats;
+use crate::store::{OutboxStats, Stats};
 
 /// How old the store's totals may be before a scrape asks for new ones.
 pub const STORE_REFRESH: Duration = Duration::from_secs(15);
+
+/// The store's totals as last read together.
+#[derive(Debug, Clone)]
+pub(crate) struct Totals {
+    pub(crate) stats: Stats,
+    pub(crate) outbox: OutboxStats,
+}
 
 /// The store's totals as last read, shared by scrapes.
 #[derive(Default)]
@@ -35,15 +48,18 @@ pub struct StoreSnapshot {
 
 #[derive(Default)]
 struct SnapshotState {
-    stats: Option<(Instant, Stats)>,
+    totals: Option<(Instant, Totals)>,
     refreshing: bool,
 }
 
 impl StoreSnapshot {
     /// The last totals and their age; starts a refresh when they are missing or stale.
-    pub(crate) fn read(self: &Arc<Self>, store: &crate::store::Store) -> Option<(Duration, Stats)> {
+    pub(crate) fn read(
+        self: &Arc<Self>,
+        store: &crate::store::Store,
+    ) -> Option<(Duration, Totals)> {
         let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let current = s.stats.as_ref().map(|(at, st)| (at.elapsed(), st.clone()));
+        let current = s.totals.as_ref().map(|(at, t)| (at.elapsed(), t.clone()));
         let stale = current
             .as_ref()
             .is_none_or(|(age, _)| *age >= STORE_REFRESH);
@@ -51,11 +67,17 @@ impl StoreSnapshot {
             s.refreshing = true;
             let (me, store) = (self.clone(), store.clone());
             tokio::spawn(async move {
-                let fresh = store.stats().await;
+                let fresh = match store.stats().await {
+                    Ok(stats) => store
+                        .outbox_stats()
+                        .await
+                        .map(|outbox| Totals { stats, outbox }),
+                    Err(e) => Err(e),
+                };
                 let mut s = me.inner.lock().unwrap_or_else(|e| e.into_inner());
                 s.refreshing = false;
                 match fresh {
-                    Ok(stats) => s.stats = Some((Instant::now(), stats)),
+                    Ok(totals) => s.totals = Some((Instant::now(), totals)),
                     Err(e) => {
                         tracing::warn!(error = %e, "reading the store's totals for /metrics failed")
                     }
@@ -72,25 +94,6 @@ type Labels = Vec<(String, String)>;
 /// the API's paths (trailing slash dropped) or `other`.
 pub type Responses = Family<Labels, prometheus_client::metrics::counter::Counter>;
 
-/// The API's routes, as they are counted.
-const ROUTES: [&str; 15] = [
-    "/staging",
-    "/ping",
-    "/livez",
-    "/healthz",
-    "/readyz",
-    "/metrics",
-    "/get_stats",
-    "/get_joblist",
-    "/get_failed_joblist",
-    "/get_failed_job",
-    "/filestatus",
-    "/admin/adapter/reload",
-    "/openapi.json",
-    "/docs",
-    "/",
-];
-
 fn route_of(path: &str) -> &'static str {
     let p = match path.trim_end_matches('/') {
         "" => "/",
@@ -99,7 +102,16 @@ fn route_of(path: &str) -> &'static str {
     if p.starts_with("/docs") {
         return "/docs";
     }
-    ROUTES.iter().find(|r| **r == p).copied().unwrap_or("other")
+    // The routes are the access table's (one list of the API's endpoints), without their
+    // trailing slash.
+    super::access::RULES
+        .iter()
+        .map(|(_, route, _)| match route.trim_end_matches('/') {
+            "" => "/",
+            r => r,
+        })
+        .find(|r| *r == p)
+        .unwrap_or("other")
 }
 
 /// Middleware: counts every answer in [`Responses`].
@@ -181,7 +193,9 @@ fn collect(app: &AppState) -> Registry {
         app.http_responses.clone(),
     );
 
-    if let Some((age, s)) = app.metrics_store.read(&app.store) {
+    store_figures(&mut r, app);
+    if let Some((age, t)) = app.metrics_store.read(&app.store) {
+        let s = &t.stats;
         gauges(
             &mut r,
             "jobs",
@@ -201,9 +215,21 @@ fn collect(app: &AppState) -> Registry {
                 (labels(&[("state", "waiting")]), s.waiting_files),
             ],
         );
+        gauge(
+            &mut r,
+            "callbacks_pending",
+            "Callbacks queued, not yet delivered or given up",
+            t.outbox.pending,
+        );
+        gauge(
+            &mut r,
+            "callbacks_overdue",
+            "Queued callbacks due for over a minute that no one is attempting",
+            t.outbox.overdue,
+        );
         r.register_with_unit(
             "store_totals_age",
-            "Age of the job and file totals above",
+            "Age of the job, file and callback totals above",
             Unit::Seconds,
             ConstGauge::new(age.as_secs_f64()),
         );
@@ -259,6 +285,12 @@ fn collect(app: &AppState) -> Registry {
             "restages_deferred",
             "Restages put off while the Kafka consumer was behind",
             c(&e.restages_deferred),
+        );
+        r.register_with_unit(
+            "callback_delivery",
+            "Time from a callback being queued (its job decided) to its delivery",
+            Unit::Seconds,
+            e.callback_delivery_seconds.clone(),
         );
     }
 
@@ -381,8 +413,71 @@ fn collect(app: &AppState) -> Registry {
             "Stage requests Scout refused for good",
             c.refusals,
         );
+        r.register_with_unit(
+            "scout_request",
+            "Time of each HTTP exchange with a Scout node, by node and operation",
+            Unit::Seconds,
+            scout.request_seconds().clone(),
+        );
+    }
+
+    if let Some(m) = app.adapters.metrics() {
+        r.register_with_unit(
+            "adapter_call",
+            "Time of each adapter call, by export",
+            Unit::Seconds,
+            m.call_seconds.clone(),
+        );
+        r.register(
+            "adapter_call_failures",
+            "Adapter calls that failed, by export and reason (timeout, trap, over a limit...)",
+            m.failures.clone(),
+        );
     }
     r
+}
+
+/// The store's figures that need no query: the intake writers' histograms and the
+/// connection pools' counts.
+fn store_figures(r: &mut Registry, app: &AppState) {
+    let intake = app.store.intake_metrics();
+    r.register(
+        "intake_batch_jobs",
+        "Jobs per intake transaction (the group commit's batch)",
+        intake.batch_jobs.clone(),
+    );
+    r.register_with_unit(
+        "intake_commit",
+        "Time to write and commit one intake transaction",
+        Unit::Seconds,
+        intake.commit_seconds.clone(),
+    );
+    let pools = app.store.pool_stats();
+    let conns = Family::<Labels, Gauge>::default();
+    let max = Family::<Labels, Gauge>::default();
+    for p in &pools {
+        let at = |state: &str| labels(&[("pool", p.pool), ("state", state)]);
+        conns
+            .get_or_create(&at("in_use"))
+            .set(gauge_value(p.in_use));
+        conns.get_or_create(&at("idle")).set(gauge_value(p.idle));
+        max.get_or_create(&labels(&[("pool", p.pool)]))
+            .set(gauge_value(p.max));
+    }
+    r.register(
+        "store_connections",
+        "The store's database connections by pool and state",
+        conns,
+    );
+    r.register(
+        "store_connections_max",
+        "The most connections each pool opens",
+        max,
+    );
+}
+
+fn gauge_value(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 /// The daemon's metrics, OpenMetrics text.

@@ -87,8 +87,8 @@ pub trait Resolver: Send + Sync {
     ) -> BoxFuture<'a, Result<Vec<String>, ResolveError>>;
 }
 
-/// Counters for metrics; monotonic since start.
-#[derive(Debug, Default)]
+/// Counters (and one histogram) for metrics; monotonic since start.
+#[derive(Debug)]
 pub struct EngineCounters {
     pub stage_calls_ok: AtomicU64,
     pub stage_calls_failed: AtomicU64,
@@ -99,6 +99,25 @@ pub struct EngineCounters {
     pub expired: AtomicU64,
     /// Restages put off by an interval because the Kafka consumer was behind.
     pub restages_deferred: AtomicU64,
+    /// Seconds from a callback being queued (its job decided) to its delivery, for each
+    /// callback delivered: waits for a slot, for a destination and between retries count.
+    pub callback_delivery_seconds: crate::histograms::Histogram,
+}
+
+impl Default for EngineCounters {
+    fn default() -> Self {
+        Self {
+            stage_calls_ok: AtomicU64::default(),
+            stage_calls_failed: AtomicU64::default(),
+            resolved: AtomicU64::default(),
+            callbacks_delivered: AtomicU64::default(),
+            callbacks_failed_attempts: AtomicU64::default(),
+            callbacks_abandoned: AtomicU64::default(),
+            expired: AtomicU64::default(),
+            restages_deferred: AtomicU64::default(),
+            callback_delivery_seconds: crate::histograms::delivery_seconds(),
+        }
+    }
 }
 
 /// What the engine is built from.

@@ -17,6 +17,8 @@
 //!   accept and never answer cannot hold every slot for the timeout.
 //! - The failure report (codes other than 0) is written before the job's files are removed,
 //!   since it lists them.
+//! - Every delivered callback is timed once, from its queueing (`created_ms`, when its job
+//!   was decided) to the 200, in `EngineCounters::callback_delivery_seconds`.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -425,6 +427,12 @@ impl Notifier {
                 self.counters
                     .callbacks_delivered
                     .fetch_add(1, Ordering::Relaxed);
+                // Wall clocks: the row may have been queued by another daemon, whose clock
+                // can be a little ahead of ours.
+                let waited_ms = (now - row.created_ms).max(0);
+                self.counters
+                    .callback_delivery_seconds
+                    .observe(waited_ms as f64 / 1000.0);
                 tracing::info!(job_id, return_code = row.return_code, "callback delivered");
                 true
             }

@@ -19,6 +19,9 @@
 //!   calls in flight and the lower recent latency (see `nodes`), so a slow node carries
 //!   less of the load without being dropped.
 //! - Cancel is best effort: a failure is counted and logged, never returned.
+//! - Every HTTP exchange with a node is timed once, labelled by the node (one of the
+//!   configured ones) and the [`Operation`] (a fixed set), whatever its outcome: see
+//!   [`ScoutClient::request_seconds`].
 
 mod nodes;
 
@@ -37,8 +40,56 @@ use tokio::sync::{Mutex, RwLock};
 use url::Url;
 
 use crate::config::ScoutConfig;
+use crate::histograms::{self, RequestSeconds};
 use nodes::NodePool;
 pub use nodes::NodeStats;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+
+/// What a request to Scout is for: the label of its latency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Operation {
+    Login,
+    FileStatus,
+    Stage,
+    Cancel,
+    CacheState,
+}
+
+impl Operation {
+    /// The HTTP method the Scout API takes for it.
+    fn method(self) -> Method {
+        match self {
+            Operation::Login => Method::POST,
+            Operation::FileStatus | Operation::CacheState => Method::GET,
+            Operation::Stage | Operation::Cancel => Method::PUT,
+        }
+    }
+
+    /// The label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Operation::Login => "login",
+            Operation::FileStatus => "file_status",
+            Operation::Stage => "stage",
+            Operation::Cancel => "cancel",
+            Operation::CacheState => "cache_state",
+        }
+    }
+}
+
+impl EncodeLabelValue for Operation {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.as_str(), encoder)
+    }
+}
+
+/// The labels of one Scout request's latency.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The node's base URL, as configured (and as `NodeStats::base` spells it).
+    pub node: String,
+    pub operation: Operation,
+}
 
 #[derive(Debug, Error)]
 pub enum ScoutError {
@@ -200,6 +251,8 @@ struct Inner {
     /// One per node, in the pool's order.
     tokens: Vec<NodeToken>,
     counters: Counters,
+    /// Seconds per HTTP exchange, by node and operation.
+    request_seconds: RequestSeconds<RequestLabels>,
 }
 
 /// A node's token.
@@ -259,6 +312,7 @@ impl ScoutClient {
                 pool,
                 tokens,
                 counters: Counters::default(),
+                request_seconds: histograms::request_seconds_family(),
             }),
         })
     }
@@ -280,18 +334,25 @@ impl ScoutClient {
         }
     }
 
+    /// The latency of every HTTP exchange with a node (a 403 retried after a fresh token
+    /// is two exchanges; a login is its own operation), answered or not.
+    pub fn request_seconds(&self) -> &RequestSeconds<RequestLabels> {
+        &self.inner.request_seconds
+    }
+
     /// Asks Scout to bring `paths` online and report each on Kafka, in as many requests as
     /// the limits need. `key` is the job id. Returns the number of requests sent. On error,
     /// the batches before it were accepted; staging again is harmless.
     pub async fn stage(&self, paths: &[String], key: &str) -> Result<usize, ScoutError> {
         let path = self.inner.settings.stage_path.clone();
-        self.send_batches(&path, paths, key).await
+        self.send_batches(Operation::Stage, &path, paths, key).await
     }
 
     /// Sends `paths` in batches within the limits, splitting a batch a node refuses as too
     /// large (413) into halves. Returns the number of requests accepted.
     async fn send_batches(
         &self,
+        op: Operation,
         endpoint: &str,
         paths: &[String],
         key: &str,
@@ -303,7 +364,7 @@ impl ScoutClient {
         while let Some(range) = todo.pop() {
             let body = self.body_for(&paths[range.clone()], key);
             match self
-                .call::<Value>(Method::PUT, endpoint, None, Some(&body), Retry::Full)
+                .call::<Value>(op, endpoint, None, Some(&body), Retry::Full)
                 .await
             {
                 Ok(_) => {
@@ -345,7 +406,10 @@ impl ScoutClient {
         // Each batch on its own: one that fails does not keep the others from being sent.
         let mut all = true;
         for range in batches {
-            if let Err(e) = self.send_batches(&path, &paths[range], key).await {
+            if let Err(e) = self
+                .send_batches(Operation::Cancel, &path, &paths[range], key)
+                .await
+            {
                 self.cancel_failed(key, &e);
                 all = false;
             }
@@ -364,15 +428,21 @@ impl ScoutClient {
     /// The state of one file.
     pub async fn file_status(&self, path: &str) -> Result<FileStatus, ScoutError> {
         let ep = self.inner.settings.file_path.clone();
-        self.call(Method::GET, &ep, Some(("path", path)), None, Retry::Full)
-            .await
+        self.call(
+            Operation::FileStatus,
+            &ep,
+            Some(("path", path)),
+            None,
+            Retry::Full,
+        )
+        .await
     }
 
     /// The disk cache's figures. Tries each node once, without back-off: a caller showing
     /// them would rather show nothing than wait.
     pub async fn cache_state(&self) -> Result<CacheState, ScoutError> {
         let ep = self.inner.settings.cachestate_path.clone();
-        self.call(Method::GET, &ep, None, None, Retry::OnePass)
+        self.call(Operation::CacheState, &ep, None, None, Retry::OnePass)
             .await
     }
 
@@ -458,7 +528,14 @@ impl ScoutClient {
         self.inner.counters.logins.fetch_add(1, Ordering::Relaxed);
         let base = &self.inner.pool.node(i).base;
         let bytes = match self
-            .exchange(base, Method::POST, &s.login_path, None, Some(&body), None)
+            .exchange(
+                base,
+                Operation::Login,
+                &s.login_path,
+                None,
+                Some(&body),
+                None,
+            )
             .await
         {
             Outcome::Ok(b) => b,
@@ -492,7 +569,7 @@ impl ScoutClient {
     /// node is tried: only a definite refusal (a 4xx other than 403) ends the call early.
     async fn call<T: DeserializeOwned>(
         &self,
-        method: Method,
+        op: Operation,
         endpoint: &str,
         query: Option<(&str, &str)>,
         body: Option<&[u8]>,
@@ -525,7 +602,7 @@ impl ScoutClient {
                 let _busy = pool.busy(i);
                 let mut started = Instant::now();
                 match self
-                    .on_node::<T>(i, &method, endpoint, query, body, &mut started)
+                    .on_node::<T>(i, op, endpoint, query, body, &mut started)
                     .await
                 {
                     Ok(v) => {
@@ -554,7 +631,7 @@ impl ScoutClient {
     async fn on_node<T: DeserializeOwned>(
         &self,
         i: usize,
-        method: &Method,
+        op: Operation,
         endpoint: &str,
         query: Option<(&str, &str)>,
         body: Option<&[u8]>,
@@ -564,12 +641,12 @@ impl ScoutClient {
         let (token, generation) = self.token(i).await?;
         *started = Instant::now();
         let mut outcome = self
-            .exchange(base, method.clone(), endpoint, query, body, Some(&token))
+            .exchange(base, op, endpoint, query, body, Some(&token))
             .await;
         if matches!(outcome, Outcome::Forbidden) {
             let (token, _) = self.refresh(i, generation).await?;
             outcome = self
-                .exchange(base, method.clone(), endpoint, query, body, Some(&token))
+                .exchange(base, op, endpoint, query, body, Some(&token))
                 .await;
         }
         match outcome {
@@ -593,7 +670,31 @@ impl ScoutClient {
         }
     }
 
+    /// One exchange, timed into [`ScoutClient::request_seconds`].
     async fn exchange(
+        &self,
+        base: &Url,
+        op: Operation,
+        endpoint: &str,
+        query: Option<(&str, &str)>,
+        body: Option<&[u8]>,
+        token: Option<&str>,
+    ) -> Outcome {
+        let started = Instant::now();
+        let outcome = self
+            .exchange_untimed(base, op.method(), endpoint, query, body, token)
+            .await;
+        self.inner
+            .request_seconds
+            .get_or_create(&RequestLabels {
+                node: base.to_string(),
+                operation: op,
+            })
+            .observe(histograms::since(started));
+        outcome
+    }
+
+    async fn exchange_untimed(
         &self,
         base: &Url,
         method: Method,

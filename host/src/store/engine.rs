@@ -122,7 +122,23 @@ pub struct OutboxRow {
     pub give_up_ms: Option<i64>,
     /// The destination, as [`callback_origin`] gives it.
     pub origin: String,
+    /// When the callback was queued: the job's result was decided then.
+    pub created_ms: i64,
 }
+
+/// The callback outbox's size, for `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutboxStats {
+    /// Callbacks queued and not yet delivered or given up.
+    pub pending: i64,
+    /// Of those, the ones due for longer than [`OVERDUE_AFTER`] that no one is attempting
+    /// (an attempt's claim moves the due time to the claim's end): starved by busy slots or
+    /// destinations, or left by a daemon that died holding them.
+    pub overdue: i64,
+}
+
+/// How long past its due time a callback that no one attempts counts as overdue.
+pub const OVERDUE_AFTER: Duration = Duration::from_secs(60);
 
 /// The destination of a callback: scheme, host and port (the default port spelled out),
 /// lower case. Per-destination limits, backoff and budgets are keyed by it. A URL that does
@@ -556,7 +572,7 @@ impl Store {
              FROM {} AS u \
              WHERE notify_outbox.job_id = u.id AND notify_outbox.next_attempt_ms <= $4 \
              RETURNING job_id, notify_url, return_code, total_files, ready_files, error_files, \
-                 comment, attempts, give_up_ms, origin",
+                 comment, attempts, give_up_ms, origin, created_ms",
             json_rows(b, "$1", &[("id", "bigint"), ("o", "text")])
         );
         let rows = serde_json::to_string(&take).expect("strings and integers serialize");
@@ -653,6 +669,18 @@ impl Store {
         Ok(with_pool!(&self.backend, p =>
             sqlx::query("DELETE FROM job_history WHERE finished_ms < $1")
                 .bind(before_ms).execute(p).await?.rows_affected()))
+    }
+
+    /// The outbox's pending and overdue callbacks. One pass over the outbox, which holds
+    /// only undelivered callbacks; `/metrics` reads it in the background with the job
+    /// totals, never per scrape.
+    pub async fn outbox_stats(&self) -> Result<OutboxStats, StoreError> {
+        const SQL: &str = "SELECT count(*), count(*) FILTER (WHERE next_attempt_ms <= $1) \
+             FROM notify_outbox";
+        let due_before = now_ms() - OVERDUE_AFTER.as_millis() as i64;
+        let (pending, overdue): (i64, i64) = with_pool!(&self.backend, p =>
+            sqlx::query_as(SQL).bind(due_before).fetch_one(p).await?);
+        Ok(OutboxStats { pending, overdue })
     }
 
     /// Outbox rows still to deliver.

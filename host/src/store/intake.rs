@@ -21,9 +21,12 @@
 //! - A writer keeps its connection only after a batch that committed and left it outside
 //!   any transaction; after any failure the connection goes back to the pool, whose
 //!   release check closes it unless it is settled ([`super::hygiene`]).
+//! - [`IntakeMetrics`] sees every transaction that committed (a batch, or one job of a
+//!   failed batch retried alone), once: its jobs and the time it took.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
+use std::time::Instant;
 
 use sqlx::pool::PoolConnection;
 use sqlx::{Connection, PgConnection, Postgres, Sqlite, SqliteConnection};
@@ -33,6 +36,7 @@ use tokio::task::JoinHandle;
 use super::{
     Backend, JobState, NewJob, Signals, StageWork, StoreError, StoreOptions, now_ms, with_pool,
 };
+use crate::histograms::{self, Histogram};
 
 /// Files per batch beyond which a writer stops taking more jobs into the batch.
 const BATCH_FILES_SOFT_MAX: usize = 200_000;
@@ -44,6 +48,24 @@ const QUEUE_DEPTH: usize = 16_384;
 pub enum Intake {
     Created,
     Duplicate,
+}
+
+/// What the intake writers measure, for `/metrics`. Cheap to clone; clones share figures.
+#[derive(Clone)]
+pub struct IntakeMetrics {
+    /// Jobs per committed transaction: how much of the fsync the group commit shares.
+    pub batch_jobs: Histogram,
+    /// Seconds from taking a connection for a transaction to its commit returning.
+    pub commit_seconds: Histogram,
+}
+
+impl Default for IntakeMetrics {
+    fn default() -> Self {
+        Self {
+            batch_jobs: histograms::batch_sizes(),
+            commit_seconds: histograms::request_seconds(),
+        }
+    }
 }
 
 /// Jobs this daemon accepted, born claimed by it, waiting for its engine.
@@ -102,6 +124,7 @@ impl IntakeQueue {
         owner: Arc<str>,
         handoff: Arc<Handoff>,
         signals: Arc<Signals>,
+        metrics: IntakeMetrics,
     ) -> IntakeQueue {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let rx = Arc::new(Mutex::new(rx));
@@ -132,6 +155,7 @@ impl IntakeQueue {
                     owner: owner.clone(),
                     handoff: handoff.clone(),
                     signals: signals.clone(),
+                    metrics: metrics.clone(),
                 };
                 tokio::spawn(writer.run())
             })
@@ -141,6 +165,11 @@ impl IntakeQueue {
             tx: std::sync::Mutex::new(Some(tx)),
             writers: Mutex::new(handles),
         }
+    }
+
+    /// The writers' pool (on SQLite the store's shared one).
+    pub(crate) fn backend(&self) -> &Backend {
+        &self.backend
     }
 
     pub(crate) async fn submit(&self, job: NewJob) -> Result<Intake, StoreError> {
@@ -188,6 +217,7 @@ struct Writer {
     owner: Arc<str>,
     handoff: Arc<Handoff>,
     signals: Arc<Signals>,
+    metrics: IntakeMetrics,
 }
 
 /// When a job was written: its times and its birth lease.
@@ -314,6 +344,7 @@ impl Writer {
             owner: &self.owner,
             lease_until: now + self.lease_ms,
         };
+        let started = Instant::now();
         let created = match &self.backend {
             // insert_sqlite checked its connection after the commit (a round trip to the
             // connection's thread), so nothing is left to check here.
@@ -324,6 +355,12 @@ impl Writer {
                 |c: &PoolConnection<Postgres>| super::hygiene::pg_settled(c),
                 conn => insert_postgres(&mut conn, jobs, &stamp)),
         };
+        // Only here, after the `?`s above: a failed transaction is retried job by job,
+        // and each retry that commits is a transaction of its own.
+        self.metrics.batch_jobs.observe(jobs.len() as f64);
+        self.metrics
+            .commit_seconds
+            .observe(histograms::since(started));
         self.handoff.push(
             jobs.iter()
                 .filter(|j| created.contains(&j.job_id))

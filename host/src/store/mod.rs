@@ -46,10 +46,11 @@ use crate::config::{DatabaseConfig, JobsConfig, PgSslMode, SqliteSync, redact_ur
 pub use board::{FlightRow, OutboxHead, OutboxTotals};
 pub use engine::HistoryRow;
 pub use engine::{
-    CallbackGate, OutboxRow, StageClaim, StageClaims, StageWork, callback_origin, codes,
+    CallbackGate, OVERDUE_AFTER, OutboxRow, OutboxStats, StageClaim, StageClaims, StageWork,
+    callback_origin, codes,
 };
 pub use ingest::IngestOutcome;
-pub use intake::Intake;
+pub use intake::{Intake, IntakeMetrics};
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
@@ -340,6 +341,20 @@ pub struct Store {
     lease_ms: i64,
     /// Jobs this daemon accepted and has not yet started work on (see [`intake`]).
     handoff: Arc<intake::Handoff>,
+    /// What the intake writers measure (shared with them).
+    intake_metrics: IntakeMetrics,
+}
+
+/// One connection pool's connections now, as sqlx counts them (no query).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    /// `shared` (everything but intake), or `intake` (PostgreSQL's intake writers; on
+    /// SQLite they use the shared pool).
+    pub pool: &'static str,
+    pub in_use: u64,
+    pub idle: u64,
+    /// The most the pool opens.
+    pub max: u64,
 }
 
 /// Wake-ups for the engine's loops within this process; other daemons sharing the
@@ -371,12 +386,14 @@ impl Store {
         let signals = Arc::new(Signals::default());
         let owner: Arc<str> = daemon_name().into();
         let handoff = Arc::new(intake::Handoff::default());
+        let intake_metrics = IntakeMetrics::default();
         let intake = intake::IntakeQueue::start(
             intake_backend,
             opts,
             owner.clone(),
             handoff.clone(),
             signals.clone(),
+            intake_metrics.clone(),
         );
         Ok(Store {
             backend,
@@ -385,7 +402,23 @@ impl Store {
             owner,
             lease_ms: opts.lease.as_millis() as i64,
             handoff,
+            intake_metrics,
         })
+    }
+
+    /// Batch sizes and commit times of the intake writers.
+    pub fn intake_metrics(&self) -> &IntakeMetrics {
+        &self.intake_metrics
+    }
+
+    /// The connections of each pool, from the pools' own counts: no query, no lock held
+    /// past the call, so `/metrics` may read them on every scrape.
+    pub fn pool_stats(&self) -> Vec<PoolStats> {
+        let mut out = vec![self.backend.pool_stats("shared")];
+        if let Backend::Postgres(_) = self.intake.backend() {
+            out.push(self.intake.backend().pool_stats("intake"));
+        }
+        out
     }
 
     /// This daemon's name in leases: host, process and a random part, so that two daemons
@@ -578,6 +611,22 @@ impl SummaryRow {
 }
 
 impl Backend {
+    fn pool_stats(&self, pool: &'static str) -> PoolStats {
+        let (size, idle, max) = with_pool!(self, p => (
+            p.size(),
+            p.num_idle(),
+            p.options().get_max_connections(),
+        ));
+        // `size` counts idle connections too; read apart, the two may disagree by one.
+        let idle = (idle as u64).min(u64::from(size));
+        PoolStats {
+            pool,
+            in_use: u64::from(size) - idle,
+            idle,
+            max: u64::from(max),
+        }
+    }
+
     fn name(&self) -> &'static str {
         match self {
             Backend::Sqlite(_) => "sqlite",
