@@ -315,11 +315,11 @@ async fn a_client_that_never_says_hello_is_bounded() {
     );
     app.stop().await;
 
-    // Counted against the cap: with two slots (the accept loop keeps one for the next
-    // client), a connection that never starts its handshake holds the other, well within its
-    // header timeout, until a new client needs it, and is closed to let that one in.
+    // Counted against the cap: with one slot, a connection that never starts its handshake
+    // holds it, well within its header timeout, until a new client needs it, and is closed
+    // to let that one in.
     let app = tls_app(&files, |c| {
-        c.server.max_connections = 2;
+        c.server.max_connections = 1;
         c.server.header_timeout_secs = 60;
     })
     .await;

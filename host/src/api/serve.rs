@@ -4,9 +4,10 @@
 //! Invariant: whatever clients do, what they hold is bounded, and every answer, including
 //! the ones hyper writes itself, is JSON with `errormsg`:
 //! - **connections**: at most [`Bounds::connection_cap`] at once, which stays below the
-//!   open-file limit the daemon started with. When full, the connection idle longest is
-//!   closed to let the new one in; when every connection has a request in hand, new ones
-//!   wait in the kernel's backlog. Accept errors (`EMFILE` and the like) back off instead
+//!   open-file limit the daemon started with. When full and a new client arrives, the
+//!   connection idle longest is closed to let it in (a cap merely reached closes nothing);
+//!   when every connection has a request in hand, that client waits (one, holding one
+//!   descriptor of `reserved_fds`) and the next ones in the kernel's backlog. Accept errors (`EMFILE` and the like) back off instead
 //!   of spinning, and are logged at most once every 10 s, with their count.
 //! - **time**: a request head must arrive within `header_timeout_secs` of the connection
 //!   being ready for it (hyper's header timer, so slowloris heads are closed); with
@@ -236,28 +237,6 @@ pub async fn serve(
     let mut last_warning: Option<tokio::time::Instant> = None;
     let mut warned_this_run = false;
     'accept: loop {
-        let permit = match slots.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
-                // Full: make room by closing the connection idle longest, and try again
-                // while every connection is busy (one may turn idle, or close).
-                let mut waiting_logged = false;
-                loop {
-                    if !shared.evict_idlest() && !waiting_logged {
-                        tracing::warn!(
-                            cap = shared.bounds.connection_cap,
-                            "every client connection has a request in hand; new ones wait"
-                        );
-                        waiting_logged = true;
-                    }
-                    tokio::select! {
-                        p = slots.clone().acquire_owned() => break p.expect("the slot semaphore is never closed"),
-                        _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-                        _ = &mut stop => break 'accept,
-                    }
-                }
-            }
-        };
         let accepted = tokio::select! {
             r = listener.accept() => r,
             _ = &mut stop => break,
@@ -288,6 +267,30 @@ pub async fn serve(
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => continue,
                     _ = &mut stop => break,
+                }
+            }
+        };
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                // Full, with a client waiting: make room by closing the connection idle
+                // longest, and try again while every connection is busy (one may turn
+                // idle, or close). Only a client in hand evicts anyone: a cap that is
+                // merely reached closes nothing.
+                let mut waiting_logged = false;
+                loop {
+                    if !shared.evict_idlest() && !waiting_logged {
+                        tracing::warn!(
+                            cap = shared.bounds.connection_cap,
+                            "every client connection has a request in hand; new ones wait"
+                        );
+                        waiting_logged = true;
+                    }
+                    tokio::select! {
+                        p = slots.clone().acquire_owned() => break p.expect("the slot semaphore is never closed"),
+                        _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                        _ = &mut stop => break 'accept,
+                    }
                 }
             }
         };

@@ -883,3 +883,40 @@ fn raise_own_file_limit(want: u64) {
         );
     }
 }
+
+/// A cap that is merely reached closes nothing: only a new client in hand evicts the
+/// connection idle longest. (The accept loop used to take a slot before accepting, so a
+/// full server closed an idle connection, or one in its TLS handshake, with nobody
+/// waiting.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_server_closes_nothing_until_a_client_arrives() {
+    let app = TestApp::start_with(Kind::Sqlite, |c| {
+        c.server.max_connections = 2;
+        c.server.idle_timeout_secs = 120;
+        c.server.header_timeout_secs = 120;
+    })
+    .await;
+    let addr = app.server.as_ref().unwrap().addr;
+    let mut idle = open_idle(addr, 2).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for s in &idle {
+        assert!(
+            !is_closed_now(s),
+            "an idle connection closed with nobody waiting"
+        );
+    }
+    // A third client is let in, by closing one of them.
+    let r = reqwest::get(app.url("/livez")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let mut closed = 0;
+    for s in &mut idle {
+        if closed_within(s, Duration::from_secs(5)).await {
+            closed += 1;
+        }
+    }
+    assert_eq!(
+        closed, 1,
+        "one idle connection makes room for the new client"
+    );
+    app.stop().await;
+}

@@ -6,7 +6,9 @@ const POLL_MS = 2000;
 const $ = (id) => document.getElementById(id);
 // Errors the page met, for a person with the console closed (and for the browser test).
 window.stagedErrors = [];
-window.addEventListener('error', (e) => window.stagedErrors.push(String(e.message)));
+// In the capture phase, so that a resource that failed to load counts too.
+window.addEventListener('error', (e) => window.stagedErrors.push(String(e.message || e.target?.src || 'error')), true);
+document.addEventListener('securitypolicyviolation', (e) => window.stagedErrors.push(`CSP refused ${e.blockedURI} (${e.violatedDirective})`));
 window.addEventListener('unhandledrejection', (e) => window.stagedErrors.push(String(e.reason)));
 const consoleError = console.error.bind(console);
 console.error = (...args) => {
