@@ -33,7 +33,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::FutureExt;
 use futures::future::BoxFuture;
 
 use rdkafka::client::ClientContext;
@@ -496,6 +495,8 @@ impl Ingest {
         // The batch being filled, and when it is handed over (set by its first message).
         let mut next = Batch::default();
         let mut deadline: Option<Instant> = None;
+        // Set by each message read: whether the client holds more is yet to be seen.
+        let mut check_held = false;
         // After a read error, no read before this.
         let mut paused_until: Option<Instant> = None;
         // The batch being applied; it gives the batch back with whether it was applied.
@@ -538,31 +539,8 @@ impl Ingest {
                             recv_errors = 0;
                             paused_until = None;
                             self.take(&mut next, &m);
-                            // What the client already holds joins the batch; once it holds
-                            // nothing more the batch is due at once, so a message never
-                            // waits for others that are not there. Under load batches still
-                            // grow, filling while the one before is applied.
-                            // `batch_max_wait` only caps how long a steady stream keeps a
-                            // batch open.
-                            let mut idle = false;
-                            while next.messages.len() < self.settings.batch_max_messages {
-                                match consumer.recv().now_or_never() {
-                                    Some(Ok(m)) => self.take(&mut next, &m),
-                                    Some(Err(e)) => {
-                                        error = Some(e);
-                                        break;
-                                    }
-                                    None => {
-                                        idle = true;
-                                        break;
-                                    }
-                                }
-                            }
-                            let now = Instant::now();
-                            let cap = *deadline.get_or_insert(now + self.settings.batch_max_wait);
-                            if idle {
-                                deadline = Some(cap.min(now));
-                            }
+                            deadline.get_or_insert_with(|| Instant::now() + self.settings.batch_max_wait);
+                            check_held = true;
                         }
                         Err(e) => error = Some(e),
                     }
@@ -584,6 +562,16 @@ impl Ingest {
                         // A fatal error ends this client.
                         replace = true;
                     }
+                }
+                // Reached only when no message is ready (the branch above comes first): the
+                // client holds nothing more, so the batch is due at once and a message never
+                // waits for others that are not there. Under load batches still grow,
+                // filling while the one before is applied; `batch_max_wait` only caps how
+                // long a steady stream keeps a batch open.
+                _ = std::future::ready(()), if check_held && may_read => {
+                    check_held = false;
+                    let now = Instant::now();
+                    deadline = deadline.map(|d| d.min(now));
                 }
                 _ = group_check.tick() => {
                     if !self.status.rejoin_due() {
