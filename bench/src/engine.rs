@@ -39,6 +39,11 @@ pub struct EngineArgs {
     /// Files in the big job.
     #[arg(long, default_value_t = 100_000)]
     big_files: u64,
+    /// Recall messages per second for other jobs' files, streamed while the one-file jobs
+    /// are timed (0: none). Those files belong to jobs posted beforehand, so each message
+    /// changes the store as a real one would.
+    #[arg(long, default_value_t = 0)]
+    background_rate: u64,
     /// The `staged` binary; default: `staged` next to this program.
     #[arg(long)]
     staged: Option<std::path::PathBuf>,
@@ -220,6 +225,11 @@ async fn latency(
     .await?;
     wait_staged(&peers.sim, n as u64 + 1).await?;
 
+    let background = match args.background_rate {
+        0 => None,
+        rate => Some(Background::start(&http, &base, &peers, rate, n).await?),
+    };
+
     let mut sent = HashMap::with_capacity(n);
     for i in 0..n as i64 {
         sent.insert(i, Instant::now());
@@ -227,6 +237,10 @@ async fn latency(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     arrivals.wait_for(n + 1, Duration::from_secs(120)).await?;
+    let streamed = match background {
+        Some(b) => Some(b.stop().await?),
+        None => None,
+    };
     let at = arrivals.at.lock().unwrap().clone();
     let mut lat: Vec<Duration> = sent
         .iter()
@@ -234,7 +248,14 @@ async fn latency(
         .collect();
     lat.sort();
     let pct = |q: f64| lat[((lat.len() - 1) as f64 * q).round() as usize];
-    println!("last event -> callback, {n} one-file jobs (events ~200/s):");
+    match streamed {
+        Some((events, secs)) => println!(
+            "last event -> callback, {n} one-file jobs (events ~200/s), while {events} other jobs' \
+             events streamed in at {:.0}/s:",
+            events as f64 / secs
+        ),
+        None => println!("last event -> callback, {n} one-file jobs (events ~200/s):"),
+    }
     println!(
         "  p50 {:.1} ms   p99 {:.1} ms   max {:.1} ms",
         ms(pct(0.5)),
@@ -245,6 +266,79 @@ async fn latency(
         bail!("a callback did not report success: {}", bad.1);
     }
     server.stop().await
+}
+
+/// Recall messages for the files of other jobs, published at a steady rate while the
+/// latency is measured.
+struct Background {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<(u64, f64)>>,
+}
+
+impl Background {
+    /// Posts jobs holding enough files for the measurement at `rate` (the mock broker keeps
+    /// about 5 MB per partition, so at most 150,000), waits for them to be staged, and
+    /// starts publishing.
+    async fn start(
+        http: &reqwest::Client,
+        base: &str,
+        peers: &Peers,
+        rate: u64,
+        timed_jobs: usize,
+    ) -> anyhow::Result<Background> {
+        let seconds = timed_jobs as f64 * 0.006 + 3.0;
+        let files = ((rate as f64 * seconds) as u64).min(150_000);
+        const PER_JOB: u64 = 10_000;
+        let sink = Arrivals::default().serve().await?;
+        let staged_before = peers.sim.counters().staged_paths;
+        let mut paths = Vec::with_capacity(files as usize);
+        for j in 0..files.div_ceil(PER_JOB) {
+            let job: Vec<String> = (j * PER_JOB..((j + 1) * PER_JOB).min(files))
+                .map(|f| format!("bg/{j}/{f}.fits"))
+                .collect();
+            post(
+                http,
+                base,
+                1_000_000 + j as i64,
+                &job,
+                &format!("http://{sink}/cb"),
+            )
+            .await?;
+            paths.extend(job);
+        }
+        wait_staged(&peers.sim, staged_before + files).await?;
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", peers.cluster.bootstrap_servers())
+            .set("linger.ms", "5")
+            .set("queue.buffering.max.messages", "1000000")
+            .create()?;
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let started = Instant::now();
+            let tick = Duration::from_millis(10);
+            let per_tick = (rate / 100).max(1) as usize;
+            let mut sent = 0usize;
+            let mut next = Instant::now();
+            while sent < paths.len() {
+                if stopped.try_recv().is_ok() {
+                    break;
+                }
+                let chunk = &paths[sent..(sent + per_tick).min(paths.len())];
+                futures::future::try_join_all(chunk.iter().map(|p| publish(&producer, p))).await?;
+                sent += chunk.len();
+                next += tick;
+                tokio::time::sleep_until(next.into()).await;
+            }
+            Ok((sent as u64, started.elapsed().as_secs_f64()))
+        });
+        Ok(Background { stop, task })
+    }
+
+    /// Stops publishing; how many messages went out, over how many seconds.
+    async fn stop(self) -> anyhow::Result<(u64, f64)> {
+        let _ = self.stop.send(());
+        self.task.await?
+    }
 }
 
 async fn big_job(
