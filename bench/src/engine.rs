@@ -7,9 +7,10 @@
 //!    publishes each file's recall message itself, a few milliseconds apart, and times from
 //!    just before the publish to the callback's arrival. The callback rate limit is lifted
 //!    for this run (it is a policy, not a cost); everything else is the daemon's default.
-//! 2. **A 100,000-file job.** One POST naming 100,000 files; the simulator publishes one
-//!    message per file as Scout would; the clock runs from the POST to the callback, and the
-//!    daemon's peak RSS is read from /proc.
+//! 2. **A 100,000-file job.** After a one-file warm-up job (so that the consumer is in its
+//!    group, as in a daemon already running), one POST naming 100,000 files; the simulator
+//!    publishes one message per file as Scout would; the clock runs from the POST to the
+//!    callback, and the daemon's peak RSS is read from /proc.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -353,13 +354,27 @@ async fn big_job(
     let mut server = start_server(staged, dir, db, &peers.config(), "big").await?;
     let base = format!("http://{}", server.addr);
     let http = reqwest::Client::new();
+    // Warm-up: one job through the whole path, so that the consumer has joined its group
+    // (seconds on a fresh start) as in a daemon already running.
+    post(
+        &http,
+        &base,
+        -1,
+        &["warm/0".into()],
+        &format!("http://{cb}/cb"),
+    )
+    .await?;
+    arrivals
+        .wait_for(1, Duration::from_secs(60))
+        .await
+        .context("warm-up job")?;
     let files: Vec<String> = (0..args.big_files)
         .map(|i| format!("mwa/1234567890/1234567890_{i:07}.fits"))
         .collect();
     let started = Instant::now();
     post(&http, &base, 1, &files, &format!("http://{cb}/cb")).await?;
     let accepted = started.elapsed();
-    if let Err(e) = arrivals.wait_for(1, Duration::from_secs(300)).await {
+    if let Err(e) = arrivals.wait_for(2, Duration::from_secs(300)).await {
         let c = peers.sim.counters();
         eprintln!("Scout simulator: {c:?}");
         server.print_log_tail(40);
