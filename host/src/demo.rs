@@ -76,6 +76,7 @@ pub async fn run(listen: SocketAddr) -> anyhow::Result<()> {
     let base = format!("http://{}", server.addr);
 
     out.line(&format!("staged demo: the daemon is serving {base}"));
+    out.line(&format!("  dashboard: {base}/"));
     out.line(&format!("  API docs:  {base}/docs"));
     out.line(&format!("  jobs:      {base}/get_joblist/"));
     out.line(&format!(
@@ -194,6 +195,9 @@ fn demo_config(
     );
     c.callbacks.username = "asvo".into();
     c.callbacks.password = Some(secret("demo"));
+    // The callback receiver is on loopback: allowed by name, as a production ASVO would be.
+    c.callbacks.allow =
+        AllowList::parse(&["127.0.0.1".to_string()]).expect("an address is an allow-list entry");
     c.callbacks.error_delay_secs = 1;
     c.jobs.restage_interval_secs = 120;
     c.jobs.sweep_interval_secs = 5;
