@@ -944,6 +944,8 @@ impl Config {
                 &self.adapter.ca_file,
                 self.adapter.insecure_skip_tls_verify,
             ),
+            // librdkafka reads it only when the consumer starts.
+            ("kafka", &self.kafka.ca_file, false),
         ] {
             crate::tls_trust::Trust::from_config(peer, ca.as_deref(), insecure)
                 .map_err(anyhow::Error::msg)?;
@@ -1356,6 +1358,16 @@ mod tests {
             );
         }
         assert!(shown.contains("env STAGED_TEST_SECRET_CFG"));
+    }
+
+    #[test]
+    fn every_peers_ca_file_is_read_at_load() {
+        for peer in ["scout", "callbacks", "adapter", "kafka"] {
+            let err = Config::parse(&format!("[{peer}]\nca_file = \"/nonexistent/ca.pem\"\n"))
+                .unwrap_err();
+            let msg = format!("{err:#}");
+            assert!(msg.contains(&format!("{peer}.ca_file")), "{msg}");
+        }
     }
 
     #[test]
