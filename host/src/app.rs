@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::adapter::Adapters;
-use crate::api::{self, AppState};
+use crate::api;
 use crate::config::{Config, redact_url};
 use crate::engine::{self, Engine};
 use crate::kafka;
@@ -91,7 +91,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Server> {
     let mut parts = engine::peers::parts(scout.clone(), adapters.clone());
     parts.ingest = ingest.as_ref().map(|i| i.status());
     let engine = Engine::start(store.clone(), config, parts);
-    let mut state = AppState::new(store.clone(), config);
+    let mut state = api::AppParts::new(store.clone(), config);
     state.adapters = adapters.clone();
     state.scout = scout;
     state.kafka = ingest.as_ref().map(|i| i.status());
@@ -104,7 +104,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Server> {
         .throughput
         .start_sampling(state.throughput_sources.clone());
     let auth = state.auth.clone();
-    let app = api::router(state);
+    let app = api::router(state.into());
     let (stop, stopped) = oneshot::channel::<()>();
     let bounds = api::serve::Bounds::from_config(&config.server);
     let task = tokio::spawn(api::serve::serve(
