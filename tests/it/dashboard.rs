@@ -349,3 +349,58 @@ async fn the_page_shows_jobs_live_in_a_real_browser() {
     b.close().await.unwrap();
     app.stop().await;
 }
+
+/// With tokens configured the page asks for one, and with a `read` token it shows the data;
+/// the token is sent as a bearer token, not put in the page's address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_asks_for_a_token_when_auth_is_on() {
+    let toml = "[[server.auth.tokens]]\nname = \"ops\"\nsecret = \"ops-dashboard-secret-0123\"\nscopes = [\"read\"]\n\
+                [[server.auth.tokens]]\nname = \"robot\"\nsecret = \"robot-submit-secret-0123\"\nscopes = [\"submit\"]\n";
+    let app = TestApp::start_with(Kind::Sqlite, |c| {
+        c.server.auth = staged::config::Config::parse(toml).unwrap().server.auth;
+    })
+    .await;
+    let r = app
+        .http
+        .post(app.url("/staging/"))
+        .bearer_auth("robot-submit-secret-0123")
+        .json(&files_job(5, ["p/5"], NO_CALLBACK))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let driver = Driver::start().await;
+    let b = driver.browser(1024, 900).await;
+    b.goto(&app.url("/")).await.unwrap();
+    page_until(
+        &b,
+        "the token form",
+        "return !document.getElementById('login').hidden",
+    )
+    .await;
+    // A token without the read scope is refused as such.
+    let set_token = |t: &str| {
+        format!(
+            "document.getElementById('token').value = {t:?}; \
+             document.getElementById('login-form').requestSubmit(); return true"
+        )
+    };
+    eval(&b, &set_token("robot-submit-secret-0123")).await;
+    page_until(
+        &b,
+        "that the token lacks the read scope",
+        "return document.getElementById('status').textContent.includes('read scope')",
+    )
+    .await;
+    eval(&b, &set_token("ops-dashboard-secret-0123")).await;
+    page_until(
+        &b,
+        "job 5 once a read token is given",
+        "return !!document.getElementById('job-5') && document.getElementById('login').hidden",
+    )
+    .await;
+    assert_eq!(eval(&b, "return window.location.search").await, json!(""));
+    assert_eq!(eval(&b, "return window.stagedErrors").await, json!([]));
+    b.close().await.unwrap();
+    app.stop().await;
+}
