@@ -102,6 +102,7 @@ async fn measure(url: &str, args: &IngestArgs) -> anyhow::Result<()> {
                 files: chunk.to_vec(),
                 obs: None,
                 submitted_by: None,
+                ..Default::default()
             })
             .await?;
     }

@@ -96,6 +96,16 @@ pub async fn start(config: &Config) -> anyhow::Result<Server> {
     state.scout = scout;
     state.kafka = ingest.as_ref().map(|i| i.status());
     state.engine_counters = Some(engine.counters.clone());
+    state.tape_rest = api::tape_rest::Facade::from_config(config, addr)
+        .context("setting up [tape_rest]")?
+        .map(Arc::new);
+    if let Some(f) = &state.tape_rest {
+        if f.verifier.is_on() || state.auth.is_on() {
+            tracing::info!(endpoint = %f.endpoint, "serving the WLCG Tape REST API");
+        } else {
+            tracing::warn!(endpoint = %f.endpoint, "serving the WLCG Tape REST API to loopback clients only: no API tokens or token issuers are configured");
+        }
+    }
     state.throughput_sources = api::throughput::Sources {
         engine: Some(engine.counters.clone()),
         kafka: ingest.as_ref().map(|i| i.status()),

@@ -38,6 +38,7 @@ pub struct Config {
     pub scout: ScoutConfig,
     pub kafka: KafkaConfig,
     pub adapter: AdapterConfig,
+    pub tape_rest: TapeRestConfig,
     /// The file this was read from, so that SIGHUP can read it again.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -392,6 +393,102 @@ impl Default for JobsConfig {
             history_days: 30,
             poll_interval_ms: 1_000,
         }
+    }
+}
+
+/// `[tape_rest]`: the WLCG Tape REST API v1, for FTS, gfal2 and Rucio (off by default).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TapeRestConfig {
+    /// Serve the API under `base_path`, and its discovery document at
+    /// `/.well-known/wlcg-tape-rest-api`.
+    pub enabled: bool,
+    /// The discovery document's `sitename`.
+    pub sitename: String,
+    /// The discovery document's `description`.
+    pub description: String,
+    /// How clients reach this daemon (scheme, host, port), which the discovery document's
+    /// endpoint and each request's `Location` are built from, e.g.
+    /// `https://tape.example.org:8443`. Empty: `http://` (or `https://` with `[server.tls]`)
+    /// and `server.listen`.
+    pub public_url: String,
+    /// Where the API's endpoints are served (`{base_path}/stage` and so on).
+    pub base_path: String,
+    /// A client's path (the file URL's path) must start with this, which is removed to give
+    /// the tape system's path; one that does not fails in the request's result. Starts and
+    /// ends with `/`.
+    pub strip_prefix: String,
+    /// Put in front of what remains: the tape system's path (as recall messages name it)
+    /// is `add_prefix` + the client's path less `strip_prefix`. Does not start with `/`.
+    pub add_prefix: String,
+    /// Seconds a finished stage request is kept for its client to poll, then forgotten.
+    pub keep_finished_secs: u64,
+    /// Most files one stage request may name; more is refused with 400.
+    pub max_files_per_request: usize,
+    /// Most paths one `archiveinfo` answers; the rest of a longer list is left out of the
+    /// answer (the specification's way: a partial answer, never an error).
+    pub archiveinfo_max_paths: usize,
+}
+
+impl Default for TapeRestConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            sitename: "staged".into(),
+            description: "Tape staging through staged".into(),
+            public_url: String::new(),
+            base_path: "/api/v1".into(),
+            strip_prefix: "/".into(),
+            add_prefix: String::new(),
+            keep_finished_secs: 172_800,
+            max_files_per_request: 10_000,
+            archiveinfo_max_paths: 1_000,
+        }
+    }
+}
+
+impl TapeRestConfig {
+    fn check(&self) -> anyhow::Result<()> {
+        let base = &self.base_path;
+        if !base.starts_with('/') || base.ends_with('/') || base.contains("//") {
+            bail!("tape_rest.base_path: {base:?} must start with / and not end with one");
+        }
+        let asvo = [
+            "/staging",
+            "/ping",
+            "/get_",
+            "/filestatus",
+            "/admin",
+            "/metrics",
+            "/docs",
+        ];
+        if let Some(taken) = asvo.iter().find(|p| base.starts_with(**p)) {
+            bail!("tape_rest.base_path: {base:?} is under {taken}, which the ASVO API serves");
+        }
+        let strip = &self.strip_prefix;
+        if !strip.starts_with('/') || !strip.ends_with('/') || strip.contains("//") {
+            bail!("tape_rest.strip_prefix: {strip:?} must start and end with /");
+        }
+        if self.add_prefix.starts_with('/') || self.add_prefix.contains("//") {
+            bail!(
+                "tape_rest.add_prefix: {:?} must not start with / (the tape system's paths are relative to its mount)",
+                self.add_prefix
+            );
+        }
+        if !self.public_url.is_empty() {
+            check_http_url(&self.public_url)
+                .map_err(|e| anyhow::anyhow!("tape_rest.public_url: {e}"))?;
+        }
+        if self.keep_finished_secs == 0 {
+            bail!("tape_rest.keep_finished_secs: must be at least 1");
+        }
+        if self.max_files_per_request == 0 {
+            bail!("tape_rest.max_files_per_request: must be at least 1");
+        }
+        if self.archiveinfo_max_paths == 0 {
+            bail!("tape_rest.archiveinfo_max_paths: must be at least 1");
+        }
+        Ok(())
     }
 }
 
@@ -926,6 +1023,7 @@ impl Config {
             tls.check()?;
         }
         self.adapter.check().context("adapter")?;
+        self.tape_rest.check()?;
         // Each peer's CA file is read and parsed now, so that a bad one stops the start (and
         // check-config) naming its key rather than failing the first connection.
         for (peer, ca, insecure) in [

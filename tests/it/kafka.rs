@@ -128,6 +128,7 @@ async fn submit(store: &Store, id: i64, files: &[&str]) {
             files: files.iter().map(|s| s.to_string()).collect(),
             obs: None,
             submitted_by: None,
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -20,4 +20,5 @@ mod process;
 mod scout;
 mod store;
 mod systemd;
+mod tape_rest;
 mod tls;

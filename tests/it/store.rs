@@ -22,6 +22,7 @@ fn job(id: i64, files: &[&str]) -> NewJob {
         files: files.iter().map(|s| s.to_string()).collect(),
         obs: None,
         submitted_by: None,
+        ..Default::default()
     }
 }
 
@@ -301,6 +302,7 @@ async fn hundred_thousand_file_job(kind: Kind) {
         files: paths.clone(),
         obs: None,
         submitted_by: None,
+        ..Default::default()
     };
     assert_eq!(store.submit(j).await.unwrap(), Intake::Created);
     let s = store.job_summary(1).await.unwrap().unwrap();
@@ -326,6 +328,7 @@ async fn observation_job_is_stored(kind: Kind) {
         files: vec![],
         obs: Some(r#"{"obs_id":1234567890}"#.into()),
         submitted_by: None,
+        ..Default::default()
     };
     assert_eq!(store.submit(j).await.unwrap(), Intake::Created);
     let s = store.job_summary(5).await.unwrap().unwrap();

@@ -125,6 +125,11 @@ impl Auth {
     pub fn is_on(&self) -> bool {
         self.tokens.load().is_on()
     }
+
+    /// The tokens in force now.
+    pub fn table(&self) -> arc_swap::Guard<Arc<TokenTable>> {
+        self.tokens.load()
+    }
 }
 
 /// The middleware: checks the request against its endpoint's rule.

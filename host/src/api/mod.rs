@@ -17,6 +17,7 @@ pub mod models;
 mod rate_limit;
 pub mod serve;
 mod staging;
+pub mod tape_rest;
 pub mod throughput;
 pub mod tls;
 
@@ -120,6 +121,8 @@ pub struct AppParts {
     pub throughput_sources: throughput::Sources,
     /// Unsafe settings in force, shown on the dashboard.
     pub warnings: dashboard::Warnings,
+    /// The WLCG Tape REST API, when `[tape_rest]` turns it on.
+    pub tape_rest: Option<Arc<tape_rest::Facade>>,
 }
 
 impl AppParts {
@@ -139,6 +142,7 @@ impl AppParts {
             throughput: Arc::default(),
             throughput_sources: throughput::Sources::default(),
             warnings: Arc::new(config.warnings()),
+            tape_rest: None,
             filestatus_slots: Arc::new(tokio::sync::Semaphore::new(
                 config.server.filestatus_concurrency,
             )),
@@ -240,6 +244,10 @@ pub fn router(state: AppState) -> Router {
     let docs: Router<AppState> = SwaggerUi::new("/docs")
         .config(utoipa_swagger_ui::Config::new(["/openapi.json"]))
         .into();
+    // The Tape REST API decides its own access (by token and path, see its `principal`).
+    if let Some(facade) = &state.tape_rest {
+        r = r.merge(tape_rest::routes(&state, facade));
+    }
     r.merge(docs)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -367,6 +367,10 @@ fn spawn_connection(
         .insert(id, state.clone());
     let http = http.clone();
     let shared = shared.clone();
+    let addr = stream
+        .peer_addr()
+        .ok()
+        .map(super::tape_rest::principal::PeerAddr);
     tokio::spawn(async move {
         let _registered = Registered {
             shared: shared.clone(),
@@ -395,6 +399,7 @@ fn spawn_connection(
             conn: state.clone(),
             shared: shared.clone(),
             peer,
+            addr,
         };
         let conn = http.serve_connection(TokioIo::new(io), service);
         tokio::pin!(conn);
@@ -513,6 +518,8 @@ struct Service {
     shared: Arc<Shared>,
     /// The connection's verified client certificate, given to every request on it.
     peer: Option<PeerCertName>,
+    /// The client's address, given to every request on it.
+    addr: Option<super::tape_rest::principal::PeerAddr>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for Service {
@@ -523,6 +530,9 @@ impl hyper::service::Service<Request<Incoming>> for Service {
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         if let Some(peer) = &self.peer {
             req.extensions_mut().insert(peer.clone());
+        }
+        if let Some(addr) = self.addr {
+            req.extensions_mut().insert(addr);
         }
         self.conn.dispatched.fetch_add(1, Ordering::AcqRel);
         self.conn.in_service.fetch_add(1, Ordering::AcqRel);

@@ -105,24 +105,42 @@ async fn check_recognised(
             ),
         )
     };
-    for (n, chunk) in files.chunks(RECOGNISE_BATCH).enumerate() {
-        let staged = adapter.stage_paths(chunk).await.map_err(failed)?;
-        let mapped = adapter.map_event_paths(&staged).await.map_err(failed)?;
-        if let Some((i, path)) = chunk
-            .iter()
-            .zip(&mapped)
-            .enumerate()
-            .find(|(_, (path, back))| back.as_deref() != Some(path.as_str()))
-            .map(|(i, (path, _))| (n * RECOGNISE_BATCH + i, path))
-        {
-            return Err(ApiError::bad_request(format!(
-                "Error for job {job_id}: file {i} ({path:?}) is not a path of the {} adapter's telescope: \
-                 its recall message would never be recognised, so the job could never complete",
-                adapter.info().name
-            )));
-        }
+    let known = recognised(adapter, files).await.map_err(failed)?;
+    if let Some((i, path)) = files
+        .iter()
+        .zip(known)
+        .enumerate()
+        .find(|(_, (_, ok))| !ok)
+        .map(|(i, (p, _))| (i, p))
+    {
+        return Err(ApiError::bad_request(format!(
+            "Error for job {job_id}: file {i} ({path:?}) is not a path of the {} adapter's telescope: \
+             its recall message would never be recognised, so the job could never complete",
+            adapter.info().name
+        )));
     }
     Ok(())
+}
+
+/// For each of `files`, whether the adapter maps the path it sends Scout for it
+/// (`stage-paths`) back onto the same path (`map-event-paths`), which is exactly what the
+/// Kafka ingest will do with the recall message's `Filename`.
+pub(crate) async fn recognised(
+    adapter: &LoadedAdapter,
+    files: &[String],
+) -> Result<Vec<bool>, AdapterError> {
+    let mut known = Vec::with_capacity(files.len());
+    for chunk in files.chunks(RECOGNISE_BATCH) {
+        let staged = adapter.stage_paths(chunk).await?;
+        let mapped = adapter.map_event_paths(&staged).await?;
+        known.extend(
+            chunk
+                .iter()
+                .zip(mapped.iter().map(Some).chain(std::iter::repeat(None)))
+                .map(|(path, back)| back.and_then(|b| b.as_deref()) == Some(path.as_str())),
+        );
+    }
+    Ok(known)
 }
 
 fn duplicate(job_id: i64) -> ApiError {
@@ -197,6 +215,7 @@ fn validate(
             files,
             obs: None,
             submitted_by: None,
+            ..Default::default()
         }));
     }
     match req.obs {
@@ -225,6 +244,7 @@ fn validate(
                 files: Vec::new(),
                 obs: Some(obs.to_string()),
                 submitted_by: None,
+                ..Default::default()
             }))
         }
         _ => Ok(None),
@@ -336,7 +356,6 @@ pub async fn delete(
 /// Best effort and bounded in time: a slow Scout must not hold the DELETE, and a recall
 /// left running only costs tape time.
 async fn cancel_unshared(app: &AppState, scout: &crate::scout::ScoutClient, job_id: i64) {
-    use crate::engine::Stager;
     let paths = match app.store.exclusive_paths(job_id).await {
         Ok(p) if p.is_empty() => return,
         Ok(p) => p,
@@ -345,11 +364,23 @@ async fn cancel_unshared(app: &AppState, scout: &crate::scout::ScoutClient, job_
             return;
         }
     };
+    cancel_at_scout(app, scout, job_id, &paths).await;
+}
+
+/// Cancels the recalls of `paths` (of job `job_id`) at Scout, best effort and bounded in
+/// time.
+pub(crate) async fn cancel_at_scout(
+    app: &AppState,
+    scout: &crate::scout::ScoutClient,
+    job_id: i64,
+    paths: &[String],
+) {
+    use crate::engine::Stager;
     let stager = crate::engine::peers::ScoutStager {
         scout: scout.clone(),
         adapters: app.adapters.clone(),
     };
-    match tokio::time::timeout(CANCEL_TIMEOUT, stager.cancel(job_id, &paths)).await {
+    match tokio::time::timeout(CANCEL_TIMEOUT, stager.cancel(job_id, paths)).await {
         Ok(Ok(())) => tracing::info!(files = paths.len(), "recalls cancelled"),
         Ok(Err(e)) => tracing::warn!(error = %e, files = paths.len(), "cancel at Scout failed"),
         Err(_) => tracing::warn!(files = paths.len(), "cancel at Scout timed out"),

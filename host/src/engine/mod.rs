@@ -197,6 +197,7 @@ impl Engine {
             store: store.clone(),
             timings: timings.clone(),
             expired_grace: Duration::from_secs(config.callbacks.expired_grace_secs),
+            requests_keep: Duration::from_secs(config.tape_rest.keep_finished_secs),
             reports_dir: config.reports.dir.clone(),
             report_days: config.reports.expire_days,
             report_keep: config.reports.keep_newest,
@@ -378,10 +379,14 @@ impl StageWorker {
         let next = now_ms() + self.timings.restage_interval.as_millis() as i64;
         let mut staged = Vec::new();
         let mut retry = Vec::new();
+        let mut settled = Vec::new();
         for (w, files, result) in results {
             let job_id = w.job_id;
             match result {
-                None => staged.push((job_id, i64::MAX)),
+                None => {
+                    staged.push((job_id, i64::MAX));
+                    settled.push(job_id);
+                }
                 Some(Ok(())) => {
                     self.counters.stage_calls_ok.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(job_id, files, "staging requested");
@@ -414,6 +419,9 @@ impl StageWorker {
             }
         }
         self.store.mark_staged(&staged).await?;
+        // Usually the ingest completed these already; a stage request whose files all
+        // failed at submission had no event to complete it.
+        self.store.complete_settled(&settled).await?;
         self.store.mark_stage_retry(&retry).await
     }
 
@@ -506,6 +514,8 @@ struct Sweeper {
     store: Store,
     timings: EngineTimings,
     expired_grace: Duration,
+    /// How long a finished Tape REST stage request is kept for its client to poll.
+    requests_keep: Duration,
     reports_dir: std::path::PathBuf,
     report_days: u64,
     report_keep: usize,
@@ -538,6 +548,12 @@ impl Sweeper {
                 tracing::info!(jobs = n, "jobs expired");
             }
             Err(e) => tracing::error!(error = %e, "expiry sweep failed"),
+        }
+        let before = now_ms() - self.requests_keep.as_millis() as i64;
+        match self.store.forget_finished_requests(before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(requests = n, "finished stage requests forgotten"),
+            Err(e) => tracing::error!(error = %e, "forgetting finished stage requests failed"),
         }
         let before = now_ms() - self.timings.history_keep.as_millis() as i64;
         if let Err(e) = self.store.prune_history(before).await {

@@ -292,7 +292,8 @@ impl Store {
         let sql = format!(
             "SELECT f.path FROM job_files f WHERE f.job_id = $1 \
              AND NOT EXISTS (SELECT 1 FROM job_files g JOIN jobs k ON k.job_id = g.job_id \
-                             WHERE g.path = f.path AND g.job_id <> f.job_id AND k.state <> '{DONE}') \
+                             WHERE g.path = f.path AND g.job_id <> f.job_id AND k.state <> '{DONE}' \
+                                 AND NOT g.cancelled AND NOT g.released) \
              ORDER BY f.path"
         );
         Ok(with_pool!(&self.backend, p =>
@@ -352,7 +353,8 @@ impl Store {
         }
         let sql = format!(
             "UPDATE jobs SET state = '{WAITING}', next_stage_ms = u.next_ms, updated_ms = $2, \
-                 stage_attempts = 0, last_error = NULL, lease_owner = NULL, lease_until_ms = NULL \
+                 stage_attempts = 0, last_error = NULL, lease_owner = NULL, lease_until_ms = NULL, \
+                 started_ms = coalesce(started_ms, $2) \
              FROM {} AS u \
              WHERE jobs.job_id = u.id AND jobs.lease_owner = $3 AND jobs.state <> '{DONE}'",
             json_rows(
@@ -408,25 +410,28 @@ impl Store {
             "INSERT INTO notify_outbox (job_id, notify_url, return_code, total_files, \
                  ready_files, error_files, comment, attempts, next_attempt_ms, give_up_ms, created_ms) \
              SELECT j.job_id, j.notify_url, $2, j.total_files, {COUNTS}, $3, 0, $4, $5, $6 \
-             FROM jobs j WHERE j.job_id = $1 AND j.state <> '{DONE}' \
+             FROM jobs j WHERE j.job_id = $1 AND j.state <> '{DONE}' AND j.request_id IS NULL \
              ON CONFLICT (job_id) DO NOTHING"
         );
+        // A stage request (no callback) keeps the comment as its reason, for its poll.
         let done = format!(
             "UPDATE jobs SET state = '{DONE}', return_code = $2, next_stage_ms = NULL, \
-                 updated_ms = $3, lease_owner = NULL, lease_until_ms = NULL \
+                 updated_ms = $3, lease_owner = NULL, lease_until_ms = NULL, \
+                 last_error = CASE WHEN request_id IS NULL THEN last_error ELSE $4 END \
              WHERE job_id = $1 AND state <> '{DONE}'"
         );
-        let decided = in_tx!(&self.backend, tx => {
+        let (queued, decided) = in_tx!(&self.backend, tx => {
             let n = sqlx::query(sqlx::AssertSqlSafe(insert))
                 .bind(job_id).bind(code).bind(comment).bind(deliver_at_ms).bind(give_up_ms).bind(now)
                 .execute(&mut *tx).await?.rows_affected();
-            if n == 1 {
-                sqlx::query(sqlx::AssertSqlSafe(done))
-                    .bind(job_id).bind(code).bind(now).execute(&mut *tx).await?;
-            }
-            n == 1
+            sqlx::query(super::requests::DECIDED_HISTORY)
+                .bind(job_id).bind(code).bind(comment).bind(now).execute(&mut *tx).await?;
+            let decided = sqlx::query(sqlx::AssertSqlSafe(done))
+                .bind(job_id).bind(code).bind(now).bind(comment).execute(&mut *tx).await?
+                .rows_affected();
+            (n == 1, decided == 1)
         });
-        if decided {
+        if queued {
             self.signals.outbox.notify_one();
         }
         Ok(decided)
@@ -440,24 +445,29 @@ impl Store {
             "INSERT INTO notify_outbox (job_id, notify_url, return_code, total_files, \
                  ready_files, error_files, comment, attempts, next_attempt_ms, give_up_ms, created_ms) \
              SELECT j.job_id, j.notify_url, {expired}, j.total_files, {COUNTS}, '', 0, $1, $2, $1 \
-             FROM jobs j WHERE j.state <> '{DONE}' AND j.expires_ms <= $1 \
+             FROM jobs j WHERE j.state <> '{DONE}' AND j.expires_ms <= $1 AND j.request_id IS NULL \
              ON CONFLICT (job_id) DO NOTHING",
             expired = codes::EXPIRED
         );
         let done = format!(
             "UPDATE jobs SET state = '{DONE}', return_code = {expired}, next_stage_ms = NULL, \
-                 updated_ms = $1, lease_owner = NULL, lease_until_ms = NULL \
+                 updated_ms = $1, lease_owner = NULL, lease_until_ms = NULL, \
+                 last_error = CASE WHEN request_id IS NULL THEN last_error ELSE '{why}' END \
              WHERE state <> '{DONE}' AND expires_ms <= $1",
-            expired = codes::EXPIRED
+            expired = codes::EXPIRED,
+            why = super::requests::EXPIRED_WHY,
         );
-        let n = in_tx!(&self.backend, tx => {
-            let n = sqlx::query(sqlx::AssertSqlSafe(insert))
+        let history = super::requests::expired_history_sql();
+        let (queued, n) = in_tx!(&self.backend, tx => {
+            let queued = sqlx::query(sqlx::AssertSqlSafe(insert))
                 .bind(now).bind(now + grace_ms)
                 .execute(&mut *tx).await?.rows_affected();
-            sqlx::query(sqlx::AssertSqlSafe(done)).bind(now).execute(&mut *tx).await?;
-            n
+            sqlx::query(sqlx::AssertSqlSafe(history)).bind(now).execute(&mut *tx).await?;
+            let n = sqlx::query(sqlx::AssertSqlSafe(done)).bind(now).execute(&mut *tx).await?
+                .rows_affected();
+            (queued, n)
         });
-        if n > 0 {
+        if queued > 0 {
             self.signals.outbox.notify_one();
         }
         Ok(n)

@@ -21,6 +21,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use super::{
     Backend, FileEvent, JobState, Store, StoreError, codes, in_tx, json_rows, json_values, now_ms,
+    requests,
 };
 
 const DONE: &str = JobState::Done.as_str();
@@ -138,7 +139,66 @@ struct Applied {
     matched: HashSet<String>,
 }
 
+/// Queues the callbacks of the ASVO jobs among the job ids bound at `$1` whose files are
+/// all settled and that are not yet done (once: the outbox is keyed by job); `$2` is now.
+/// Returns the jobs queued.
+fn queue_callbacks_sql(b: &Backend) -> String {
+    format!(
+        "INSERT INTO notify_outbox (job_id, notify_url, return_code, total_files, \
+             ready_files, error_files, comment, attempts, next_attempt_ms, created_ms) \
+         SELECT j.job_id, j.notify_url, \
+                CASE WHEN j.failed_files > 0 THEN {failed} ELSE {ok} END, j.total_files, \
+                j.settled_files - j.failed_files, j.failed_files, '', 0, $2, $2 \
+         FROM jobs j WHERE j.job_id IN {ids} AND j.state <> '{DONE}' AND j.total_files > 0 \
+             AND j.settled_files >= j.total_files AND j.request_id IS NULL \
+         ON CONFLICT (job_id) DO NOTHING RETURNING job_id",
+        failed = codes::FILE_ERRORS,
+        ok = codes::SUCCESS,
+        ids = json_values(b, "$1", "bigint"),
+    )
+}
+
+/// Marks done the jobs bound at `$1` whose callbacks are queued; `$2` is now.
+fn callbacks_queued_sql(b: &Backend) -> String {
+    format!(
+        "UPDATE jobs SET state = '{DONE}', return_code = o.return_code, next_stage_ms = NULL, \
+             updated_ms = $2, lease_owner = NULL, lease_until_ms = NULL \
+         FROM notify_outbox o \
+         WHERE o.job_id = jobs.job_id AND jobs.state <> '{DONE}' AND jobs.job_id IN {}",
+        json_values(b, "$1", "bigint")
+    )
+}
+
 impl Store {
+    /// Completes the jobs among `job_ids` whose files are all settled and that are not yet
+    /// done, as the ingest would have: for a job every file of which was settled without an
+    /// event (a stage request whose files all failed at submission).
+    pub async fn complete_settled(&self, job_ids: &[i64]) -> Result<(), StoreError> {
+        if job_ids.is_empty() {
+            return Ok(());
+        }
+        let b = &self.backend;
+        let ids = serde_json::to_string(job_ids).expect("integers serialize");
+        let now = now_ms();
+        let queued = in_tx!(b, tx => {
+            let queued: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(queue_callbacks_sql(b)))
+                .bind(&ids).bind(now).fetch_all(&mut *tx).await?;
+            if !queued.is_empty() {
+                sqlx::query(sqlx::AssertSqlSafe(callbacks_queued_sql(b)))
+                    .bind(&ids).bind(now).execute(&mut *tx).await?;
+            }
+            sqlx::query(sqlx::AssertSqlSafe(requests::completed_history_sql(b)))
+                .bind(&ids).bind(now).execute(&mut *tx).await?;
+            sqlx::query(sqlx::AssertSqlSafe(requests::complete_sql(b)))
+                .bind(&ids).bind(now).execute(&mut *tx).await?;
+            queued.len()
+        });
+        if queued > 0 {
+            self.signals.outbox.notify_one();
+        }
+        Ok(())
+    }
+
     /// Applies `events` (one transaction) as the ingest does: an event older than a job's
     /// creation by more than `skew_ms` does not settle that job's file. Counts the events
     /// about paths no job holds, and the stale ones.
@@ -264,14 +324,14 @@ impl Store {
         let failed_cols = [("p", "text"), ("m", "text"), ("t1", "bigint")];
         let failed_sql = match skew_ms {
             None => format!(
-                "UPDATE job_files SET error = TRUE, error_msg = coalesce(e.m, '') \
+                "UPDATE job_files SET error = TRUE, error_msg = coalesce(e.m, ''), error_ms = e.t1 \
                  FROM {} AS e \
                  WHERE job_files.path = e.p AND NOT job_files.ready AND NOT job_files.error \
                  RETURNING job_files.job_id, job_files.path",
                 json_rows(b, "$1", &failed_cols)
             ),
             Some(_) => format!(
-                "UPDATE job_files SET error = TRUE, error_msg = coalesce(e.m, '') \
+                "UPDATE job_files SET error = TRUE, error_msg = coalesce(e.m, ''), error_ms = e.t1 \
                  FROM {} AS e, jobs AS j \
                  WHERE job_files.path = e.p AND NOT job_files.ready AND NOT job_files.error \
                      AND j.job_id = job_files.job_id AND e.t1 >= j.created_ms - $2 \
@@ -298,27 +358,8 @@ impl Store {
                 ]
             )
         );
-        // Their callbacks, decided once (the outbox is keyed by job).
-        let complete_sql = format!(
-            "INSERT INTO notify_outbox (job_id, notify_url, return_code, total_files, \
-                 ready_files, error_files, comment, attempts, next_attempt_ms, created_ms) \
-             SELECT j.job_id, j.notify_url, \
-                    CASE WHEN j.failed_files > 0 THEN {failed} ELSE {ok} END, j.total_files, \
-                    j.settled_files - j.failed_files, j.failed_files, '', 0, $2, $2 \
-             FROM jobs j WHERE j.job_id IN {ids} AND j.state <> '{DONE}' AND j.total_files > 0 \
-                 AND j.settled_files >= j.total_files \
-             ON CONFLICT (job_id) DO NOTHING RETURNING job_id",
-            failed = codes::FILE_ERRORS,
-            ok = codes::SUCCESS,
-            ids = json_values(b, "$1", "bigint"),
-        );
-        let done_sql = format!(
-            "UPDATE jobs SET state = '{DONE}', return_code = o.return_code, next_stage_ms = NULL, \
-                 updated_ms = $2, lease_owner = NULL, lease_until_ms = NULL \
-             FROM notify_outbox o \
-             WHERE o.job_id = jobs.job_id AND jobs.state <> '{DONE}' AND jobs.job_id IN {}",
-            json_values(b, "$1", "bigint")
-        );
+        let complete_sql = queue_callbacks_sql(b);
+        let done_sql = callbacks_queued_sql(b);
         let ready_json =
             serde_json::to_string(&folded.ready).expect("strings and integers always serialize");
         let failed_json =
@@ -381,6 +422,13 @@ impl Store {
                         .bind(now)
                         .execute(&mut *tx)
                         .await?;
+                }
+                if !now_complete.is_empty() && completed.len() < now_complete.len() {
+                    let ids = serde_json::to_string(&now_complete).expect("integers serialize");
+                    sqlx::query(sqlx::AssertSqlSafe(requests::complete_sql(b)))
+                        .bind(&ids).bind(now).execute(&mut *tx).await?;
+                    sqlx::query(sqlx::AssertSqlSafe(requests::completed_history_sql(b)))
+                        .bind(&ids).bind(now).execute(&mut *tx).await?;
                 }
             }
             (changed, completed)

@@ -427,15 +427,21 @@ async fn insert_sqlite(
     // The batch travels as one JSON array per statement: one round trip however large.
     const JOBS: &str = "INSERT INTO jobs (job_id, notify_url, request_obs, state, total_files, \
                                           created_ms, updated_ms, next_stage_ms, expires_ms, \
-                                          lease_owner, lease_until_ms, submitted_by) \
+                                          lease_owner, lease_until_ms, submitted_by, \
+                                          request_id, settled_files, failed_files) \
          SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), \
                 json_extract(value, '$[2]'), json_extract(value, '$[3]'), \
                 json_extract(value, '$[4]'), $2, $2, $5, $3, $4, $5, \
-                json_extract(value, '$[5]') \
+                json_extract(value, '$[5]'), json_extract(value, '$[6]'), \
+                json_extract(value, '$[7]'), json_extract(value, '$[7]') \
          FROM json_each($1) WHERE true \
          ON CONFLICT (job_id) DO NOTHING RETURNING job_id";
     const FILES: &str = "INSERT INTO job_files (job_id, path) \
          SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each($1)";
+    // Files a stage request names that cannot be staged: stored failed, with the reason.
+    const FAILED: &str = "INSERT INTO job_files (job_id, path, error, error_msg, error_ms) \
+         SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), 1, \
+                json_extract(value, '$[2]'), $2 FROM json_each($1)";
 
     let rows: Vec<_> = jobs
         .iter()
@@ -445,8 +451,10 @@ async fn insert_sqlite(
                 &j.notify_url,
                 &j.obs,
                 initial_state(j).as_str(),
-                j.files.len(),
+                j.total_files(),
                 &j.submitted_by,
+                &j.request_id,
+                j.failed.len(),
             )
         })
         .collect();
@@ -472,6 +480,19 @@ async fn insert_sqlite(
         let files = serde_json::to_string(&files).expect("plain values always serialize");
         sqlx::query(FILES).bind(files).execute(&mut *tx).await?;
     }
+    let failed: Vec<(i64, &String, &String)> = jobs
+        .iter()
+        .filter(|j| created.contains(&j.job_id))
+        .flat_map(|j| j.failed.iter().map(move |(f, why)| (j.job_id, f, why)))
+        .collect();
+    if !failed.is_empty() {
+        let failed = serde_json::to_string(&failed).expect("plain values always serialize");
+        sqlx::query(FAILED)
+            .bind(failed)
+            .bind(stamp.now)
+            .execute(&mut *tx)
+            .await?;
+    }
     tx.commit().await?;
     // A commit that reported success on a connection sqlx had lost count of may have only
     // released a savepoint inside a transaction that never commits: proven committed only
@@ -493,15 +514,22 @@ async fn insert_postgres(
     const SQL: &str = "WITH j AS ( \
              INSERT INTO jobs (job_id, notify_url, request_obs, state, total_files, \
                                created_ms, updated_ms, next_stage_ms, expires_ms, \
-                               lease_owner, lease_until_ms, submitted_by) \
-             SELECT u.id, u.url, u.obs, u.state, u.total, $6, $6, $11, $7, $10, $11, u.owner \
+                               lease_owner, lease_until_ms, submitted_by, \
+                               request_id, settled_files, failed_files) \
+             SELECT u.id, u.url, u.obs, u.state, u.total, $6, $6, $11, $7, $10, $11, u.owner, \
+                    u.req, u.failed, u.failed \
              FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], \
-                         $12::text[]) \
-                  AS u(id, url, obs, state, total, owner) \
+                         $12::text[], $13::text[], $14::bigint[]) \
+                  AS u(id, url, obs, state, total, owner, req, failed) \
              ON CONFLICT (job_id) DO NOTHING RETURNING job_id), \
          f AS ( \
              INSERT INTO job_files (job_id, path) \
              SELECT v.id, v.p FROM UNNEST($8::bigint[], $9::text[]) AS v(id, p) \
+             JOIN j ON j.job_id = v.id), \
+         g AS ( \
+             INSERT INTO job_files (job_id, path, error, error_msg, error_ms) \
+             SELECT v.id, v.p, TRUE, v.m, $6 \
+             FROM UNNEST($15::bigint[], $16::text[], $17::text[]) AS v(id, p, m) \
              JOIN j ON j.job_id = v.id) \
          SELECT job_id FROM j";
 
@@ -509,7 +537,19 @@ async fn insert_postgres(
     let urls: Vec<&str> = jobs.iter().map(|j| j.notify_url.as_str()).collect();
     let obs: Vec<Option<&str>> = jobs.iter().map(|j| j.obs.as_deref()).collect();
     let states: Vec<&str> = jobs.iter().map(|j| initial_state(j).as_str()).collect();
-    let totals: Vec<i64> = jobs.iter().map(|j| j.files.len() as i64).collect();
+    let totals: Vec<i64> = jobs.iter().map(|j| j.total_files() as i64).collect();
+    let requests: Vec<Option<&str>> = jobs.iter().map(|j| j.request_id.as_deref()).collect();
+    let failed_counts: Vec<i64> = jobs.iter().map(|j| j.failed.len() as i64).collect();
+    let mut failed_jobs = Vec::new();
+    let mut failed_paths = Vec::new();
+    let mut failed_why = Vec::new();
+    for j in jobs {
+        for (path, why) in &j.failed {
+            failed_jobs.push(j.job_id);
+            failed_paths.push(path.as_str());
+            failed_why.push(why.as_str());
+        }
+    }
     let owners: Vec<Option<&str>> = jobs.iter().map(|j| j.submitted_by.as_deref()).collect();
     let (file_jobs, file_paths): (Vec<i64>, Vec<&str>) = jobs
         .iter()
@@ -529,6 +569,11 @@ async fn insert_postgres(
         .bind(stamp.owner)
         .bind(stamp.lease_until)
         .bind(owners)
+        .bind(requests)
+        .bind(failed_counts)
+        .bind(failed_jobs)
+        .bind(failed_paths)
+        .bind(failed_why)
         .fetch_all(conn)
         .await?
         .into_iter()

@@ -31,6 +31,7 @@ mod engine;
 mod hygiene;
 mod ingest;
 mod intake;
+mod requests;
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -51,6 +52,7 @@ pub use engine::{
 };
 pub use ingest::IngestOutcome;
 pub use intake::{Intake, IntakeMetrics};
+pub use requests::{CancelOutcome, RequestFile, RequestView};
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
@@ -148,7 +150,7 @@ impl TryFrom<String> for JobState {
 }
 
 /// A job as accepted from a client, before it is written.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct NewJob {
     pub job_id: i64,
     pub notify_url: String,
@@ -158,6 +160,19 @@ pub struct NewJob {
     pub obs: Option<String>,
     /// The name of the API token that submitted it (none with auth off).
     pub submitted_by: Option<String>,
+    /// A Tape REST stage request's id: the job has no callback and is kept after it
+    /// completes, for the client to poll (`notify_url` is empty).
+    pub request_id: Option<String>,
+    /// Files of a stage request that cannot be staged, with the reason: stored failed, so
+    /// the request reports them per file instead of being refused.
+    pub failed: Vec<(String, String)>,
+}
+
+impl NewJob {
+    /// Every file the job holds, to stage or already failed.
+    pub fn total_files(&self) -> usize {
+        self.files.len() + self.failed.len()
+    }
 }
 
 /// Counts for one job, as `GET /staging/` and `/get_joblist/` report them.

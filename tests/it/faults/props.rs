@@ -567,6 +567,7 @@ fn the_consumer_counts_every_malformed_body_and_goes_on() {
                 files: vec!["props/last".into()],
                 obs: None,
                 submitted_by: None,
+                ..Default::default()
             })
             .await
             .unwrap();
