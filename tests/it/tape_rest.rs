@@ -634,3 +634,87 @@ async fn two_daemons_on_one_postgres_serve_the_same_requests() {
     b.stop().await;
     a.stop().await;
 }
+
+both_backends!(gfal2_stages_polls_archives_aborts_and_releases_through_the_facade);
+
+/// gfal2 itself, as FTS calls it: `bring_online` of several files through the facade,
+/// `bring_online_poll` until the simulator's recall messages make them online,
+/// `archive_poll` for their locality, `abort_bring_online` of a second request's file that
+/// never arrives, and `release`.
+async fn gfal2_stages_polls_archives_aborts_and_releases_through_the_facade(kind: Kind) {
+    // Files on disk are reported at once; a recall from tape takes an hour, so the abort
+    // below finds its file still on the way.
+    let tape = Tape::start(|s| s.recall_delay = Duration::from_secs(3600)).await;
+    let (app, client) = start(kind, &tape, |_| {}).await;
+    let url = |p: &str| format!("{}{p}", app.base);
+    let files = ["/mwa/9/a.fits", "/mwa/9/b.fits", "/mwa/9/c.fits"];
+    let urls: Vec<String> = files.iter().map(|p| url(p)).collect();
+    // Online on disk and archived once recalled, as Scout says.
+    for p in files {
+        tape.sim
+            .set_file(p.trim_start_matches('/'), FileState::Online);
+    }
+    // A file whose recall never comes, for the abort.
+    let slow = url("/mwa/9/never.fits");
+    tape.sim.set_file("mwa/9/never.fits", FileState::Offline);
+    let results = crate::common::gfal2::run_async(json!({ "ops": [
+        { "op": "bring_online", "urls": urls, "pintime": 3600, "timeout": 60, "async": true },
+        { "op": "poll_until_online", "urls": urls, "token": "$0", "timeout_s": 60, "interval_s": 0.2 },
+        { "op": "archive_poll", "urls": urls },
+        { "op": "release", "urls": urls, "token": "$0" },
+        { "op": "release", "urls": [urls[0].clone()] },
+    ]}))
+    .await;
+    let r = results.as_array().unwrap();
+    assert_eq!(r[0]["rc"], 0, "bring_online: {results}");
+    let token = r[0]["token"].as_str().unwrap().to_string();
+    assert!(!token.is_empty(), "{results}");
+    assert_eq!(r[1]["rc"], 1, "every file online: {results}");
+    assert_eq!(r[1]["timed_out"], false, "{results}");
+    assert!(
+        r[1]["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["state"] == "online"),
+        "{results}"
+    );
+    assert!(
+        r[2]["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["state"] == "archived"),
+        "archive_poll: {results}"
+    );
+    assert_eq!(r[3]["rc"], 0, "release: {results}");
+    assert_eq!(r[4]["rc"], 0, "release without an id: {results}");
+    // What gfal2 staged is the request the facade holds, under the same paths.
+    let states = client.states(&token).await;
+    assert_eq!(
+        states,
+        files
+            .iter()
+            .map(|p| (p.to_string(), "COMPLETED".to_string()))
+            .collect::<Vec<_>>()
+    );
+
+    // Abort: a file still on its way is cancelled, and gfal2 sees the cancellation.
+    let results = crate::common::gfal2::run_async(json!({ "ops": [
+        { "op": "bring_online", "urls": [slow.clone()], "pintime": 0, "timeout": 60, "async": true },
+        { "op": "poll", "urls": [slow.clone()], "token": "$0" },
+        { "op": "abort", "urls": [slow.clone()], "token": "$0" },
+        { "op": "poll", "urls": [slow.clone()], "token": "$0" },
+    ]}))
+    .await;
+    let r = results.as_array().unwrap();
+    assert_eq!(r[0]["rc"], 0, "{results}");
+    assert_eq!(r[1]["files"][0]["state"], "pending", "{results}");
+    assert_eq!(r[2]["rc"], 0, "abort: {results}");
+    assert_eq!(r[3]["files"][0]["state"], "error", "{results}");
+    assert_eq!(
+        r[3]["files"][0]["error"]["errno"], "ECANCELED",
+        "gfal2 reads the cancellation as one: {results}"
+    );
+    app.stop().await;
+}
