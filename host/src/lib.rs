@@ -13,7 +13,8 @@
 //! [`histograms`] (the bucket layouts of `/metrics`' histograms).
 //! [`net_guard`] keeps callbacks off link-local, metadata-service and unspecified addresses;
 //! [`systemd`] tells a service manager when the daemon is ready, alive, reloading, stopping;
-//! [`auth`] holds the API's tokens and scopes; [`tls_trust`] how outbound HTTPS checks its peers;
+//! [`auth`] holds the API's tokens and scopes; [`wlcg_token`] verifies WLCG bearer tokens
+//! (JWTs) offline; [`tls_trust`] how outbound HTTPS checks its peers;
 //! [`import_env`] turns the original service's `.envrc` into a config.
 //! The simulators live in the `staged-testkit` crate, which [`demo`] (`staged demo`) uses.
 
@@ -37,3 +38,4 @@ pub mod store;
 pub mod systemd;
 pub mod telemetry;
 pub mod tls_trust;
+pub mod wlcg_token;
