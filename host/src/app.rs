@@ -114,6 +114,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Server> {
         .throughput
         .start_sampling(state.throughput_sources.clone());
     let auth = state.auth.clone();
+    let facade = state.tape_rest.clone();
     let app = api::router(state.into());
     let (stop, stopped) = oneshot::channel::<()>();
     let bounds = api::serve::Bounds::from_config(&config.server);
@@ -129,8 +130,13 @@ pub async fn start(config: &Config) -> anyhow::Result<Server> {
     tracing::info!(%addr, store = store.backend_name(), "staged is listening");
     // Caught even with no adapter to reload: SIGHUP's default action would end the daemon,
     // and a service manager's reload must not.
-    let reload_on_hup =
-        reload_on_sighup(adapters.clone(), tls.clone(), auth, config.source.clone());
+    let reload_on_hup = reload_on_sighup(
+        adapters.clone(),
+        tls.clone(),
+        auth,
+        facade,
+        config.source.clone(),
+    );
     Ok(Server {
         addr,
         store,
@@ -194,6 +200,7 @@ fn reload_on_sighup(
     adapters: Adapters,
     tls: Option<api::tls::Tls>,
     auth: api::access::Auth,
+    facade: Option<Arc<api::tape_rest::Facade>>,
     source: Option<std::path::PathBuf>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
@@ -219,21 +226,37 @@ fn reload_on_sighup(
                     let _ = tls.reload();
                 }
                 if let Some(path) = &source {
-                    reload_tokens(&auth, path);
+                    reload_tokens(&auth, facade.as_deref(), path);
                 }
                 crate::systemd::ready();
             }
         }
         #[cfg(not(unix))]
-        drop((adapters, tls, auth, source));
+        drop((adapters, tls, auth, facade, source));
     })
 }
 
 /// Puts the tokens of the config file at `path` in force, or keeps the current ones if the
 /// file no longer reads.
-fn reload_tokens(auth: &api::access::Auth, path: &std::path::Path) {
+fn reload_tokens(
+    auth: &api::access::Auth,
+    facade: Option<&api::tape_rest::Facade>,
+    path: &std::path::Path,
+) {
     match Config::load(path) {
-        Ok(new) => auth.replace(crate::auth::TokenTable::from_config(&new.server.auth)),
+        Ok(new) => {
+            auth.replace(crate::auth::TokenTable::from_config(&new.server.auth));
+            // Config::load has read the issuers' key files already; an error here is one
+            // that came between the two reads.
+            if let Some(f) = facade
+                && let Err(e) = f.verifier.replace(&new)
+            {
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    "SIGHUP: keeping the token issuers in force"
+                );
+            }
+        }
         Err(e) => tracing::error!(
             error = format!("{e:#}"),
             "SIGHUP: the config file does not read; keeping the API tokens in force"

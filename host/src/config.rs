@@ -428,6 +428,11 @@ pub struct TapeRestConfig {
     /// Most paths one `archiveinfo` answers; the rest of a longer list is left out of the
     /// answer (the specification's way: a partial answer, never an error).
     pub archiveinfo_max_paths: usize,
+    /// `[[tape_rest.issuers]]`: WLCG token issuers whose bearer tokens (JWTs, verified
+    /// offline against their keys) are accepted, besides `[server.auth]`'s API tokens.
+    /// Their key files are read at start and on SIGHUP.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub issuers: Vec<crate::wlcg_token::IssuerConfig>,
 }
 
 impl Default for TapeRestConfig {
@@ -443,6 +448,7 @@ impl Default for TapeRestConfig {
             keep_finished_secs: 172_800,
             max_files_per_request: 10_000,
             archiveinfo_max_paths: 1_000,
+            issuers: Vec::new(),
         }
     }
 }
@@ -487,6 +493,11 @@ impl TapeRestConfig {
         }
         if self.archiveinfo_max_paths == 0 {
             bail!("tape_rest.archiveinfo_max_paths: must be at least 1");
+        }
+        // Read now, so that check-config names a missing or bad key file.
+        if !self.issuers.is_empty() {
+            crate::wlcg_token::Verifier::load(&self.issuers)
+                .map_err(|e| anyhow::anyhow!("tape_rest.issuers: {e}"))?;
         }
         Ok(())
     }

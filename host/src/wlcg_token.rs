@@ -53,7 +53,7 @@ pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 const RSA_BITS: std::ops::RangeInclusive<usize> = 2048..=8192;
 
 /// One trusted token issuer, as configured.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct IssuerConfig {
     /// The issuer's `iss`, matched exactly (e.g. `https://wlcg.cloud.cnaf.infn.it/`: a

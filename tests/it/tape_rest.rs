@@ -718,3 +718,107 @@ async fn gfal2_stages_polls_archives_aborts_and_releases_through_the_facade(kind
     );
     app.stop().await;
 }
+
+/// WLCG tokens, verified offline: the right scope passes; a wrong audience, an expired
+/// token, another key, a path outside the scope and no token are refused; a request is
+/// seen by the identity that made it and by `storage.stage:/`, not by another identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wlcg_tokens_are_verified_and_scoped_by_path() {
+    use staged_testkit::jwt::{TestIssuer, now};
+    let keys = tempfile::tempdir().unwrap();
+    let iam = TestIssuer::rsa("https://iam.example.org/", keys.path()).unwrap();
+    // Another key claiming the same issuer, and a second issuer with an EC key in a PEM file.
+    let other = TestIssuer::ec("https://iam.example.org/", keys.path()).unwrap();
+    let ec = TestIssuer::ec("https://ec.example.org/", keys.path()).unwrap();
+    let aud = "https://tape.example.org";
+    let tape = Tape::start(|s| s.recall_delay = Duration::from_secs(3600)).await;
+    let jwks = iam.jwks_file().to_path_buf();
+    let pem = ec.pem_file().to_path_buf();
+    let (app, mut client) = start(Kind::Sqlite, &tape, |c| {
+        c.tape_rest.issuers = vec![
+            staged::wlcg_token::IssuerConfig {
+                issuer: "https://iam.example.org/".into(),
+                audiences: vec![aud.into()],
+                jwks_file: Some(jwks),
+                pem_files: vec![],
+            },
+            staged::wlcg_token::IssuerConfig {
+                issuer: "https://ec.example.org/".into(),
+                audiences: vec![aud.into()],
+                jwks_file: None,
+                pem_files: vec![pem],
+            },
+        ];
+    })
+    .await;
+    let hour = Duration::from_secs(3600);
+    let stage = json!({ "files": [{ "path": "/mwa/10/a.fits" }] });
+
+    // No token, then tokens that must not pass.
+    assert_problem(&client.post("/stage", stage.clone()).await, 401);
+    let expired = iam.mint(json!({
+        "iss": iam.issuer(), "sub": "fts", "aud": aud, "scope": "storage.stage:/mwa",
+        "exp": now() - 3600, "iat": now() - 7200,
+    }));
+    for (why, token) in [
+        (
+            "wrong audience",
+            iam.token("fts", "https://elsewhere.org", "storage.stage:/mwa", hour),
+        ),
+        ("expired", expired),
+        (
+            "another key",
+            other.token("fts", aud, "storage.stage:/mwa", hour),
+        ),
+    ] {
+        client.bearer = Some(token);
+        let a = client.post("/stage", stage.clone()).await;
+        assert_problem(&a, 401);
+        assert!(a.headers.contains_key("www-authenticate"), "{why}");
+    }
+    // A path outside the token's scope: 403.
+    client.bearer = Some(iam.token("fts", aud, "storage.stage:/mwa/11", hour));
+    assert_problem(&client.post("/stage", stage.clone()).await, 403);
+    // Read scope may ask for archive info, not stage.
+    client.bearer = Some(iam.token("reader", aud, "storage.read:/mwa", hour));
+    assert_problem(&client.post("/stage", stage.clone()).await, 403);
+    assert_eq!(
+        client
+            .post("/archiveinfo", json!({ "paths": ["/mwa/10/a.fits"] }))
+            .await
+            .status,
+        200
+    );
+
+    // The right scope passes; the request is its maker's.
+    client.bearer = Some(iam.token("fts", aud, "storage.stage:/mwa/10", hour));
+    let id = client.stage(&["/mwa/10/a.fits"]).await;
+    assert_eq!(client.poll(&id).await.status, 200);
+    client.bearer = Some(iam.token("rucio", aud, "storage.stage:/mwa/10", hour));
+    assert_problem(&client.poll(&id).await, 404);
+    assert_problem(
+        &client
+            .post(
+                &format!("/stage/{id}/cancel"),
+                json!({ "paths": ["/mwa/10/a.fits"] }),
+            )
+            .await,
+        404,
+    );
+    client.bearer = Some(iam.token("ops", aud, "storage.stage:/", hour));
+    assert_eq!(client.poll(&id).await.status, 200);
+    // ES256, from the second issuer.
+    client.bearer = Some(ec.token("fts", aud, "storage.stage:/mwa", hour));
+    let ec_id = client.stage(&["/mwa/10/b.fits"]).await;
+    assert_eq!(client.poll(&ec_id).await.status, 200);
+    client.bearer = Some(iam.token("fts", aud, "storage.stage:/mwa/10", hour));
+    assert_problem(&client.poll(&ec_id).await, 404);
+    let a = client
+        .post(
+            &format!("/stage/{id}/cancel"),
+            json!({ "paths": ["/mwa/10/a.fits"] }),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    app.stop().await;
+}

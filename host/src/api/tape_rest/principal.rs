@@ -28,22 +28,47 @@ use crate::api::AppState;
 use crate::api::tls::PeerCertName;
 use crate::auth::Scope;
 use crate::config::Config;
+use crate::wlcg_token::{Claims, Verifier};
 
 /// The client's address, given to every request by the server.
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub SocketAddr);
 
-/// The WLCG token issuers in force (none configured: `None`).
+/// The WLCG token issuers in force, swapped whole on SIGHUP.
 #[derive(Default)]
-pub struct Verifiers {}
+pub struct Verifiers {
+    current: arc_swap::ArcSwapOption<Verifier>,
+}
 
 impl Verifiers {
-    pub fn from_config(_config: &Config) -> anyhow::Result<Verifiers> {
-        Ok(Verifiers {})
+    pub fn from_config(config: &Config) -> anyhow::Result<Verifiers> {
+        let v = Verifiers::default();
+        v.replace(config)?;
+        Ok(v)
+    }
+
+    /// Puts `config`'s issuers in force; on an error the ones in force stay.
+    pub fn replace(&self, config: &Config) -> anyhow::Result<()> {
+        let issuers = &config.tape_rest.issuers;
+        let next = if issuers.is_empty() {
+            None
+        } else {
+            Some(Arc::new(
+                Verifier::load(issuers).map_err(|e| anyhow::anyhow!("tape_rest.issuers: {e}"))?,
+            ))
+        };
+        if let Some(v) = &next {
+            tracing::info!(
+                issuers = v.issuers().collect::<Vec<_>>().join(","),
+                "WLCG token issuers in force"
+            );
+        }
+        self.current.store(next);
+        Ok(())
     }
 
     pub fn is_on(&self) -> bool {
-        false
+        self.current.load().is_some()
     }
 }
 
@@ -59,6 +84,8 @@ pub enum Principal {
         read: bool,
         admin: bool,
     },
+    /// A WLCG token of a configured issuer.
+    Wlcg(Box<Claims>),
 }
 
 impl Principal {
@@ -67,24 +94,27 @@ impl Principal {
         match self {
             Principal::Anyone => None,
             Principal::Token { name, .. } => Some(name.to_string()),
+            Principal::Wlcg(c) => Some(c.identity()),
         }
     }
 
     /// May stage, cancel or release `path` (a client path).
-    pub fn may_stage(&self, _path: &str) -> bool {
+    pub fn may_stage(&self, path: &str) -> bool {
         match self {
             Principal::Anyone => true,
             Principal::Token { stage, admin, .. } => *stage || *admin,
+            Principal::Wlcg(c) => c.scopes.may_stage(path),
         }
     }
 
     /// May ask for archive info of `path`.
-    pub fn may_read(&self, _path: &str) -> bool {
+    pub fn may_read(&self, path: &str) -> bool {
         match self {
             Principal::Anyone => true,
             Principal::Token {
                 stage, read, admin, ..
             } => *stage || *read || *admin,
+            Principal::Wlcg(c) => c.scopes.may_read(path),
         }
     }
 
@@ -95,6 +125,9 @@ impl Principal {
             Principal::Token {
                 name, read, admin, ..
             } => *read || *admin || owner == Some(&**name),
+            Principal::Wlcg(c) => {
+                c.scopes.may_stage_everything() || owner == Some(c.identity().as_str())
+            }
         }
     }
 
@@ -105,6 +138,9 @@ impl Principal {
             Principal::Token {
                 name, stage, admin, ..
             } => *admin || (*stage && owner == Some(&**name)),
+            Principal::Wlcg(c) => {
+                c.scopes.may_stage_everything() || owner == Some(c.identity().as_str())
+            }
         }
     }
 }
@@ -156,15 +192,23 @@ pub async fn authenticate(State(app): State<AppState>, mut req: Request, next: N
                 .get::<PeerCertName>()
                 .and_then(|peer| table.by_name(&peer.0)),
         };
-        match (token, bearer) {
-            (Some(t), _) => Principal::Token {
+        let verifier = facade.verifier.current.load_full();
+        match (token, bearer, verifier) {
+            (Some(t), _, _) => Principal::Token {
                 name: t.name.clone(),
                 stage: t.has(Scope::Submit),
                 read: t.has(Scope::Read),
                 admin: t.has(Scope::Admin),
             },
-            (None, None) => return unauthorized("a bearer token is required"),
-            (None, Some(_)) => return unauthorized("the token is not valid"),
+            (None, None, _) => return unauthorized("a bearer token is required"),
+            (None, Some(jwt), Some(v)) => match v.verify(&jwt) {
+                Ok(claims) => Principal::Wlcg(Box::new(claims)),
+                Err(e) => {
+                    tracing::info!(reason = %e, "refused a WLCG token");
+                    return unauthorized(format!("the token is not valid: {e}"));
+                }
+            },
+            (None, Some(_), None) => return unauthorized("the token is not valid"),
         }
     };
     if let Some(who) = principal.identity() {
