@@ -80,6 +80,9 @@ pub async fn run(listen: SocketAddr) -> anyhow::Result<()> {
     out.line(&format!("  API docs:  {base}/docs"));
     out.line(&format!("  jobs:      {base}/get_joblist/"));
     out.line(&format!(
+        "  Tape REST: {base}/.well-known/wlcg-tape-rest-api (WLCG Tape REST API v1, for FTS and gfal2)"
+    ));
+    out.line(&format!(
         "  peers:     Scout simulator on {} nodes ({} flaky), Kafka mock broker {brokers}, metadata service {}",
         nodes.len(),
         nodes[2].url(),
@@ -108,9 +111,34 @@ pub async fn run(listen: SocketAddr) -> anyhow::Result<()> {
             r.status().as_u16()
         ));
     }
+    // The other way in: a WLCG Tape REST stage request, as FTS or gfal2 would send it.
+    let stage = json!({ "files": [
+        { "path": "/mwa/demo/tape_1.fits" },
+        { "path": "/mwa/demo/tape_2.fits" },
+        { "path": "/mwa/demo/tape_3.fits" },
+    ]});
+    let r = http
+        .post(format!("{base}/api/v1/stage"))
+        .json(&stage)
+        .send()
+        .await
+        .context("submitting the sample stage request")?;
+    let status = r.status().as_u16();
+    let location = r
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    out.line(&format!(
+        "submitted a Tape REST stage request of 3 files: HTTP {status}{}",
+        location
+            .as_deref()
+            .map(|l| format!(", poll it at {l}"))
+            .unwrap_or_default()
+    ));
     out.line("");
 
-    let result = watch(&out, &http, &base, receiver, samples.len()).await;
+    let result = watch(&out, &http, &base, receiver, samples.len(), location).await;
     out.line("stopping...");
     server.stop().await?;
     // The simulator's producer must go before the broker it publishes to, or it logs the
@@ -201,6 +229,9 @@ fn demo_config(
     c.callbacks.error_delay_secs = 1;
     c.jobs.restage_interval_secs = 120;
     c.jobs.sweep_interval_secs = 5;
+    // Both ways in: the WLCG Tape REST API beside ASVO's (loopback, no authentication).
+    c.tape_rest.enabled = true;
+    c.tape_rest.sitename = "STAGED-DEMO".into();
     c
 }
 
@@ -211,6 +242,7 @@ async fn watch(
     base: &str,
     mut receiver: CallbackReceiver,
     expected: usize,
+    mut stage_request: Option<String>,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut received = 0;
@@ -238,6 +270,14 @@ async fn watch(
                 }
             }
             _ = tick.tick() => {
+                if let Some(url) = stage_request.clone()
+                    && let Some(summary) = stage_request_done(http, &url).await
+                {
+                    out.clear_board();
+                    out.line(&format!("[{:5.1}s] Tape REST stage request complete: {summary}", started.elapsed().as_secs_f64()));
+                    last_board.clear();
+                    stage_request = None;
+                }
                 // Without a terminal to redraw on, a line every few seconds is enough.
                 let due = out.tty || last_plain.elapsed() >= Duration::from_secs(3);
                 if received < expected && due {
@@ -251,6 +291,24 @@ async fn watch(
             }
         }
     }
+}
+
+/// The stage request's file states once it has completed (`completedAt`), else `None`.
+async fn stage_request_done(http: &reqwest::Client, url: &str) -> Option<String> {
+    let body: Value = http.get(url).send().await.ok()?.json().await.ok()?;
+    body.get("completedAt")?;
+    let files = body["files"].as_array()?;
+    let states: Vec<String> = files
+        .iter()
+        .map(|f| {
+            format!(
+                "{} {}",
+                f["path"].as_str().unwrap_or("?"),
+                f["state"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    Some(states.join(", "))
 }
 
 async fn progress_board(http: &reqwest::Client, base: &str) -> String {

@@ -822,3 +822,48 @@ async fn wlcg_tokens_are_verified_and_scoped_by_path() {
     assert_eq!(a.status, 200, "{a:?}");
     app.stop().await;
 }
+
+both_backends!(a_stage_request_survives_kill_9_after_its_201);
+
+/// The real binary, killed with SIGKILL right after answering 201: the request is there
+/// after the restart, and completes once its files arrive.
+async fn a_stage_request_survives_kill_9_after_its_201(kind: Kind) {
+    use crate::common::daemon::{Daemon, free_port, write_pipeline_config};
+    // Recalls that take a few seconds, so the kill comes before any file arrives.
+    let tape = Tape::start(|s| s.recall_delay = Duration::from_secs(3)).await;
+    let db = crate::common::TestDb::new(kind).await;
+    let port = free_port();
+    let config = write_pipeline_config(
+        db.dir.path(),
+        &db.url,
+        port,
+        &tape,
+        &format!("g{}", rand::random::<u32>()),
+        2,
+        "[tape_rest]\nenabled = true\n",
+    );
+    let mut daemon = Daemon::start(&config, port).await;
+    let client = Client::discover(&daemon.base).await;
+    let paths: Vec<String> = (0..50).map(|i| format!("/mwa/12/f{i}.fits")).collect();
+    let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+    let id = client.stage(&refs).await;
+    daemon.kill();
+    daemon.wait_exit(Duration::from_secs(10));
+
+    let daemon = Daemon::start(&config, port).await;
+    let client = Client::discover(&daemon.base).await;
+    let a = client.poll(&id).await;
+    assert_eq!(a.status, 200, "the acknowledged request survives: {a:?}");
+    assert_eq!(a.body["files"].as_array().unwrap().len(), 50, "{a:?}");
+    let done = client.wait_completed(&id, PIPELINE).await;
+    assert!(
+        done["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["state"] == "COMPLETED"),
+        "{done}\nlog:\n{}",
+        daemon.log_text()
+    );
+    daemon.kill();
+}
