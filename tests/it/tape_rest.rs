@@ -867,3 +867,33 @@ async fn a_stage_request_survives_kill_9_after_its_201(kind: Kind) {
     );
     daemon.kill();
 }
+
+/// A request whose files never arrive expires like a job, its files failed with the
+/// reason; a finished request is kept for `keep_finished_secs`, then forgotten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_expire_and_are_forgotten_after_their_keep_time() {
+    let tape = Tape::start(|s| s.recall_delay = Duration::from_secs(3600)).await;
+    let (app, client) = start(Kind::Sqlite, &tape, |c| {
+        c.jobs.expiry_secs = 2;
+        c.tape_rest.keep_finished_secs = 3;
+    })
+    .await;
+    let id = client.stage(&["/mwa/13/a.fits", "/mwa/13/b.fits"]).await;
+    let done = client.wait_completed(&id, Duration::from_secs(30)).await;
+    for f in done["files"].as_array().unwrap() {
+        assert_eq!(f["state"], "FAILED", "{done}");
+        assert!(f["error"].as_str().unwrap().contains("expired"), "{done}");
+    }
+    // Kept a while for its client, then gone.
+    assert_eq!(client.poll(&id).await.status, 200);
+    assert!(
+        poll_until(Duration::from_secs(30), async || client
+            .poll(&id)
+            .await
+            .status
+            == 404)
+        .await,
+        "the finished request was never forgotten"
+    );
+    app.stop().await;
+}

@@ -102,6 +102,9 @@ fn route_of(path: &str) -> &'static str {
     if p.starts_with("/docs") {
         return "/docs";
     }
+    if let Some(route) = super::tape_rest::route_label(p) {
+        return route;
+    }
     // The routes are the access table's (one list of the API's endpoints), without their
     // trailing slash.
     super::access::RULES

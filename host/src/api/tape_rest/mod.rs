@@ -228,6 +228,23 @@ pub fn routes(state: &AppState, facade: &Facade) -> Router<AppState> {
         .layer(axum::middleware::from_fn(as_problem))
 }
 
+/// The facade's route for `/metrics`' labels (bounded: one per endpoint, ids left out),
+/// from the path's last segments, since the base path is configured.
+pub fn route_label(path: &str) -> Option<&'static str> {
+    if path == WELL_KNOWN {
+        return Some(WELL_KNOWN);
+    }
+    let segments: Vec<&str> = path.rsplit('/').take(3).collect();
+    match segments.as_slice() {
+        ["stage", ..] => Some("tape_rest:/stage"),
+        ["archiveinfo", ..] => Some("tape_rest:/archiveinfo"),
+        ["cancel", _, "stage"] => Some("tape_rest:/stage/{id}/cancel"),
+        [_, "stage", ..] => Some("tape_rest:/stage/{id}"),
+        [_, "release", ..] => Some("tape_rest:/release/{id}"),
+        _ => None,
+    }
+}
+
 async fn unknown() -> Problem {
     Problem::new(StatusCode::NOT_FOUND, "Not Found").detail("no such Tape REST API endpoint")
 }
@@ -276,4 +293,31 @@ async fn as_problem(req: Request, next: Next) -> Response {
 /// An empty 200, the specification's answer to cancel, delete and release.
 fn empty_ok() -> Response {
     (StatusCode::OK, Body::empty()).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::route_label;
+
+    #[test]
+    fn metrics_labels_leave_ids_out() {
+        for (path, label) in [
+            ("/api/v1/stage", Some("tape_rest:/stage")),
+            ("/api/v1/stage/6f1c-id", Some("tape_rest:/stage/{id}")),
+            (
+                "/api/v1/stage/6f1c-id/cancel",
+                Some("tape_rest:/stage/{id}/cancel"),
+            ),
+            (
+                "/api/v1/release/gfal2-placeholder-id",
+                Some("tape_rest:/release/{id}"),
+            ),
+            ("/api/v1/archiveinfo", Some("tape_rest:/archiveinfo")),
+            (super::WELL_KNOWN, Some(super::WELL_KNOWN)),
+            ("/staging", None),
+            ("/get_stats", None),
+        ] {
+            assert_eq!(route_label(path), label, "{path}");
+        }
+    }
 }
