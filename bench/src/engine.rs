@@ -78,13 +78,13 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<()> {
 
 /// Callbacks received: job id -> arrival.
 #[derive(Clone, Default)]
-struct Arrivals {
-    at: Arc<Mutex<HashMap<i64, (Instant, Value)>>>,
+pub(super) struct Arrivals {
+    pub(super) at: Arc<Mutex<HashMap<i64, (Instant, Value)>>>,
     changed: Arc<Notify>,
 }
 
 impl Arrivals {
-    async fn serve(&self) -> anyhow::Result<SocketAddr> {
+    pub(super) async fn serve(&self) -> anyhow::Result<SocketAddr> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let me = self.clone();
@@ -110,7 +110,7 @@ impl Arrivals {
         Ok(addr)
     }
 
-    async fn wait_for(&self, n: usize, limit: Duration) -> anyhow::Result<()> {
+    pub(super) async fn wait_for(&self, n: usize, limit: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + limit;
         loop {
             let changed = self.changed.notified();
@@ -128,14 +128,14 @@ impl Arrivals {
     }
 }
 
-struct Peers {
-    sim: ScoutSim,
+pub(super) struct Peers {
+    pub(super) sim: ScoutSim,
     node: SimNode,
-    cluster: MockCluster<'static, DefaultProducerContext>,
+    pub(super) cluster: MockCluster<'static, DefaultProducerContext>,
 }
 
 impl Peers {
-    async fn start(publish: bool) -> anyhow::Result<Peers> {
+    pub(super) async fn start(publish: bool) -> anyhow::Result<Peers> {
         let cluster = MockCluster::new(1)?;
         // The mock broker keeps about 5 MB per partition and evicts older messages beyond
         // that (real Kafka retains by time); 100,000 recall messages need several partitions.
@@ -150,7 +150,7 @@ impl Peers {
         Ok(Peers { sim, node, cluster })
     }
 
-    fn config(&self) -> String {
+    pub(super) fn config(&self) -> String {
         format!(
             r#"[scout]
 nodes = ["{scout}"]
@@ -174,7 +174,7 @@ error_delay_secs = 0
     }
 }
 
-async fn start_server(
+pub(super) async fn start_server(
     staged: &std::path::Path,
     dir: &std::path::Path,
     db: &str,
@@ -402,7 +402,7 @@ async fn big_job(
     server.stop().await
 }
 
-async fn post(
+pub(super) async fn post(
     http: &reqwest::Client,
     base: &str,
     id: i64,
@@ -424,7 +424,7 @@ async fn post(
     Ok(())
 }
 
-async fn wait_staged(sim: &ScoutSim, paths: u64) -> anyhow::Result<()> {
+pub(super) async fn wait_staged(sim: &ScoutSim, paths: u64) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     while sim.counters().staged_paths < paths {
         if Instant::now() > deadline {
@@ -438,7 +438,7 @@ async fn wait_staged(sim: &ScoutSim, paths: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn publish(producer: &FutureProducer, path: &str) -> anyhow::Result<()> {
+pub(super) async fn publish(producer: &FutureProducer, path: &str) -> anyhow::Result<()> {
     let now = chrono::Utc::now();
     let msg = recall_message(path, now, now, "");
     producer
@@ -451,6 +451,6 @@ async fn publish(producer: &FutureProducer, path: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn ms(d: Duration) -> f64 {
+pub(super) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }

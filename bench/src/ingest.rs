@@ -21,7 +21,7 @@ use staged::store::{NewJob, Store, StoreOptions};
 
 use super::{Backend, BackendChoice};
 
-const TOPIC: &str = "bench-recalls";
+pub(super) const TOPIC: &str = "bench-recalls";
 
 #[derive(clap::Args, Clone)]
 pub struct IngestArgs {
@@ -189,7 +189,7 @@ async fn measure(url: &str, args: &IngestArgs) -> anyhow::Result<()> {
 }
 
 /// Puts one production-format message per path on the topic; not timed.
-async fn produce(servers: &str, paths: &[String]) -> anyhow::Result<()> {
+pub(super) async fn produce(servers: &str, paths: &[String]) -> anyhow::Result<()> {
     let t = Instant::now();
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", servers)

@@ -24,6 +24,7 @@
 
 mod engine;
 mod ingest;
+mod scale;
 
 use std::fmt;
 use std::fmt::Write as _;
@@ -83,6 +84,8 @@ enum BenchCommand {
     Ingest(ingest::IngestArgs),
     /// Last file event to callback latency, and a 100,000-file job from POST to callback.
     Engine(engine::EngineArgs),
+    /// Intake, ingest, callback latency, RSS and sweeps against 10^4..10^7 waiting files.
+    Scale(scale::ScaleArgs),
 }
 
 #[derive(clap::Args, Clone)]
@@ -180,6 +183,7 @@ fn main() -> ExitCode {
         BenchCommand::Intake(args) => runtime.block_on(intake(args)),
         BenchCommand::Ingest(args) => runtime.block_on(ingest::run(args)),
         BenchCommand::Engine(args) => runtime.block_on(engine::run(args)),
+        BenchCommand::Scale(args) => runtime.block_on(scale::run(args)),
     };
     match run {
         Ok(()) => ExitCode::SUCCESS,
