@@ -160,10 +160,10 @@ async fn callback_follows_the_last_event_quickly() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn expired_job_gets_code_10_and_a_report() {
+both_backends!(expired_job_gets_code_10_and_a_report);
+async fn expired_job_gets_code_10_and_a_report(kind: Kind) {
     let receiver = Receiver::start().await;
-    let app = TestApp::start_with(Kind::Sqlite, |c| {
+    let app = TestApp::start_with(kind, |c| {
         quick(c);
         c.jobs.expiry_secs = 1;
     })

@@ -439,32 +439,55 @@ impl Store {
 
     /// Decides every unfinished job past its expiry (code 10); their callbacks may be
     /// retried until `now + grace_ms`, then the job is removed anyway.
+    ///
+    /// The jobs due are found first by a read outside any transaction: it reads every
+    /// unfinished job (the expiry index was dropped, see migration 0003), and inside the
+    /// write transaction that scan would hold SQLite's write lock, stalling intake and ingest,
+    /// for a time that grows with the number of waiting jobs. The transaction then takes
+    /// only those jobs, by id, checking again that each is unfinished and due.
     pub async fn expire_due(&self, grace_ms: i64) -> Result<u64, StoreError> {
         let now = now_ms();
+        let pick = format!(
+            "SELECT job_id FROM jobs WHERE state <> '{DONE}' AND expires_ms <= $1 ORDER BY job_id"
+        );
+        let due: Vec<i64> = with_pool!(&self.backend, p =>
+            sqlx::query_scalar(sqlx::AssertSqlSafe(pick)).bind(now).fetch_all(p).await?);
+        if due.is_empty() {
+            return Ok(0);
+        }
+        let ids = serde_json::to_string(&due).expect("integers serialize");
         let insert = format!(
             "INSERT INTO notify_outbox (job_id, notify_url, return_code, total_files, \
                  ready_files, error_files, comment, attempts, next_attempt_ms, give_up_ms, created_ms) \
              SELECT j.job_id, j.notify_url, {expired}, j.total_files, {COUNTS}, '', 0, $1, $2, $1 \
              FROM jobs j WHERE j.state <> '{DONE}' AND j.expires_ms <= $1 AND j.request_id IS NULL \
+                 AND j.job_id IN {due} \
              ON CONFLICT (job_id) DO NOTHING",
-            expired = codes::EXPIRED
+            expired = codes::EXPIRED,
+            due = json_values(&self.backend, "$3", "bigint"),
         );
         let done = format!(
             "UPDATE jobs SET state = '{DONE}', return_code = {expired}, next_stage_ms = NULL, \
                  updated_ms = $1, lease_owner = NULL, lease_until_ms = NULL, \
                  last_error = CASE WHEN request_id IS NULL THEN last_error ELSE '{why}' END \
-             WHERE state <> '{DONE}' AND expires_ms <= $1",
+             WHERE state <> '{DONE}' AND expires_ms <= $1 AND job_id IN {due}",
             expired = codes::EXPIRED,
             why = super::requests::EXPIRED_WHY,
+            due = json_values(&self.backend, "$2", "bigint"),
         );
-        let history = super::requests::expired_history_sql();
+        let history = format!(
+            "{} AND j.job_id IN {}",
+            super::requests::expired_history_sql(),
+            json_values(&self.backend, "$2", "bigint")
+        );
         let (queued, n) = in_tx!(&self.backend, tx => {
             let queued = sqlx::query(sqlx::AssertSqlSafe(insert))
-                .bind(now).bind(now + grace_ms)
+                .bind(now).bind(now + grace_ms).bind(&ids)
                 .execute(&mut *tx).await?.rows_affected();
-            sqlx::query(sqlx::AssertSqlSafe(history)).bind(now).execute(&mut *tx).await?;
-            let n = sqlx::query(sqlx::AssertSqlSafe(done)).bind(now).execute(&mut *tx).await?
-                .rows_affected();
+            sqlx::query(sqlx::AssertSqlSafe(history)).bind(now).bind(&ids)
+                .execute(&mut *tx).await?;
+            let n = sqlx::query(sqlx::AssertSqlSafe(done)).bind(now).bind(&ids)
+                .execute(&mut *tx).await?.rows_affected();
             (queued, n)
         });
         if queued > 0 {
