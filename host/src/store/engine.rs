@@ -194,6 +194,9 @@ pub struct HistoryRow {
     pub comment: String,
 }
 
+/// Most jobs one transaction of the expiry sweep decides.
+const EXPIRE_BATCH: usize = 1_000;
+
 /// Reads of the outbox one callback claim may make (see [`Store::claim_callbacks`]).
 const CLAIM_READS: usize = 8;
 
@@ -455,45 +458,52 @@ impl Store {
         if due.is_empty() {
             return Ok(0);
         }
-        let ids = serde_json::to_string(&due).expect("integers serialize");
-        let insert = format!(
-            "INSERT INTO notify_outbox (job_id, notify_url, return_code, total_files, \
-                 ready_files, error_files, comment, attempts, next_attempt_ms, give_up_ms, created_ms) \
-             SELECT j.job_id, j.notify_url, {expired}, j.total_files, {COUNTS}, '', 0, $1, $2, $1 \
-             FROM jobs j WHERE j.state <> '{DONE}' AND j.expires_ms <= $1 AND j.request_id IS NULL \
-                 AND j.job_id IN {due} \
-             ON CONFLICT (job_id) DO NOTHING",
-            expired = codes::EXPIRED,
-            due = json_values(&self.backend, "$3", "bigint"),
-        );
-        let done = format!(
-            "UPDATE jobs SET state = '{DONE}', return_code = {expired}, next_stage_ms = NULL, \
-                 updated_ms = $1, lease_owner = NULL, lease_until_ms = NULL, \
-                 last_error = CASE WHEN request_id IS NULL THEN last_error ELSE '{why}' END \
-             WHERE state <> '{DONE}' AND expires_ms <= $1 AND job_id IN {due}",
-            expired = codes::EXPIRED,
-            why = super::requests::EXPIRED_WHY,
-            due = json_values(&self.backend, "$2", "bigint"),
-        );
-        let history = format!(
-            "{} AND j.job_id IN {}",
-            super::requests::expired_history_sql(),
-            json_values(&self.backend, "$2", "bigint")
-        );
-        let (queued, n) = in_tx!(&self.backend, tx => {
-            let queued = sqlx::query(sqlx::AssertSqlSafe(insert))
-                .bind(now).bind(now + grace_ms).bind(&ids)
-                .execute(&mut *tx).await?.rows_affected();
-            sqlx::query(sqlx::AssertSqlSafe(history)).bind(now).bind(&ids)
-                .execute(&mut *tx).await?;
-            let n = sqlx::query(sqlx::AssertSqlSafe(done)).bind(now).bind(&ids)
-                .execute(&mut *tx).await?.rows_affected();
-            (queued, n)
-        });
+        let (mut queued, mut total) = (0, 0);
+        // In bounded transactions: a backlog (after an outage, say) would otherwise hold the
+        // write lock for all of its jobs' file counts at once.
+        for chunk in due.chunks(EXPIRE_BATCH) {
+            let ids = serde_json::to_string(chunk).expect("integers serialize");
+            let insert = format!(
+                "INSERT INTO notify_outbox (job_id, notify_url, return_code, total_files, \
+                     ready_files, error_files, comment, attempts, next_attempt_ms, give_up_ms, created_ms) \
+                 SELECT j.job_id, j.notify_url, {expired}, j.total_files, {COUNTS}, '', 0, $1, $2, $1 \
+                 FROM jobs j WHERE j.state <> '{DONE}' AND j.expires_ms <= $1 AND j.request_id IS NULL \
+                     AND j.job_id IN {due} \
+                 ON CONFLICT (job_id) DO NOTHING",
+                expired = codes::EXPIRED,
+                due = json_values(&self.backend, "$3", "bigint"),
+            );
+            let done = format!(
+                "UPDATE jobs SET state = '{DONE}', return_code = {expired}, next_stage_ms = NULL, \
+                     updated_ms = $1, lease_owner = NULL, lease_until_ms = NULL, \
+                     last_error = CASE WHEN request_id IS NULL THEN last_error ELSE '{why}' END \
+                 WHERE state <> '{DONE}' AND expires_ms <= $1 AND job_id IN {due}",
+                expired = codes::EXPIRED,
+                why = super::requests::EXPIRED_WHY,
+                due = json_values(&self.backend, "$2", "bigint"),
+            );
+            let history = format!(
+                "{} AND j.job_id IN {}",
+                super::requests::expired_history_sql(),
+                json_values(&self.backend, "$2", "bigint")
+            );
+            let (q, n) = in_tx!(&self.backend, tx => {
+                let queued = sqlx::query(sqlx::AssertSqlSafe(insert))
+                    .bind(now).bind(now + grace_ms).bind(&ids)
+                    .execute(&mut *tx).await?.rows_affected();
+                sqlx::query(sqlx::AssertSqlSafe(history)).bind(now).bind(&ids)
+                    .execute(&mut *tx).await?;
+                let n = sqlx::query(sqlx::AssertSqlSafe(done)).bind(now).bind(&ids)
+                    .execute(&mut *tx).await?.rows_affected();
+                (queued, n)
+            });
+            queued += q;
+            total += n;
+        }
         if queued > 0 {
             self.signals.outbox.notify_one();
         }
-        Ok(n)
+        Ok(total)
     }
 
     /// Claims up to `limit` callbacks that are due, whatever their destination.
