@@ -897,3 +897,43 @@ async fn requests_expire_and_are_forgotten_after_their_keep_time() {
     );
     app.stop().await;
 }
+
+/// A request none of whose files can be staged is accepted (the files fail, not the
+/// request) and completes at once, every file failed with its own reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_of_only_unstageable_files_completes_failed() {
+    let tape = Tape::start(|_| {}).await;
+    let (app, client) = start(Kind::Sqlite, &tape, |c| {
+        c.tape_rest.strip_prefix = "/mwa/".into();
+        c.tape_rest.add_prefix = "mwa/".into();
+    })
+    .await;
+    let id = client
+        .stage(&["/elsewhere/a.fits", "/mwa/../b.fits", "/mwa/dir/"])
+        .await;
+    let done = client.wait_completed(&id, Duration::from_secs(10)).await;
+    let files = done["files"].as_array().unwrap();
+    assert_eq!(files.len(), 3, "{done}");
+    for f in files {
+        assert_eq!(f["state"], "FAILED", "{done}");
+        let why = f["error"].as_str().unwrap();
+        let expected = match f["path"].as_str().unwrap() {
+            "/elsewhere/a.fits" => "outside",
+            "/mwa/../b.fits" => "segment",
+            "/mwa/dir/" => "directory",
+            other => panic!("unexpected path {other}: {done}"),
+        };
+        assert!(why.contains(expected), "{done}");
+    }
+    assert_eq!(
+        tape.sim.counters().stage_requests,
+        0,
+        "nothing to ask Scout for"
+    );
+    // The history says it finished as a stage request, with no failure report to link.
+    let (_, board) = app.get("/dashboard.json").await;
+    let finished = &board["finished"][0];
+    assert_eq!(finished["request_id"], id.as_str(), "{board}");
+    assert!(finished["report"].is_null(), "{board}");
+    app.stop().await;
+}

@@ -192,6 +192,8 @@ pub struct HistoryRow {
     pub error_files: i64,
     pub delivered: bool,
     pub comment: String,
+    /// A Tape REST stage request's id (none for ASVO's jobs).
+    pub request_id: Option<String>,
 }
 
 /// Reads of the outbox one callback claim may make (see [`Store::claim_callbacks`]).
@@ -668,7 +670,7 @@ impl Store {
     /// Finished jobs, newest first.
     pub async fn history(&self, limit: i64) -> Result<Vec<HistoryRow>, StoreError> {
         const SQL: &str = "SELECT job_id, created_ms, finished_ms, return_code, total_files, \
-                 ready_files, error_files, delivered, comment \
+                 ready_files, error_files, delivered, comment, request_id \
              FROM job_history ORDER BY finished_ms DESC, job_id DESC LIMIT $1";
         Ok(with_pool!(&self.backend, p =>
             sqlx::query_as(SQL).bind(limit).fetch_all(p).await?))
