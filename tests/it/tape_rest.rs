@@ -328,8 +328,10 @@ async fn cancel_is_all_or_nothing_and_completes_the_request(kind: Kind) {
     app.stop().await;
 }
 
+/// ... and recalled once: the request's first stage leaves out the path the ASVO job has
+/// asked for already.
 async fn a_path_in_an_asvo_job_and_a_stage_request_is_marked_in_both(kind: Kind) {
-    let tape = Tape::start(|_| {}).await;
+    let tape = Tape::start(|s| s.recall_delay = Duration::from_secs(2)).await;
     let receiver = Receiver::start().await;
     let (app, client) = start(kind, &tape, |_| {}).await;
     let (status, _) = app
@@ -340,12 +342,36 @@ async fn a_path_in_an_asvo_job_and_a_stage_request_is_marked_in_both(kind: Kind)
         ))
         .await;
     assert_eq!(status, 202);
-    let id = client.stage(&["/mwa/3/shared.fits"]).await;
+    let waiting = poll_until(PIPELINE, async || {
+        let (_, board) = app.get("/dashboard.json").await;
+        board["jobs"].as_array().is_some_and(|jobs| {
+            jobs.iter()
+                .any(|j| j["job_id"] == 7 && j["state"] == "waiting")
+        })
+    })
+    .await;
+    assert!(waiting, "{}", app.describe(7).await);
+    let id = client
+        .stage(&["/mwa/3/shared.fits", "/mwa/3/own.fits"])
+        .await;
     let got = receiver.wait_delivered(1, PIPELINE).await;
     assert_eq!(got.len(), 1, "{}", app.describe(7).await);
     assert_eq!(got[0].body["return_code"], 0);
     let done = client.wait_completed(&id, PIPELINE).await;
-    assert_eq!(done["files"][0]["state"], "COMPLETED", "{done}");
+    assert!(
+        done["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["state"] == "COMPLETED"),
+        "{done}"
+    );
+    assert_eq!(
+        tape.sim.counters().staged_paths,
+        3,
+        "the shared path is asked for once: {:?}",
+        tape.sim.counters()
+    );
     app.stop().await;
 }
 
