@@ -538,7 +538,8 @@ async fn api_tokens_decide_who_may_stage_and_poll() {
         .map(|(name, secret, scope)| {
             format!("[[server.auth.tokens]]\nname = {name:?}\nsecret = {secret:?}\nscopes = [{scope:?}]\n")
         })
-        .collect::<String>();
+        .collect::<String>()
+            + "[[server.auth.tokens]]\nname = \"bursty\"\nsecret = \"bursty-secret-0123456789\"\nscopes = [\"submit\"]\nsubmit_rate = 0.1\nsubmit_burst = 2\n";
         c.server.auth = Config::parse(&toml).unwrap().server.auth;
     })
     .await;
@@ -592,6 +593,15 @@ async fn api_tokens_decide_who_may_stage_and_poll() {
             .await,
         403,
     );
+    // Stage requests count against a token's submission rate, as ASVO's jobs do.
+    client.bearer = Some("bursty-secret-0123456789".into());
+    client.stage(&["/mwa/6/b"]).await;
+    client.stage(&["/mwa/6/c"]).await;
+    let a = client
+        .post("/stage", json!({"files": [{"path": "/mwa/6/d"}]}))
+        .await;
+    assert_problem(&a, 429);
+    assert!(a.headers.contains_key("retry-after"), "{a:?}");
     // The discovery document stays open.
     let doc = reqwest::get(format!("{}/.well-known/wlcg-tape-rest-api", app.base))
         .await
