@@ -910,6 +910,7 @@ mod tests {
             files: vec!["a.fits".into()],
             obs: None,
             submitted_by: None,
+            ..Default::default()
         };
         assert_eq!(store.submit(job).await.unwrap(), Intake::Created);
         let wal = dir.path().join("staged.db-wal");
