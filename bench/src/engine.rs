@@ -128,28 +128,52 @@ impl Arrivals {
     }
 }
 
+/// The daemon's peers in this process: the Scout simulator on one node and a Kafka-protocol
+/// broker (librdkafka's mock cluster) with the recall topic.
 pub(super) struct Peers {
     pub(super) sim: ScoutSim,
     node: SimNode,
     pub(super) cluster: MockCluster<'static, DefaultProducerContext>,
+    pub(super) topic: String,
 }
 
 impl Peers {
     pub(super) async fn start(publish: bool) -> anyhow::Result<Peers> {
-        let cluster = MockCluster::new(1)?;
         // The mock broker keeps about 5 MB per partition and evicts older messages beyond
         // that (real Kafka retains by time); 100,000 recall messages need several partitions.
-        cluster.create_topic(TOPIC, 8, 1)?;
-        let sim = ScoutSim::new(SimSettings {
-            kafka_brokers: publish.then(|| cluster.bootstrap_servers()),
-            default_topic: TOPIC.into(),
-            recall_delay: Duration::ZERO,
-            ..SimSettings::default()
-        })?;
-        let node = sim.serve_loopback().await?;
-        Ok(Peers { sim, node, cluster })
+        Peers::start_with(TOPIC, 8, |s, brokers| {
+            s.kafka_brokers = publish.then(|| brokers.to_string());
+            s.recall_delay = Duration::ZERO;
+        })
+        .await
     }
 
+    /// Peers with `partitions` partitions of `topic`; `tweak` adjusts the simulator's
+    /// settings, given the broker's bootstrap servers (for `kafka_brokers`; by default the
+    /// simulator publishes nothing).
+    pub(super) async fn start_with(
+        topic: &str,
+        partitions: i32,
+        tweak: impl FnOnce(&mut SimSettings, &str),
+    ) -> anyhow::Result<Peers> {
+        let cluster = MockCluster::new(1)?;
+        cluster.create_topic(topic, partitions, 1)?;
+        let mut settings = SimSettings {
+            default_topic: topic.into(),
+            ..SimSettings::default()
+        };
+        tweak(&mut settings, &cluster.bootstrap_servers());
+        let sim = ScoutSim::new(settings)?;
+        let node = sim.serve_loopback().await?;
+        Ok(Peers {
+            sim,
+            node,
+            cluster,
+            topic: topic.into(),
+        })
+    }
+
+    /// The `[scout]`, `[kafka]` and `[callbacks]` tables that point the daemon at them.
     pub(super) fn config(&self) -> String {
         format!(
             r#"[scout]
@@ -159,7 +183,7 @@ password = "scout-pw"
 
 [kafka]
 brokers = ["{brokers}"]
-topic = "{TOPIC}"
+topic = "{topic}"
 group_id = "bench"
 extra = {{ "session.timeout.ms" = "6000", "heartbeat.interval.ms" = "300", "fetch.wait.max.ms" = "10" }}
 
@@ -170,6 +194,7 @@ error_delay_secs = 0
 "#,
             scout = self.node.url(),
             brokers = self.cluster.bootstrap_servers(),
+            topic = self.topic,
         )
     }
 }
@@ -439,11 +464,20 @@ pub(super) async fn wait_staged(sim: &ScoutSim, paths: u64) -> anyhow::Result<()
 }
 
 pub(super) async fn publish(producer: &FutureProducer, path: &str) -> anyhow::Result<()> {
+    publish_to(producer, TOPIC, path).await
+}
+
+/// Publishes the recall message of `path` (recalled now) and waits for its delivery.
+pub(super) async fn publish_to(
+    producer: &FutureProducer,
+    topic: &str,
+    path: &str,
+) -> anyhow::Result<()> {
     let now = chrono::Utc::now();
     let msg = recall_message(path, now, now, "");
     producer
         .send(
-            FutureRecord::to(TOPIC).payload(&msg).key(path),
+            FutureRecord::to(topic).payload(&msg).key(path),
             Duration::from_secs(10),
         )
         .await

@@ -20,11 +20,14 @@
 //! databases) or, when it is unset, a throwaway server of the bench's own (see
 //! `staged_testkit::pg`). All traffic goes to 127.0.0.1.
 //!
-//! `staged-bench ingest --backend both` measures Kafka ingest instead: see [`ingest`].
+//! `staged-bench ingest --backend both` measures Kafka ingest instead: see [`ingest`];
+//! `staged-bench tape-rest` the WLCG Tape REST API facade at WLCG's sizing: see
+//! [`tape_rest`].
 
 mod engine;
 mod ingest;
 mod scale;
+mod tape_rest;
 
 use std::fmt;
 use std::fmt::Write as _;
@@ -86,6 +89,9 @@ enum BenchCommand {
     Engine(engine::EngineArgs),
     /// Intake, ingest, callback latency, RSS and sweeps against 10^4..10^7 waiting files.
     Scale(scale::ScaleArgs),
+    /// The WLCG Tape REST API: stage requests for a million files, polls while Kafka
+    /// completes them, archiveinfo; RSS with the million waiting.
+    TapeRest(tape_rest::TapeRestArgs),
 }
 
 #[derive(clap::Args, Clone)]
@@ -184,6 +190,7 @@ fn main() -> ExitCode {
         BenchCommand::Ingest(args) => runtime.block_on(ingest::run(args)),
         BenchCommand::Engine(args) => runtime.block_on(engine::run(args)),
         BenchCommand::Scale(args) => runtime.block_on(scale::run(args)),
+        BenchCommand::TapeRest(args) => runtime.block_on(tape_rest::run(args)),
     };
     match run {
         Ok(()) => ExitCode::SUCCESS,
@@ -429,11 +436,30 @@ impl Server {
 
     /// The daemon's peak resident set size (`VmHWM`), in KiB.
     fn peak_rss_kib(&self) -> Option<u64> {
+        self.status_kib("VmHWM:")
+    }
+
+    /// The daemon's resident set size now (`VmRSS`), in KiB.
+    fn current_rss_kib(&self) -> Option<u64> {
+        self.status_kib("VmRSS:")
+    }
+
+    /// A KiB figure of `/proc/PID/status`, by its key.
+    fn status_kib(&self, key: &str) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .find_map(|l| l.strip_prefix(key))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
+    /// Fails if the daemon has exited (a crash, since only [`Server::stop`] stops it).
+    fn ensure_running(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            self.exited = true;
+            bail!("staged exited unexpectedly with {status}");
+        }
+        Ok(())
     }
 
     /// Sends SIGTERM and waits for a clean exit.
@@ -706,6 +732,19 @@ async fn post_json(
     send(sender, req).await
 }
 
+/// A GET on an open connection.
+async fn get_on(
+    sender: &mut SendRequest<Full<Bytes>>,
+    path: &str,
+) -> anyhow::Result<(StatusCode, Bytes)> {
+    let req = Request::builder()
+        .method(Method::GET)
+        .uri(path)
+        .header(header::HOST, "127.0.0.1")
+        .body(Full::new(Bytes::new()))?;
+    send(sender, req).await
+}
+
 /// A GET on a fresh connection, bounded by `timeout`.
 async fn http_get(
     addr: SocketAddr,
@@ -714,12 +753,7 @@ async fn http_get(
 ) -> anyhow::Result<(StatusCode, Bytes)> {
     let get = async {
         let mut sender = connect(addr).await?;
-        let req = Request::builder()
-            .method(Method::GET)
-            .uri(path)
-            .header(header::HOST, "127.0.0.1")
-            .body(Full::new(Bytes::new()))?;
-        send(&mut sender, req).await
+        get_on(&mut sender, path).await
     };
     match tokio::time::timeout(timeout, get).await {
         Ok(r) => r,

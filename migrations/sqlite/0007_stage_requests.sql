@@ -14,3 +14,6 @@ ALTER TABLE job_files ADD COLUMN cancelled INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE job_files ADD COLUMN released INTEGER NOT NULL DEFAULT 0;
 -- When a file failed (a request's per-file `finishedAt`).
 ALTER TABLE job_files ADD COLUMN error_ms INTEGER;
+-- The request a history row is of (none for ASVO's jobs): the dashboard shows its id, and
+-- no failure report link, since requests have none.
+ALTER TABLE job_history ADD COLUMN request_id TEXT;

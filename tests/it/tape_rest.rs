@@ -328,8 +328,10 @@ async fn cancel_is_all_or_nothing_and_completes_the_request(kind: Kind) {
     app.stop().await;
 }
 
+/// ... and recalled once: the request's first stage leaves out the path the ASVO job has
+/// asked for already.
 async fn a_path_in_an_asvo_job_and_a_stage_request_is_marked_in_both(kind: Kind) {
-    let tape = Tape::start(|_| {}).await;
+    let tape = Tape::start(|s| s.recall_delay = Duration::from_secs(2)).await;
     let receiver = Receiver::start().await;
     let (app, client) = start(kind, &tape, |_| {}).await;
     let (status, _) = app
@@ -340,12 +342,36 @@ async fn a_path_in_an_asvo_job_and_a_stage_request_is_marked_in_both(kind: Kind)
         ))
         .await;
     assert_eq!(status, 202);
-    let id = client.stage(&["/mwa/3/shared.fits"]).await;
+    let waiting = poll_until(PIPELINE, async || {
+        let (_, board) = app.get("/dashboard.json").await;
+        board["jobs"].as_array().is_some_and(|jobs| {
+            jobs.iter()
+                .any(|j| j["job_id"] == 7 && j["state"] == "waiting")
+        })
+    })
+    .await;
+    assert!(waiting, "{}", app.describe(7).await);
+    let id = client
+        .stage(&["/mwa/3/shared.fits", "/mwa/3/own.fits"])
+        .await;
     let got = receiver.wait_delivered(1, PIPELINE).await;
     assert_eq!(got.len(), 1, "{}", app.describe(7).await);
     assert_eq!(got[0].body["return_code"], 0);
     let done = client.wait_completed(&id, PIPELINE).await;
-    assert_eq!(done["files"][0]["state"], "COMPLETED", "{done}");
+    assert!(
+        done["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["state"] == "COMPLETED"),
+        "{done}"
+    );
+    assert_eq!(
+        tape.sim.counters().staged_paths,
+        3,
+        "the shared path is asked for once: {:?}",
+        tape.sim.counters()
+    );
     app.stop().await;
 }
 
@@ -512,7 +538,8 @@ async fn api_tokens_decide_who_may_stage_and_poll() {
         .map(|(name, secret, scope)| {
             format!("[[server.auth.tokens]]\nname = {name:?}\nsecret = {secret:?}\nscopes = [{scope:?}]\n")
         })
-        .collect::<String>();
+        .collect::<String>()
+            + "[[server.auth.tokens]]\nname = \"bursty\"\nsecret = \"bursty-secret-0123456789\"\nscopes = [\"submit\"]\nsubmit_rate = 0.1\nsubmit_burst = 2\n";
         c.server.auth = Config::parse(&toml).unwrap().server.auth;
     })
     .await;
@@ -566,6 +593,15 @@ async fn api_tokens_decide_who_may_stage_and_poll() {
             .await,
         403,
     );
+    // Stage requests count against a token's submission rate, as ASVO's jobs do.
+    client.bearer = Some("bursty-secret-0123456789".into());
+    client.stage(&["/mwa/6/b"]).await;
+    client.stage(&["/mwa/6/c"]).await;
+    let a = client
+        .post("/stage", json!({"files": [{"path": "/mwa/6/d"}]}))
+        .await;
+    assert_problem(&a, 429);
+    assert!(a.headers.contains_key("retry-after"), "{a:?}");
     // The discovery document stays open.
     let doc = reqwest::get(format!("{}/.well-known/wlcg-tape-rest-api", app.base))
         .await
@@ -895,5 +931,45 @@ async fn requests_expire_and_are_forgotten_after_their_keep_time() {
         .await,
         "the finished request was never forgotten"
     );
+    app.stop().await;
+}
+
+/// A request none of whose files can be staged is accepted (the files fail, not the
+/// request) and completes at once, every file failed with its own reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_of_only_unstageable_files_completes_failed() {
+    let tape = Tape::start(|_| {}).await;
+    let (app, client) = start(Kind::Sqlite, &tape, |c| {
+        c.tape_rest.strip_prefix = "/mwa/".into();
+        c.tape_rest.add_prefix = "mwa/".into();
+    })
+    .await;
+    let id = client
+        .stage(&["/elsewhere/a.fits", "/mwa/../b.fits", "/mwa/dir/"])
+        .await;
+    let done = client.wait_completed(&id, Duration::from_secs(10)).await;
+    let files = done["files"].as_array().unwrap();
+    assert_eq!(files.len(), 3, "{done}");
+    for f in files {
+        assert_eq!(f["state"], "FAILED", "{done}");
+        let why = f["error"].as_str().unwrap();
+        let expected = match f["path"].as_str().unwrap() {
+            "/elsewhere/a.fits" => "outside",
+            "/mwa/../b.fits" => "segment",
+            "/mwa/dir/" => "directory",
+            other => panic!("unexpected path {other}: {done}"),
+        };
+        assert!(why.contains(expected), "{done}");
+    }
+    assert_eq!(
+        tape.sim.counters().stage_requests,
+        0,
+        "nothing to ask Scout for"
+    );
+    // The history says it finished as a stage request, with no failure report to link.
+    let (_, board) = app.get("/dashboard.json").await;
+    let finished = &board["finished"][0];
+    assert_eq!(finished["request_id"], id.as_str(), "{board}");
+    assert!(finished["report"].is_null(), "{board}");
     app.stop().await;
 }

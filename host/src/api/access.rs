@@ -130,6 +130,15 @@ impl Auth {
     pub fn table(&self) -> arc_swap::Guard<Arc<TokenTable>> {
         self.tokens.load()
     }
+
+    /// Charges one submission to `token`'s rate (the Tape REST API's stage requests count
+    /// as ASVO's jobs do); `Err` is how long to wait.
+    pub fn admit_submission(&self, token: &crate::auth::Token) -> Result<(), std::time::Duration> {
+        match token.rate {
+            Some(rate) => self.limiter.admit(&token.name, rate),
+            None => Ok(()),
+        }
+    }
 }
 
 /// The middleware: checks the request against its endpoint's rule.

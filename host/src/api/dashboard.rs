@@ -155,6 +155,8 @@ pub struct Callback {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct FinishedJob {
     pub job_id: i64,
+    /// For a Tape REST stage request, its id (it has no failure report).
+    pub request_id: Option<String>,
     pub return_code: i64,
     pub duration_secs: i64,
     pub finished_secs_ago: i64,
@@ -279,6 +281,9 @@ pub async fn data(State(app): State<AppState>) -> Result<Json<Dashboard>, ApiErr
             .into_iter()
             .map(|h| FinishedJob {
                 job_id: h.job_id,
+                report: (h.return_code != 0 && h.request_id.is_none())
+                    .then(|| format!("/get_failed_job/?job_id={}", h.job_id)),
+                request_id: h.request_id,
                 return_code: h.return_code,
                 duration_secs: (h.finished_ms - h.created_ms).max(0) / 1000,
                 finished_secs_ago: (now - h.finished_ms).max(0) / 1000,
@@ -286,8 +291,6 @@ pub async fn data(State(app): State<AppState>) -> Result<Json<Dashboard>, ApiErr
                 ready: h.ready_files,
                 failed: h.error_files,
                 delivered: h.delivered,
-                report: (h.return_code != 0)
-                    .then(|| format!("/get_failed_job/?job_id={}", h.job_id)),
             })
             .collect(),
         throughput: ThroughputView {

@@ -357,15 +357,31 @@ impl StageWorker {
         }
         let ids: Vec<i64> = due.iter().map(|w| w.job_id).collect();
         let mut paths = self.store.waiting_paths(&ids).await?;
+        // A first stage asks only for paths no other waiting job has asked for already; a
+        // restage asks for all its paths, so a lost recall is asked for again.
+        let first: Vec<i64> = due
+            .iter()
+            .filter(|w| w.state == JobState::Staging)
+            .map(|w| w.job_id)
+            .collect();
+        let mut elsewhere = self.store.requested_elsewhere(&first).await?;
         let calls: Vec<_> = due
             .into_iter()
             .map(|w| {
-                let paths = paths.remove(&w.job_id).unwrap_or_default();
+                let mut paths = paths.remove(&w.job_id).unwrap_or_default();
+                let shared = elsewhere.remove(&w.job_id).unwrap_or_default();
+                let waiting = paths.len();
+                paths.retain(|p| !shared.contains(p));
                 async move {
-                    // Nothing waiting: everything already arrived and the ingest queued completion.
-                    let result = match paths.is_empty() {
-                        true => None,
-                        false => Some(stager.stage(w.job_id, &paths).await),
+                    let result = if waiting == 0 {
+                        // Nothing waiting: everything already arrived and the ingest queued
+                        // completion.
+                        None
+                    } else if paths.is_empty() {
+                        // Every path is on its way for another job already.
+                        Some(Ok(()))
+                    } else {
+                        Some(stager.stage(w.job_id, &paths).await)
                     };
                     (w, paths.len(), result)
                 }

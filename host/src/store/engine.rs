@@ -17,7 +17,7 @@
 //!   rows of a destination that is busy or backing off (see [`Store::claim_callbacks`]),
 //!   so they hold no lease and no slot, and a bad destination cannot fill the claim.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -192,6 +192,8 @@ pub struct HistoryRow {
     pub error_files: i64,
     pub delivered: bool,
     pub comment: String,
+    /// A Tape REST stage request's id (none for ASVO's jobs).
+    pub request_id: Option<String>,
 }
 
 /// Most jobs one transaction of the expiry sweep decides.
@@ -286,6 +288,34 @@ impl Store {
         let mut by_job: HashMap<i64, Vec<String>> = HashMap::new();
         for (job_id, path) in rows {
             by_job.entry(job_id).or_default().push(path);
+        }
+        Ok(by_job)
+    }
+
+    /// Of the waiting paths of `job_ids`, those another job has already had accepted by
+    /// Scout and still waits for: a first stage leaves them out, since one recall marks
+    /// every job holding the path, so a path shared by several jobs is recalled once.
+    pub async fn requested_elsewhere(
+        &self,
+        job_ids: &[i64],
+    ) -> Result<HashMap<i64, HashSet<String>>, StoreError> {
+        if job_ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let ids = serde_json::to_string(job_ids).expect("integers serialize");
+        let sql = format!(
+            "SELECT f.job_id, f.path FROM job_files f JOIN {} AS u ON f.job_id = u.v \
+             WHERE NOT f.ready AND NOT f.error AND EXISTS ( \
+                 SELECT 1 FROM job_files g JOIN jobs k ON k.job_id = g.job_id \
+                 WHERE g.path = f.path AND g.job_id <> f.job_id AND k.state = '{WAITING}' \
+                     AND NOT g.ready AND NOT g.error)",
+            json_values(&self.backend, "$1", "bigint")
+        );
+        let rows: Vec<(i64, String)> = with_pool!(&self.backend, p =>
+            sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(ids).fetch_all(p).await?);
+        let mut by_job: HashMap<i64, HashSet<String>> = HashMap::new();
+        for (job_id, path) in rows {
+            by_job.entry(job_id).or_default().insert(path);
         }
         Ok(by_job)
     }
@@ -701,7 +731,7 @@ impl Store {
     /// Finished jobs, newest first.
     pub async fn history(&self, limit: i64) -> Result<Vec<HistoryRow>, StoreError> {
         const SQL: &str = "SELECT job_id, created_ms, finished_ms, return_code, total_files, \
-                 ready_files, error_files, delivered, comment \
+                 ready_files, error_files, delivered, comment, request_id \
              FROM job_history ORDER BY finished_ms DESC, job_id DESC LIMIT $1";
         Ok(with_pool!(&self.backend, p =>
             sqlx::query_as(SQL).bind(limit).fetch_all(p).await?))

@@ -410,9 +410,11 @@ impl Writer {
     }
 }
 
-/// The state a new job starts in: an observation must first be resolved into files.
+/// The state a new job starts in: an observation must first be resolved into files. A
+/// stage request whose every file failed at submission has nothing to stage, and the
+/// engine completes it when it finds nothing waiting.
 fn initial_state(job: &NewJob) -> JobState {
-    if job.files.is_empty() {
+    if job.files.is_empty() && job.obs.is_some() {
         JobState::Resolving
     } else {
         JobState::Staging

@@ -25,6 +25,9 @@
 //! - A job's state is one of [`JobState`]; the column holds its [`JobState::as_str`].
 //! - No connection is reused after a failed statement or commit while it may still be
 //!   inside a transaction: see [`hygiene`], the `after_release` hook of every pool.
+//! - On SQLite, one connection outside the pool stays open from `open` to `close` (see
+//!   `SqliteAnchor`), so that the pool's connections closing never makes SQLite rebuild
+//!   its WAL index from the file while the daemon runs.
 
 mod board;
 mod engine;
@@ -358,6 +361,63 @@ pub struct Store {
     handoff: Arc<intake::Handoff>,
     /// What the intake writers measure (shared with them).
     intake_metrics: IntakeMetrics,
+    /// SQLite only: the connection that keeps the database open (see [`SqliteAnchor`]).
+    anchor: Arc<std::sync::Mutex<Option<SqliteAnchor>>>,
+}
+
+/// A SQLite connection opened when the store opens and closed after its pool, doing
+/// nothing in between.
+///
+/// SQLite keeps a WAL database's index (which frames of the log hold committed pages) in
+/// shared memory for as long as any connection in the process has the database open. When
+/// the last one closes it tries a checkpoint, and if that fails it leaves the log as it
+/// is; the next connection opened then rebuilds the index from the log file, taking every
+/// frame whose checksum chain is intact as committed. After a commit whose fsync failed
+/// the log still holds that transaction's frames, intact as far as the page cache goes:
+/// the rebuild makes the failed transaction committed, and later commits are written on
+/// top of it. Its pages never reached the disk: a page whose writeback failed is clean,
+/// only in memory, and once reclaimed reads back from the disk as zeros or an older
+/// version. A later rebuild then stops at the first such frame and drops every transaction
+/// after it, acknowledged ones included, and a checkpoint copies whatever it reads into
+/// the database file.
+///
+/// The pool can drop to no connections at all under such a fault: [`hygiene`] closes each
+/// connection a failed commit leaves inside a transaction, and every commit fails. In the
+/// fault suite's I/O-error test the index was rebuilt over a hundred times in a 2-second
+/// run, turning a third of the refused jobs into stored ones; about one run in a hundred
+/// lost an acknowledged job when a rebuild found fewer frames than the one before (216
+/// then 149, 359 then 166), or left a database image SQLite called malformed. With this
+/// connection open the index lives as long as the store: a failed commit's frames lie past
+/// the index's last frame and the next commit overwrites them, so only transactions whose
+/// own fsync succeeded are ever committed.
+struct SqliteAnchor(sqlx::SqliteConnection);
+
+impl SqliteAnchor {
+    /// Opens the anchor of a SQLite store (none for PostgreSQL). After the migrations, so
+    /// that the database is in WAL mode and not empty: a connection holds the database open
+    /// (a shared lock on the file, the log and its index mapped) only once it has read a
+    /// WAL database, and keeps it until it closes. It holds no transaction, so it never
+    /// keeps a checkpoint from completing.
+    async fn open(backend: &Backend) -> Result<Option<SqliteAnchor>, StoreError> {
+        let Backend::Sqlite(pool) = backend else {
+            return Ok(None);
+        };
+        let mut conn = sqlx::ConnectOptions::connect(&*pool.connect_options()).await?;
+        let _: i64 = sqlx::query_scalar("SELECT count(*) FROM sqlite_master")
+            .fetch_one(&mut conn)
+            .await?;
+        Ok(Some(SqliteAnchor(conn)))
+    }
+
+    /// Closes the anchor, if there is one; a failure only costs the shutdown checkpoint,
+    /// which the next daemon's first connection makes up for.
+    async fn close(anchor: Option<SqliteAnchor>) {
+        if let Some(SqliteAnchor(conn)) = anchor
+            && let Err(e) = sqlx::Connection::close(conn).await
+        {
+            tracing::warn!(error = %e, "closing the SQLite anchor connection failed");
+        }
+    }
 }
 
 /// One connection pool's connections now, as sqlx counts them (no query).
@@ -398,6 +458,7 @@ impl Store {
     pub async fn open(opts: &StoreOptions) -> Result<Store, StoreError> {
         let (backend, intake_backend) = connect(opts).await?;
         migrate(&backend).await?;
+        let anchor = SqliteAnchor::open(&backend).await?;
         let signals = Arc::new(Signals::default());
         let owner: Arc<str> = daemon_name().into();
         let handoff = Arc::new(intake::Handoff::default());
@@ -418,6 +479,7 @@ impl Store {
             lease_ms: opts.lease.as_millis() as i64,
             handoff,
             intake_metrics,
+            anchor: Arc::new(std::sync::Mutex::new(anchor)),
         })
     }
 
@@ -475,6 +537,10 @@ impl Store {
             tracing::warn!(error = %e, "releasing unstarted jobs at shutdown failed; they wait for their lease to lapse");
         }
         with_pool!(&self.backend, p => p.close().await);
+        // Last, so that its close is the database's last: SQLite checkpoints the log into
+        // the database file then, as it always did at shutdown.
+        let anchor = self.anchor.lock().expect("anchor lock poisoned").take();
+        SqliteAnchor::close(anchor).await;
     }
 
     /// Whether the store answers and has every migration this build knows applied (a
@@ -804,6 +870,7 @@ pub fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sqlx::Connection;
 
     #[test]
     fn every_state_reads_back_from_its_column_value() {
@@ -818,6 +885,54 @@ mod tests {
         let values: std::collections::HashSet<_> =
             JobState::ALL.iter().map(|s| s.as_str()).collect();
         assert_eq!(values.len(), JobState::ALL.len());
+    }
+
+    /// The failure this guards against needs a device that fails writes (the fault suite's
+    /// `sqlite_io_error`); what makes it possible can be seen on any disk: when the last
+    /// connection to a WAL database closes, SQLite checkpoints and deletes the log, and the
+    /// next connection starts from the file. While the store is open, its pool giving back
+    /// every connection must not be that last close.
+    #[tokio::test]
+    async fn the_pool_closing_every_connection_leaves_the_database_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("staged.db");
+        let opts = StoreOptions::from_config(
+            &DatabaseConfig {
+                url: format!("sqlite://{}", db.display()),
+                ..DatabaseConfig::default()
+            },
+            &JobsConfig::default(),
+        );
+        let store = Store::open(&opts).await.unwrap();
+        let job = NewJob {
+            job_id: 1,
+            notify_url: "http://127.0.0.1:9/cb".into(),
+            files: vec!["a.fits".into()],
+            obs: None,
+            submitted_by: None,
+            ..Default::default()
+        };
+        assert_eq!(store.submit(job).await.unwrap(), Intake::Created);
+        let wal = dir.path().join("staged.db-wal");
+        assert!(wal.exists(), "the job went to the log");
+
+        store.intake.close().await;
+        with_pool!(&store.backend, p => p.close().await);
+        assert!(
+            wal.exists(),
+            "the pool's last connection closed the database (checkpointed and deleted the log)"
+        );
+
+        store.close().await;
+        assert!(!wal.exists(), "the store's close is the database's last");
+        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .unwrap();
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(n, 1, "the job was checkpointed into the database file");
     }
 
     #[test]

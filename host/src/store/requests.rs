@@ -41,9 +41,10 @@ fn settled_code() -> String {
 pub(super) fn completed_history_sql(b: &Backend) -> String {
     format!(
         "INSERT INTO job_history (job_id, created_ms, finished_ms, return_code, total_files, \
-             ready_files, error_files, delivered, comment) \
+             ready_files, error_files, delivered, comment, request_id) \
          SELECT j.job_id, j.created_ms, $2, {code}, j.total_files, \
-             j.settled_files - j.failed_files, j.failed_files, TRUE, 'Tape REST stage request complete' \
+             j.settled_files - j.failed_files, j.failed_files, TRUE, 'Tape REST stage request complete', \
+             j.request_id \
          FROM jobs j WHERE j.job_id IN {ids} AND j.request_id IS NOT NULL AND j.state <> '{DONE}' \
              AND j.total_files > 0 AND j.settled_files >= j.total_files",
         code = settled_code(),
@@ -69,18 +70,19 @@ pub(super) fn complete_sql(b: &Backend) -> String {
 /// Records the history row of a request about to be decided with code `$2` and comment
 /// `$3` (job `$1`, now `$4`); nothing for an ASVO job or one already done.
 pub(super) const DECIDED_HISTORY: &str = "INSERT INTO job_history (job_id, created_ms, \
-         finished_ms, return_code, total_files, ready_files, error_files, delivered, comment) \
+         finished_ms, return_code, total_files, ready_files, error_files, delivered, comment, \
+         request_id) \
      SELECT j.job_id, j.created_ms, $4, $2, j.total_files, j.settled_files - j.failed_files, \
-         j.failed_files, TRUE, $3 \
+         j.failed_files, TRUE, $3, j.request_id \
      FROM jobs j WHERE j.job_id = $1 AND j.request_id IS NOT NULL AND j.state <> 'done'";
 
 /// The same for every unfinished request past its expiry (`$1` now), decided code 10.
 pub(super) fn expired_history_sql() -> String {
     format!(
         "INSERT INTO job_history (job_id, created_ms, finished_ms, return_code, total_files, \
-             ready_files, error_files, delivered, comment) \
+             ready_files, error_files, delivered, comment, request_id) \
          SELECT j.job_id, j.created_ms, $1, {expired}, j.total_files, \
-             j.settled_files - j.failed_files, j.failed_files, TRUE, '{why}' \
+             j.settled_files - j.failed_files, j.failed_files, TRUE, '{why}', j.request_id \
          FROM jobs j WHERE j.request_id IS NOT NULL AND j.state <> '{DONE}' AND j.expires_ms <= $1",
         expired = codes::EXPIRED,
         why = EXPIRED_WHY,

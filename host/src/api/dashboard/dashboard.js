@@ -195,7 +195,7 @@ function render(d) {
       b.addEventListener('click', () => showReport(f.job_id, f.report));
       report.append(b);
     }
-    return [td(f.job_id), code, num(duration(f.duration_secs)), num(duration(f.finished_secs_ago)),
+    return [td(f.request_id ? `stage request ${f.request_id}` : f.job_id), code, num(duration(f.duration_secs)), num(duration(f.finished_secs_ago)),
       num(f.ready), num(f.failed), num(f.total), td(f.delivered ? 'yes' : 'no'), report];
   });
 }

@@ -193,6 +193,27 @@ pub async fn authenticate(State(app): State<AppState>, mut req: Request, next: N
                 .and_then(|peer| table.by_name(&peer.0)),
         };
         let verifier = facade.verifier.current.load_full();
+        let submits = req.method() == axum::http::Method::POST
+            && req.uri().path().trim_end_matches('/').ends_with("/stage");
+        if submits
+            && let Some(t) = token
+            && let Err(wait) = app.auth.admit_submission(t)
+        {
+            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+            tracing::info!(
+                retry_after = secs,
+                "refused: over the token's submission rate"
+            );
+            let mut resp = Problem::new(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests")
+                .detail(format!(
+                    "token {:?} is over its submission rate; retry after {secs} s",
+                    &*t.name
+                ))
+                .into_response();
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, axum::http::HeaderValue::from(secs));
+            return resp;
+        }
         match (token, bearer, verifier) {
             (Some(t), _, _) => Principal::Token {
                 name: t.name.clone(),
