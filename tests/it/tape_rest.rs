@@ -973,3 +973,98 @@ async fn a_request_of_only_unstageable_files_completes_failed() {
     assert!(finished["report"].is_null(), "{board}");
     app.stop().await;
 }
+
+/// `instance` is valid against the schema `name` of the OpenAPI document `doc`.
+fn assert_matches_schema(doc: &Value, name: &str, instance: &Value) {
+    let schema = json!({
+        "$ref": format!("#/components/schemas/{name}"),
+        "components": doc["components"],
+    });
+    let validator = jsonschema::validator_for(&schema)
+        .unwrap_or_else(|e| panic!("schema {name} does not compile: {e}"));
+    let errors: Vec<String> = validator
+        .iter_errors(instance)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(errors.is_empty(), "{instance} is not a {name}: {errors:?}");
+}
+
+/// With the facade on, `/openapi.json` documents its operations under the base path, and
+/// what the facade really answers matches the schemas it gives; off, it has none of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_describes_the_facade_as_it_answers() {
+    let tape = Tape::start(|_| {}).await;
+    let (app, client) = start(Kind::Sqlite, &tape, |c| {
+        c.tape_rest.base_path = "/tape/v1".into()
+    })
+    .await;
+    let (status, doc) = app.get("/openapi.json").await;
+    assert_eq!(status, 200);
+    for (path, method) in [
+        ("/.well-known/wlcg-tape-rest-api", "get"),
+        ("/tape/v1/stage", "post"),
+        ("/tape/v1/stage/{id}", "get"),
+        ("/tape/v1/stage/{id}", "delete"),
+        ("/tape/v1/stage/{id}/cancel", "post"),
+        ("/tape/v1/release/{id}", "post"),
+        ("/tape/v1/archiveinfo", "post"),
+    ] {
+        let op = &doc["paths"][path][method];
+        assert!(op.is_object(), "{method} {path} missing from /openapi.json");
+        assert!(
+            op["security"].is_array(),
+            "{method} {path} says who may call it"
+        );
+    }
+
+    let discovery: Value = reqwest::get(format!("{}/.well-known/wlcg-tape-rest-api", app.base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_matches_schema(&doc, "Discovery", &discovery);
+    tape.sim.set_file("mwa/7/online.fits", FileState::Online);
+    let a = client
+        .post(
+            "/stage",
+            json!({ "files": [{ "path": "/mwa/7/a.fits", "diskLifetime": "PT1H" }, { "path": "/mwa/7/../b" }] }),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    assert_matches_schema(&doc, "StageCreated", &a.body);
+    let id = a.body["requestId"].as_str().unwrap().to_string();
+    let done = client.wait_completed(&id, PIPELINE).await;
+    assert_matches_schema(&doc, "StageStatus", &done);
+    let a = client
+        .post(
+            "/archiveinfo",
+            json!({ "paths": ["/mwa/7/online.fits", "/mwa/7/../x"] }),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_matches_schema(&doc, "ArchiveInfo", &a.body[0]);
+    assert_matches_schema(&doc, "ArchiveInfo", &a.body[1]);
+    let missing = client.poll("no-such-request").await;
+    assert_problem(&missing, 404);
+    assert_matches_schema(&doc, "ProblemBody", &missing.body);
+    // A schema that does not fit is told apart: the check above can fail.
+    let mut wrong = done.clone();
+    wrong["files"][0]["state"] = "CANCELLED".into();
+    let schema =
+        json!({ "$ref": "#/components/schemas/StageStatus", "components": doc["components"] });
+    assert!(!jsonschema::validator_for(&schema).unwrap().is_valid(&wrong));
+    app.stop().await;
+
+    let plain = TestApp::start(Kind::Sqlite).await;
+    let (_, doc) = plain.get("/openapi.json").await;
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(
+        !paths
+            .keys()
+            .any(|p| p.contains("stage") || p.contains("wlcg")),
+        "no facade, nothing of it documented: {:?}",
+        paths.keys().collect::<Vec<_>>()
+    );
+    plain.stop().await;
+}

@@ -37,7 +37,11 @@ pub async fn reload_adapter(State(app): State<AppState>) -> Result<Json<Value>, 
 /// The OpenAPI document, with the adapter in service's observation schema as the `obs`
 /// field of `NewJob` (it changes when the adapter is swapped, so it is built per request).
 pub async fn openapi_json(State(app): State<AppState>) -> Json<Value> {
-    let mut doc = serde_json::to_value(super::openapi()).unwrap_or(Value::Null);
+    let mut doc = super::openapi();
+    if let Some(facade) = &app.tape_rest {
+        super::tape_rest::wire::document(&mut doc, &facade.cfg.base_path);
+    }
+    let mut doc = serde_json::to_value(doc).unwrap_or(Value::Null);
     if let Some(adapter) = app.adapters.current() {
         let mut schema = adapter.observation_schema().clone();
         if let Some(obj) = schema.as_object_mut() {

@@ -10,11 +10,13 @@ use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
-use serde::Deserialize;
-use serde_json::{Value, json};
 use tracing::Span;
 
 use super::principal::Principal;
+use super::wire::{
+    ArchiveInfo, Discovery, Endpoint, FileState, FileStatus, Locality, PathsRequest, StageCreated,
+    StageRequest, StageStatus,
+};
 use super::{Facade, Problem, empty_ok};
 use crate::api::AppState;
 use crate::api::input::json_body;
@@ -32,11 +34,15 @@ fn facade(app: &AppState) -> &Facade {
 /// `GET /.well-known/wlcg-tape-rest-api`
 pub async fn discovery(State(app): State<AppState>) -> Response {
     let f = facade(&app);
-    let body = json!({
-        "sitename": f.cfg.sitename,
-        "description": f.cfg.description,
-        "endpoints": [{ "uri": f.endpoint, "version": "v1", "metadata": {} }],
-    });
+    let body = Discovery {
+        sitename: f.cfg.sitename.clone(),
+        description: f.cfg.description.clone(),
+        endpoints: vec![Endpoint {
+            uri: f.endpoint.clone(),
+            version: "v1".into(),
+            metadata: Default::default(),
+        }],
+    };
     let mut resp = Json(body).into_response();
     resp.headers_mut().insert(
         header::CACHE_CONTROL,
@@ -45,24 +51,7 @@ pub async fn discovery(State(app): State<AppState>) -> Response {
     resp
 }
 
-#[derive(Deserialize)]
-struct StageBody {
-    files: Option<Vec<StageFile>>,
-}
-
-/// One file of a stage request. `diskLifetime` and `targetedMetadata` are accepted and
-/// not used (the tape system keeps no pin), as are keys of other sites.
-#[derive(Deserialize)]
-struct StageFile {
-    path: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct PathsBody {
-    paths: Option<Vec<String>>,
-}
-
-fn paths_of(body: PathsBody) -> Result<Vec<String>, Problem> {
+fn paths_of(body: PathsRequest) -> Result<Vec<String>, Problem> {
     match body.paths {
         Some(p) if !p.is_empty() => Ok(p),
         _ => Err(Problem::bad_request(
@@ -100,7 +89,7 @@ pub async fn stage(
     body: Body,
 ) -> Result<Response, Problem> {
     let f = facade(&app);
-    let req: StageBody = json_body(&headers, body, app.limits.max_body_bytes).await?;
+    let req: StageRequest = json_body(&headers, body, app.limits.max_body_bytes).await?;
     let files = match req.files {
         Some(files) if !files.is_empty() => files,
         _ => {
@@ -195,7 +184,9 @@ pub async fn stage(
                 let location = format!("{}/stage/{request_id}", f.endpoint);
                 let mut resp = (
                     StatusCode::CREATED,
-                    Json(json!({ "requestId": request_id })),
+                    Json(StageCreated {
+                        request_id: request_id.clone(),
+                    }),
                 )
                     .into_response();
                 if let Ok(v) = HeaderValue::from_str(&location) {
@@ -233,7 +224,7 @@ pub async fn poll(
     State(app): State<AppState>,
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<StageStatus>, Problem> {
     Span::current().record("job_id", id.as_str());
     let view = visible(&app, &who, &id).await?;
     Ok(Json(poll_body(facade(&app), &id, &view)))
@@ -245,66 +236,52 @@ fn secs(ms: i64) -> i64 {
 
 /// The poll's answer: times in Unix seconds, `state` on every file, `error` only on a
 /// failed one.
-fn poll_body(f: &Facade, id: &str, v: &RequestView) -> Value {
+fn poll_body(f: &Facade, id: &str, v: &RequestView) -> StageStatus {
     let done = v.state == JobState::Done;
     let started = v.started_ms.unwrap_or(v.created_ms);
-    let files: Vec<Value> = v
-        .files
-        .iter()
-        .map(|file| file_body(f, v, file, done))
-        .collect();
-    let mut body = json!({
-        "id": id,
-        "createdAt": secs(v.created_ms),
-        "startedAt": secs(started),
-        "files": files,
-    });
-    if done {
-        body["completedAt"] = secs(v.updated_ms).into();
+    StageStatus {
+        id: id.to_string(),
+        created_at: secs(v.created_ms),
+        started_at: secs(started),
+        completed_at: done.then(|| secs(v.updated_ms)),
+        files: v
+            .files
+            .iter()
+            .map(|file| file_body(f, v, file, done))
+            .collect(),
     }
-    body
 }
 
-fn file_body(f: &Facade, v: &RequestView, file: &RequestFile, done: bool) -> Value {
-    let path = f.mapping.to_client(&file.path);
+fn file_body(f: &Facade, v: &RequestView, file: &RequestFile, done: bool) -> FileStatus {
     let started = v.started_ms.map(secs);
-    let mut out = json!({ "path": path });
     let (state, finished, error) = if file.cancelled {
-        // gfal2 knows cancellation as "CANCELED" (it reports the specification's spelling
-        // as an unrecognised state), so that is the spelling sent.
-        ("CANCELED", file.error_ms, None)
+        (FileState::Canceled, file.error_ms, None)
     } else if file.ready {
-        ("COMPLETED", file.ready_ms, None)
+        (FileState::Completed, file.ready_ms, None)
     } else if file.error {
         let msg = match file.error_msg.as_deref() {
             Some(m) if !m.is_empty() => m.to_string(),
             _ => "the tape system reported an error recalling the file".to_string(),
         };
-        ("FAILED", file.error_ms, Some(msg))
+        (FileState::Failed, file.error_ms, Some(msg))
     } else if done {
         let why = v
             .last_error
             .clone()
             .unwrap_or_else(|| format!("the request ended (code {})", v.return_code.unwrap_or(-1)));
-        ("FAILED", Some(v.updated_ms), Some(why))
+        (FileState::Failed, Some(v.updated_ms), Some(why))
     } else if started.is_some() {
-        ("STARTED", None, None)
+        (FileState::Started, None, None)
     } else {
-        ("SUBMITTED", None, None)
+        (FileState::Submitted, None, None)
     };
-    out["state"] = state.into();
-    if state != "SUBMITTED"
-        && let Some(s) = started.or(Some(secs(v.created_ms)))
-    {
-        out["startedAt"] = s.into();
+    FileStatus {
+        path: f.mapping.to_client(&file.path),
+        state,
+        error,
+        started_at: (state != FileState::Submitted).then(|| started.unwrap_or(secs(v.created_ms))),
+        finished_at: finished.map(secs),
     }
-    if let Some(t) = finished {
-        out["finishedAt"] = secs(t).into();
-    }
-    if let Some(e) = error {
-        out["error"] = e.into();
-    }
-    out
 }
 
 /// `POST {base}/stage/{id}/cancel`
@@ -317,7 +294,7 @@ pub async fn cancel(
 ) -> Result<Response, Problem> {
     Span::current().record("job_id", id.as_str());
     let f = facade(&app);
-    let body: PathsBody = json_body(&headers, body, app.limits.max_body_bytes).await?;
+    let body: PathsRequest = json_body(&headers, body, app.limits.max_body_bytes).await?;
     let paths = paths_of(body)?;
     let view = visible(&app, &who, &id).await?;
     if !who.may_change(view.submitted_by.as_deref()) {
@@ -419,7 +396,7 @@ pub async fn release(
 ) -> Result<Response, Problem> {
     Span::current().record("job_id", id.as_str());
     let f = facade(&app);
-    let body: PathsBody = json_body(&headers, body, app.limits.max_body_bytes).await?;
+    let body: PathsRequest = json_body(&headers, body, app.limits.max_body_bytes).await?;
     let paths = paths_of(body)?;
     let mut stored = Vec::with_capacity(paths.len());
     for p in &paths {
@@ -463,9 +440,9 @@ pub async fn archive_info(
     Extension(who): Extension<Principal>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<Vec<Value>>, Problem> {
+) -> Result<Json<Vec<ArchiveInfo>>, Problem> {
     let f = facade(&app);
-    let body: PathsBody = json_body(&headers, body, app.limits.max_body_bytes).await?;
+    let body: PathsRequest = json_body(&headers, body, app.limits.max_body_bytes).await?;
     let mut paths = paths_of(body)?;
     paths.truncate(f.cfg.archiveinfo_max_paths);
     let mut asked = Vec::with_capacity(paths.len());
@@ -481,7 +458,7 @@ pub async fn archive_info(
     let Some(scout) = app.scout.clone() else {
         let out = asked
             .into_iter()
-            .map(|(p, _)| json!({ "path": p, "error": "no tape system is configured" }))
+            .map(|(p, _)| ArchiveInfo::error(p, "no tape system is configured"))
             .collect();
         return Ok(Json(out));
     };
@@ -508,25 +485,25 @@ pub async fn archive_info(
         })
         .collect();
     let slots = app.filestatus_slots.clone();
-    let answers: Vec<Value> = futures::stream::iter(jobs)
+    let answers: Vec<ArchiveInfo> = futures::stream::iter(jobs)
         .map(|(path, target)| {
             let (scout, slots) = (scout.clone(), slots.clone());
             async move {
                 let target = match target {
                     Ok(t) => t,
-                    Err(why) => return json!({ "path": path, "error": why }),
+                    Err(why) => return ArchiveInfo::error(path, why),
                 };
                 let Ok(_slot) = slots.acquire_owned().await else {
-                    return json!({ "path": path, "error": "the server is stopping" });
+                    return ArchiveInfo::error(path, "the server is stopping");
                 };
                 match scout.file_status(&target).await {
-                    Ok(s) => json!({ "path": path, "locality": locality(&s) }),
+                    Ok(s) => ArchiveInfo::locality(path, locality(&s)),
                     Err(crate::scout::ScoutError::Refused { status: 404, .. }) => {
-                        json!({ "path": path, "error": "no such file" })
+                        ArchiveInfo::error(path, "no such file")
                     }
                     Err(e) => {
                         tracing::warn!(path, error = %e, "Scout file status failed");
-                        json!({ "path": path, "locality": "UNAVAILABLE" })
+                        ArchiveInfo::locality(path, Locality::Unavailable)
                     }
                 }
             }
@@ -539,11 +516,11 @@ pub async fn archive_info(
 
 /// The specification's locality for Scout's file status: blocks still offline mean on tape
 /// only; all online and archived mean both; online and not (yet) archived disk only.
-fn locality(s: &crate::scout::FileStatus) -> &'static str {
+fn locality(s: &crate::scout::FileStatus) -> Locality {
     match (s.offlineblocks > 0, s.archdone) {
-        (true, _) => "TAPE",
-        (false, Some(true)) => "DISK_AND_TAPE",
-        (false, _) => "DISK",
+        (true, _) => Locality::Tape,
+        (false, Some(true)) => Locality::DiskAndTape,
+        (false, _) => Locality::Disk,
     }
 }
 
@@ -574,8 +551,8 @@ mod tests {
             size: None,
             archdone: arch,
         };
-        assert_eq!(locality(&s(3, Some(true))), "TAPE");
-        assert_eq!(locality(&s(0, Some(true))), "DISK_AND_TAPE");
-        assert_eq!(locality(&s(0, Some(false))), "DISK");
+        assert_eq!(locality(&s(3, Some(true))), Locality::Tape);
+        assert_eq!(locality(&s(0, Some(true))), Locality::DiskAndTape);
+        assert_eq!(locality(&s(0, Some(false))), Locality::Disk);
     }
 }

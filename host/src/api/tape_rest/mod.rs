@@ -16,6 +16,7 @@
 mod handlers;
 pub mod paths;
 pub mod principal;
+pub mod wire;
 
 use axum::Router;
 use axum::body::Body;
@@ -24,7 +25,6 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, any, get, post};
-use serde_json::json;
 
 use super::{ApiError, AppState};
 use crate::config::{Config, TapeRestConfig};
@@ -137,12 +137,14 @@ impl From<ApiError> for Problem {
 
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
-        let mut body =
-            json!({ "type": "about:blank", "title": self.title, "status": self.status.as_u16() });
-        if let Some(d) = self.detail {
-            body["detail"] = d.into();
-        }
-        let mut resp = (self.status, body.to_string()).into_response();
+        let body = wire::ProblemBody {
+            kind: "about:blank",
+            title: self.title,
+            status: self.status.as_u16(),
+            detail: self.detail,
+        };
+        let body = serde_json::to_string(&body).expect("strings and integers serialize");
+        let mut resp = (self.status, body).into_response();
         let h = resp.headers_mut();
         h.insert(
             header::CONTENT_TYPE,
