@@ -128,6 +128,16 @@ impl Arrivals {
     }
 }
 
+/// Partitions enough for `messages` recall messages published at once. The mock broker
+/// keeps about 5 MB per partition and evicts older messages beyond that (real Kafka retains
+/// by time), and the simulator publishes a big job's recalls faster than the daemon applies
+/// them: at ~8,000 of these messages a partition, none is evicted before it is read.
+fn partitions_for(messages: u64) -> i32 {
+    i32::try_from(messages.div_ceil(8_000))
+        .unwrap_or(i32::MAX)
+        .clamp(8, 1_000)
+}
+
 /// The daemon's peers in this process: the Scout simulator on one node and a Kafka-protocol
 /// broker (librdkafka's mock cluster) with the recall topic.
 pub(super) struct Peers {
@@ -138,10 +148,8 @@ pub(super) struct Peers {
 }
 
 impl Peers {
-    pub(super) async fn start(publish: bool) -> anyhow::Result<Peers> {
-        // The mock broker keeps about 5 MB per partition and evicts older messages beyond
-        // that (real Kafka retains by time); 100,000 recall messages need several partitions.
-        Peers::start_with(TOPIC, 8, |s, brokers| {
+    pub(super) async fn start(publish: bool, messages: u64) -> anyhow::Result<Peers> {
+        Peers::start_with(TOPIC, partitions_for(messages), |s, brokers| {
             s.kafka_brokers = publish.then(|| brokers.to_string());
             s.recall_delay = Duration::ZERO;
         })
@@ -222,7 +230,7 @@ async fn latency(
     db: &str,
     args: &EngineArgs,
 ) -> anyhow::Result<()> {
-    let peers = Peers::start(false).await?;
+    let peers = Peers::start(false, 0).await?;
     let arrivals = Arrivals::default();
     let cb = arrivals.serve().await?;
     let mut server = start_server(staged, dir, db, &peers.config(), "latency").await?;
@@ -373,7 +381,7 @@ async fn big_job(
     db: &str,
     args: &EngineArgs,
 ) -> anyhow::Result<()> {
-    let peers = Peers::start(true).await?;
+    let peers = Peers::start(true, args.big_files).await?;
     let arrivals = Arrivals::default();
     let cb = arrivals.serve().await?;
     let mut server = start_server(staged, dir, db, &peers.config(), "big").await?;

@@ -577,7 +577,7 @@ async fn daemon(
     url: &str,
     args: &ScaleArgs,
 ) -> anyhow::Result<()> {
-    let peers = Peers::start(false).await?;
+    let peers = Peers::start(false, 0).await?;
     let arrivals = Arrivals::default();
     let cb = arrivals.serve().await?;
     let t = Instant::now();

@@ -709,3 +709,45 @@ async fn each_destination_gets_its_own_credentials() {
     assert_eq!(p[0].auth.as_deref(), Some("Basic YXN2bzpjYi1wdw=="));
     app.stop().await;
 }
+
+/// A job larger than one path-mapping call reaches the adapter in bounded calls, at intake
+/// and when staged: with the adapter's input limit below the job's paths but above one
+/// call's, the job still completes (one call for all of them would be refused as too
+/// large, and the job failed), and Scout gets stage requests of at most 10,000 paths.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_larger_than_one_adapter_call_is_mapped_in_bounded_calls() {
+    const FILES: usize = 15_000;
+    let tape = Tape::start(|_| {}).await;
+    let receiver = Receiver::start().await;
+    let app = TestApp::start_with(Kind::Sqlite, |c| {
+        quick(c);
+        tape.configure(c);
+        c.adapter = crate::common::adapters::adapter_config("mwa");
+        // 10,000 of these paths are ~360 kB, all of them ~540 kB.
+        c.adapter.max_input_bytes = 450 * 1024;
+        c.adapter.max_output_bytes = 450 * 1024;
+    })
+    .await;
+    let paths: Vec<String> = (0..FILES)
+        .map(|i| format!("mwa/1234567890/1234567890_{i:05}.fits"))
+        .collect();
+    let bytes: usize = paths.iter().map(String::len).sum();
+    assert!(bytes > 450 * 1024, "the job's paths are over the limit");
+    let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+    let (status, body) = app.post_job(job(1, &refs, &receiver)).await;
+    assert_eq!(status, 202, "{body}");
+    let got = receiver.wait_delivered(1, PIPELINE).await;
+    assert_eq!(
+        (
+            got[0].body["return_code"].as_i64(),
+            got[0].body["ready_files"].as_u64()
+        ),
+        (Some(0), Some(FILES as u64)),
+        "{}",
+        got[0].body
+    );
+    let c = tape.sim.counters();
+    assert_eq!(c.staged_paths, FILES as u64);
+    assert!(c.largest_stage_paths <= 10_000, "{c:?}");
+    app.stop().await;
+}

@@ -43,6 +43,11 @@ use runtime::{Adapter, AdapterPre, CallState, Shared, v1_0};
 /// The package version of `wit/adapter.wit`, the newest the host speaks.
 pub const WIT_VERSION: &str = "1.1.0";
 
+/// Most paths given to one path-mapping call (`stage-paths`, `map-event-paths`): a Scout
+/// stage request's worth, so that a 500,000-file job's mapping is many bounded calls (each
+/// within the call's time, memory and size limits) rather than one that holds it all.
+pub const PATHS_PER_CALL: usize = 10_000;
+
 /// A compiled adapter, typed against the package version it was built for.
 enum Pre {
     Current(AdapterPre<CallState>),
@@ -577,8 +582,8 @@ impl LoadedAdapter {
         Ok(out)
     }
 
-    /// Job paths to the paths Scout is asked to stage, in order. The stager calls it once
-    /// per stage request (≤ 10,000 paths) and sends the answer as the request's `path` list.
+    /// Job paths to the paths Scout is asked to stage, in order. Callers pass at most
+    /// [`PATHS_PER_CALL`] paths at a time.
     pub async fn stage_paths(&self, paths: &[String]) -> Result<Vec<String>, AdapterError> {
         const EXPORT: &str = "stage-paths";
         self.check_input(EXPORT, strings_bytes(paths))?;

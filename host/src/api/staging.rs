@@ -82,9 +82,6 @@ pub async fn create(
     }
 }
 
-/// Paths per adapter call when checking a job's files (as the stager batches them).
-const RECOGNISE_BATCH: usize = 10_000;
-
 /// Refuses a job naming a file the adapter would never recognise in a recall message: its
 /// recall could never be seen, so the job would wait for its expiry. A path is recognised
 /// when the adapter maps the path it sends Scout for it (`stage-paths`) back onto the same
@@ -130,7 +127,7 @@ pub(crate) async fn recognised(
     files: &[String],
 ) -> Result<Vec<bool>, AdapterError> {
     let mut known = Vec::with_capacity(files.len());
-    for chunk in files.chunks(RECOGNISE_BATCH) {
+    for chunk in files.chunks(crate::adapter::PATHS_PER_CALL) {
         let staged = adapter.stage_paths(chunk).await?;
         let mapped = adapter.map_event_paths(&staged).await?;
         known.extend(
@@ -203,12 +200,17 @@ fn validate(
                 )));
             }
         }
-        // A path named twice is staged and counted once.
-        let mut seen = HashSet::with_capacity(files.len());
-        let files: Vec<String> = files
-            .into_iter()
-            .filter(|f| seen.insert(f.clone()))
-            .collect();
+        // A path named twice is staged and counted once. Found by reference and removed in
+        // place: a copy of every path would double what a 500,000-file job holds.
+        let mut files = files;
+        let keep: Vec<bool> = {
+            let mut seen = HashSet::with_capacity(files.len());
+            files.iter().map(|f| seen.insert(f.as_str())).collect()
+        };
+        if keep.contains(&false) {
+            let mut keep = keep.into_iter();
+            files.retain(|_| keep.next().unwrap_or(true));
+        }
         return Ok(Some(store::NewJob {
             job_id,
             notify_url: req.notify_url,

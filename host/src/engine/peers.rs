@@ -2,6 +2,7 @@
 //! telescope adapter resolves observations, maps job paths to Scout paths and words the
 //! results. The adapter is looked up per call, so a hot swap takes effect at once.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
@@ -18,10 +19,18 @@ pub struct ScoutStager {
 }
 
 impl ScoutStager {
-    async fn scout_paths(&self, paths: &[String]) -> Result<Vec<String>, String> {
+    /// The paths Scout is sent for `paths`: the adapter's mapping, or `paths` themselves
+    /// (borrowed: a copy of a 500,000-file job's paths is tens of MB).
+    async fn scout_paths<'p>(&self, paths: &'p [String]) -> Result<Cow<'p, [String]>, String> {
         match self.adapters.current() {
-            Some(a) => a.stage_paths(paths).await.map_err(|e| e.to_string()),
-            None => Ok(paths.to_vec()),
+            Some(a) => {
+                let mut out = Vec::with_capacity(paths.len());
+                for chunk in paths.chunks(adapter::PATHS_PER_CALL) {
+                    out.extend(a.stage_paths(chunk).await.map_err(|e| e.to_string())?);
+                }
+                Ok(Cow::Owned(out))
+            }
+            None => Ok(Cow::Borrowed(paths)),
         }
     }
 }

@@ -20,6 +20,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use futures::TryStreamExt;
 use serde::Serialize;
 
 use super::{
@@ -283,12 +284,17 @@ impl Store {
              WHERE NOT f.ready AND NOT f.error ORDER BY f.job_id, f.path",
             json_values(&self.backend, "$1", "bigint")
         );
-        let rows: Vec<(i64, String)> = with_pool!(&self.backend, p =>
-            sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(ids).fetch_all(p).await?);
+        // Read as a stream into the map: a 500,000-file job's rows, all held before being
+        // sorted into it, were a second copy of its paths.
         let mut by_job: HashMap<i64, Vec<String>> = HashMap::new();
-        for (job_id, path) in rows {
-            by_job.entry(job_id).or_default().push(path);
-        }
+        with_pool!(&self.backend, p => {
+            let mut rows = sqlx::query_as::<_, (i64, String)>(sqlx::AssertSqlSafe(sql))
+                .bind(ids)
+                .fetch(p);
+            while let Some((job_id, path)) = rows.try_next().await? {
+                by_job.entry(job_id).or_default().push(path);
+            }
+        });
         Ok(by_job)
     }
 

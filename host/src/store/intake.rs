@@ -40,6 +40,10 @@ use crate::histograms::{self, Histogram};
 
 /// Files per batch beyond which a writer stops taking more jobs into the batch.
 const BATCH_FILES_SOFT_MAX: usize = 200_000;
+/// Job files per SQLite insert statement. A statement's rows travel as one JSON text that
+/// SQLite parses whole; a 500,000-file job in one statement held the text and SQLite's parse
+/// of it at once (tens of MB). All of a batch's statements are one transaction.
+const SQLITE_FILES_PER_STATEMENT: usize = 20_000;
 /// Queue length; submitters wait (backpressure) when it is full.
 const QUEUE_DEPTH: usize = 16_384;
 
@@ -478,19 +482,19 @@ async fn insert_sqlite(
         .filter(|j| created.contains(&j.job_id))
         .flat_map(|j| j.files.iter().map(move |f| (j.job_id, f)))
         .collect();
-    if !files.is_empty() {
-        let files = serde_json::to_string(&files).expect("plain values always serialize");
-        sqlx::query(FILES).bind(files).execute(&mut *tx).await?;
+    for chunk in files.chunks(SQLITE_FILES_PER_STATEMENT) {
+        let chunk = serde_json::to_string(chunk).expect("plain values always serialize");
+        sqlx::query(FILES).bind(chunk).execute(&mut *tx).await?;
     }
     let failed: Vec<(i64, &String, &String)> = jobs
         .iter()
         .filter(|j| created.contains(&j.job_id))
         .flat_map(|j| j.failed.iter().map(move |(f, why)| (j.job_id, f, why)))
         .collect();
-    if !failed.is_empty() {
-        let failed = serde_json::to_string(&failed).expect("plain values always serialize");
+    for chunk in failed.chunks(SQLITE_FILES_PER_STATEMENT) {
+        let chunk = serde_json::to_string(chunk).expect("plain values always serialize");
         sqlx::query(FAILED)
-            .bind(failed)
+            .bind(chunk)
             .bind(stamp.now)
             .execute(&mut *tx)
             .await?;
