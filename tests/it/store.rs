@@ -62,6 +62,7 @@ both_backends!(
     events_apply_to_every_job_holding_the_path,
     delete_leaves_shared_paths_of_other_jobs,
     stats_and_job_list,
+    stats_agree_with_the_files_in_every_state,
     survives_reopen,
     bad_job_does_not_fail_its_batch,
     hundred_thousand_file_job,
@@ -199,6 +200,85 @@ async fn events_apply_to_every_job_holding_the_path(kind: Kind) {
     let s2 = store.job_summary(2).await.unwrap().unwrap();
     assert_eq!((s2.ready_files, s2.error_files), (1, 1));
     assert!(s2.completed(), "every file ready or failed");
+    store.close().await;
+}
+
+/// The totals, read from the jobs' counters, are what counting the files gives, through
+/// every way a file changes: ready, failed, failed then ready, shared by two jobs, failed at
+/// submission, cancelled, an observation job with no files yet, a redelivered event.
+async fn stats_agree_with_the_files_in_every_state(kind: Kind) {
+    let db = TestDb::new(kind).await;
+    let store = Store::open(&opts(&db)).await.unwrap();
+    store.submit(job(1, &["a", "b", "c"])).await.unwrap();
+    store.submit(job(2, &["b", "d"])).await.unwrap();
+    store
+        .submit(NewJob {
+            obs: Some("{\"obs_id\": 1}".into()),
+            ..job(3, &[])
+        })
+        .await
+        .unwrap();
+    store
+        .submit(NewJob {
+            notify_url: String::new(),
+            request_id: Some("req-1".into()),
+            failed: vec![("bad/..".into(), "a `..` segment".into())],
+            ..job(-4, &["e", "f", "g"])
+        })
+        .await
+        .unwrap();
+    let counted = async || {
+        let (mut ready, mut error, mut waiting) = (0, 0, 0);
+        for id in [1, 2, 3, -4] {
+            for f in store.job_files(id).await.unwrap() {
+                match (f.ready, f.error) {
+                    (true, _) => ready += 1,
+                    (false, true) => error += 1,
+                    (false, false) => waiting += 1,
+                }
+            }
+        }
+        (ready, error, waiting)
+    };
+    let check = async |when: &str| {
+        let s = store.stats().await.unwrap();
+        assert_eq!(
+            (s.ready_files, s.error_files, s.waiting_files),
+            counted().await,
+            "{when}: {s:?}"
+        );
+        s
+    };
+    check("at submission").await;
+    store
+        .apply_file_events(&[
+            ready("a", 1_000),
+            failed("b", 2_000, "x"),
+            ready("e", 1_000),
+        ])
+        .await
+        .unwrap();
+    check("after ready and failed").await;
+    store
+        .apply_file_events(&[
+            ready("b", 3_000),
+            ready("b", 3_000),
+            failed("d", 3_000, "y"),
+        ])
+        .await
+        .unwrap();
+    check("after failed then ready, redelivered").await;
+    store
+        .cancel_request_files("req-1", &["f".to_string()])
+        .await
+        .unwrap();
+    check("after a cancel").await;
+    store
+        .apply_file_events(&[ready("c", 4_000), ready("g", 4_000)])
+        .await
+        .unwrap();
+    let s = check("with jobs complete").await;
+    assert_eq!((s.completed_jobs, s.incomplete_jobs), (3, 1), "{s:?}");
     store.close().await;
 }
 

@@ -622,26 +622,24 @@ impl Store {
         Ok(rows.into_iter().map(SummaryRow::into_summary).collect())
     }
 
-    /// Job and file totals across the store.
+    /// Job and file totals across the store, from each job's own counters (kept with its
+    /// files by every writer, as the dashboard and completion already rely on): one pass
+    /// over the jobs, where counting the files took 1.5 s at ten million.
     pub async fn stats(&self) -> Result<Stats, StoreError> {
-        const JOBS: &str = "SELECT \
-                 count(*) FILTER (WHERE j.total_files > 0 AND coalesce(a.done, 0) >= j.total_files), \
-                 count(*) FILTER (WHERE NOT (j.total_files > 0 AND coalesce(a.done, 0) >= j.total_files)) \
-             FROM jobs j LEFT JOIN ( \
-                 SELECT job_id, count(*) FILTER (WHERE ready OR error) AS done \
-                 FROM job_files GROUP BY job_id) a ON a.job_id = j.job_id";
-        const FILES: &str = "SELECT \
-                 count(*) FILTER (WHERE ready), \
-                 count(*) FILTER (WHERE error AND NOT ready), \
-                 count(*) FILTER (WHERE NOT ready AND NOT error) \
-             FROM job_files";
-        let ((completed_jobs, incomplete_jobs), (ready_files, error_files, waiting_files)): (
-            (i64, i64),
-            (i64, i64, i64),
-        ) = with_pool!(&self.backend, p => (
-            sqlx::query_as(JOBS).fetch_one(p).await?,
-            sqlx::query_as(FILES).fetch_one(p).await?,
-        ));
+        const SQL: &str = "SELECT \
+                 count(*) FILTER (WHERE total_files > 0 AND settled_files >= total_files), \
+                 count(*) FILTER (WHERE NOT (total_files > 0 AND settled_files >= total_files)), \
+                 CAST(coalesce(sum(settled_files - failed_files), 0) AS BIGINT), \
+                 CAST(coalesce(sum(failed_files), 0) AS BIGINT), \
+                 CAST(coalesce(sum(total_files - settled_files), 0) AS BIGINT) \
+             FROM jobs";
+        let (completed_jobs, incomplete_jobs, ready_files, error_files, waiting_files): (
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+        ) = with_pool!(&self.backend, p => sqlx::query_as(SQL).fetch_one(p).await?);
         Ok(Stats {
             completed_jobs,
             incomplete_jobs,
