@@ -63,6 +63,7 @@ both_backends!(
     delete_leaves_shared_paths_of_other_jobs,
     stats_and_job_list,
     stats_agree_with_the_files_in_every_state,
+    a_backlog_of_expired_jobs_is_expired_in_one_sweep,
     survives_reopen,
     bad_job_does_not_fail_its_batch,
     hundred_thousand_file_job,
@@ -279,6 +280,41 @@ async fn stats_agree_with_the_files_in_every_state(kind: Kind) {
         .unwrap();
     let s = check("with jobs complete").await;
     assert_eq!((s.completed_jobs, s.incomplete_jobs), (3, 1), "{s:?}");
+    store.close().await;
+}
+
+/// More jobs due to expire than one expiry transaction takes (1,000): one sweep expires them
+/// all, each with its callback queued once, and a second sweep finds nothing.
+async fn a_backlog_of_expired_jobs_is_expired_in_one_sweep(kind: Kind) {
+    const JOBS: i64 = 2_500;
+    let db = TestDb::new(kind).await;
+    let jobs = JobsConfig {
+        expiry_secs: 0,
+        ..Default::default()
+    };
+    let store = Store::open(&StoreOptions::from_config(&db.config().database, &jobs))
+        .await
+        .unwrap();
+    let submitted = futures::future::join_all((1..=JOBS).map(|id| {
+        let store = &store;
+        async move { store.submit(job(id, &[&format!("exp/{id}")])).await }
+    }))
+    .await;
+    assert!(submitted.iter().all(|r| matches!(r, Ok(Intake::Created))));
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(store.expire_due(0).await.unwrap(), JOBS as u64);
+    assert_eq!(store.pending_callbacks().await.unwrap(), JOBS);
+    // Every one is done: a second sweep finds none unfinished and due.
+    assert_eq!(
+        store.expire_due(0).await.unwrap(),
+        0,
+        "nothing left to expire"
+    );
+    assert_eq!(
+        store.pending_callbacks().await.unwrap(),
+        JOBS,
+        "queued once"
+    );
     store.close().await;
 }
 
