@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 use staged_testkit::scout::{ScoutSim, SimNode, SimSettings, recall_message};
 use tokio::sync::Notify;
 
-use super::{Backend, BackendChoice, Server, locate_staged};
+use super::{BackendChoice, Server, locate_staged};
 
 const TOPIC: &str = "bench-engine";
 
@@ -55,21 +55,13 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<()> {
     for backend in args.backend.backends() {
         println!("\n=== engine, {backend} ===");
         let dir = super::temp_dir()?;
-        let pg = match backend {
-            Backend::Postgres => Some(super::create_pg().await?),
-            Backend::Sqlite => None,
-        };
-        let url = |name: &str| match &pg {
-            Some(pg) => pg.url.clone(),
-            None => format!("sqlite://{}", dir.path().join(name).display()),
-        };
+        let db = super::RunDb::create(backend).await?;
+        let url = |name: &str| db.url(dir.path(), name);
         let r1 = latency(&staged, dir.path(), &url("latency.db"), &args).await;
         // A fresh database for the second run (PostgreSQL: the same one, emptied by run 1's
         // callbacks, which remove their jobs).
         let r2 = big_job(&staged, dir.path(), &url("big.db"), &args).await;
-        if let Some(pg) = pg {
-            super::drop_pg(pg).await?;
-        }
+        db.drop().await?;
         r1?;
         r2?;
     }

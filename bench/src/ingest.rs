@@ -63,18 +63,9 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
 
 async fn bench(backend: Backend, args: &IngestArgs) -> anyhow::Result<()> {
     let dir = super::temp_dir()?;
-    let pg = match backend {
-        Backend::Postgres => Some(super::create_pg().await?),
-        Backend::Sqlite => None,
-    };
-    let url = match &pg {
-        Some(pg) => pg.url.clone(),
-        None => format!("sqlite://{}", dir.path().join("bench.db").display()),
-    };
-    let result = measure(&url, args).await;
-    if let Some(pg) = pg {
-        super::drop_pg(pg).await?;
-    }
+    let db = super::RunDb::create(backend).await?;
+    let result = measure(&db.url(dir.path(), "bench.db"), args).await;
+    db.drop().await?;
     result
 }
 
@@ -111,16 +102,64 @@ async fn measure(url: &str, args: &IngestArgs) -> anyhow::Result<()> {
         t.elapsed().as_secs_f64()
     );
 
+    let timed = timed_ingest(&store, &paths, args.partitions, args.batch, true).await?;
+    let c = timed.counters;
+    let stats = store.stats().await?;
+    store.close().await;
+    let secs = timed.secs;
+    println!(
+        "group join and first fetch: {:.2} s (not counted)",
+        timed.join_secs
+    );
+    println!(
+        "ingested {} messages in {} batches in {secs:.2} s: {:.0} events applied/s \
+         (target > 50,000/s); {} job files changed, {} store failures",
+        c.handled,
+        c.batches,
+        c.events as f64 / secs,
+        c.changed,
+        c.store_failures
+    );
+    if stats.ready_files != n as i64 || c.changed != n {
+        bail!(
+            "expected {n} ready files, the store has {} ({} changed)",
+            stats.ready_files,
+            c.changed
+        );
+    }
+    Ok(())
+}
+
+/// What one timed run of the daemon's consumer saw.
+pub(super) struct Timed {
+    pub counters: kafka::IngestCounters,
+    /// From the consumer's start to its first message (the group's join; not counted).
+    pub join_secs: f64,
+    /// From the first message read to the last one handled.
+    pub secs: f64,
+}
+
+/// Puts one message per path on a fresh in-process broker's topic (`partitions` of it),
+/// then runs the daemon's consumer, `batch` messages at most a transaction, until every one
+/// is handled. `progress`: print the counters every 5 s meanwhile.
+pub(super) async fn timed_ingest(
+    store: &Store,
+    paths: &[String],
+    partitions: i32,
+    batch: usize,
+    progress: bool,
+) -> anyhow::Result<Timed> {
+    let n = paths.len() as u64;
     let cluster = MockCluster::new(1)?;
-    cluster.create_topic(TOPIC, args.partitions, 1)?;
+    cluster.create_topic(TOPIC, partitions, 1)?;
     let servers = cluster.bootstrap_servers();
-    produce(&servers, &paths).await?;
+    produce(&servers, paths).await?;
 
     let config = KafkaConfig {
         brokers: vec![servers],
         topic: TOPIC.into(),
         group_id: "staged-bench".into(),
-        batch_max_messages: args.batch,
+        batch_max_messages: batch,
         batch_max_wait_ms: 200,
         ..KafkaConfig::default()
     };
@@ -148,7 +187,7 @@ async fn measure(url: &str, args: &IngestArgs) -> anyhow::Result<()> {
         if status.counters().handled >= n {
             break Instant::now();
         }
-        if report.elapsed() > Duration::from_secs(5) {
+        if progress && report.elapsed() > Duration::from_secs(5) {
             println!("  ... {:?}", status.counters());
             report = Instant::now();
         }
@@ -160,32 +199,13 @@ async fn measure(url: &str, args: &IngestArgs) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     };
-    let c = status.counters();
+    let counters = status.counters();
     ingest.stop().await;
-    let stats = store.stats().await?;
-    store.close().await;
-    let secs = (done - first).as_secs_f64();
-    println!(
-        "group join and first fetch: {:.2} s (not counted)",
-        (first - started).as_secs_f64()
-    );
-    println!(
-        "ingested {} messages in {} batches in {secs:.2} s: {:.0} events applied/s \
-         (target > 50,000/s); {} job files changed, {} store failures",
-        c.handled,
-        c.batches,
-        c.events as f64 / secs,
-        c.changed,
-        c.store_failures
-    );
-    if stats.ready_files != n as i64 || c.changed != n {
-        bail!(
-            "expected {n} ready files, the store has {} ({} changed)",
-            stats.ready_files,
-            c.changed
-        );
-    }
-    Ok(())
+    Ok(Timed {
+        counters,
+        join_secs: (first - started).as_secs_f64(),
+        secs: (done - first).as_secs_f64(),
+    })
 }
 
 /// Puts one production-format message per path on the topic; not timed.

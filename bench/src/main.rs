@@ -247,19 +247,10 @@ fn locate_staged(given: Option<&Path>) -> anyhow::Result<PathBuf> {
 /// Prepares the database, runs the daemon and the load, and always cleans up.
 async fn bench_backend(backend: Backend, staged: &Path, args: &IntakeArgs) -> anyhow::Result<()> {
     let dir = temp_dir()?;
-    let pg = match backend {
-        Backend::Sqlite => None,
-        Backend::Postgres => Some(create_pg().await?),
-    };
-    let url = match &pg {
-        None => format!("sqlite://{}", dir.path().join("bench.db").display()),
-        Some(db) => db.url.clone(),
-    };
+    let db = RunDb::create(backend).await?;
+    let url = db.url(dir.path(), "bench.db");
     let outcome = run_with_server(backend, staged, &dir, &url, args).await;
-    let dropped = match pg {
-        Some(db) => drop_pg(db).await,
-        None => Ok(()),
-    };
+    let dropped = db.drop().await;
     match (outcome, dropped) {
         (Err(e), Err(drop)) => {
             eprintln!("also: {drop:#}");
@@ -347,6 +338,35 @@ fn temp_dir() -> anyhow::Result<TempDir> {
 }
 
 /// A fresh PostgreSQL database for one run.
+/// A run's database: a fresh PostgreSQL database, or none (SQLite files go in the run's
+/// directory).
+struct RunDb(Option<PgDatabase>);
+
+impl RunDb {
+    async fn create(backend: Backend) -> anyhow::Result<RunDb> {
+        Ok(RunDb(match backend {
+            Backend::Postgres => Some(create_pg().await?),
+            Backend::Sqlite => None,
+        }))
+    }
+
+    /// The store's URL: the PostgreSQL database, or the SQLite file `name` in `dir`.
+    fn url(&self, dir: &Path, name: &str) -> String {
+        match &self.0 {
+            Some(pg) => pg.url.clone(),
+            None => format!("sqlite://{}", dir.join(name).display()),
+        }
+    }
+
+    /// Drops the PostgreSQL database, if there is one.
+    async fn drop(self) -> anyhow::Result<()> {
+        match self.0 {
+            Some(pg) => drop_pg(pg).await,
+            None => Ok(()),
+        }
+    }
+}
+
 async fn create_pg() -> anyhow::Result<PgDatabase> {
     let db = PgDatabase::create("staged_bench").await?;
     println!("postgres: created database {}", db.name());

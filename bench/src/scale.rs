@@ -31,16 +31,12 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use plotters::prelude::*;
-use rdkafka::mocking::MockCluster;
 use sqlx::Connection;
 
-use staged::config::KafkaConfig;
-use staged::kafka::{self, IdentityMapper, IngestSettings};
 use staged::store::{CallbackGate, NewJob, Store, StoreOptions, now_ms};
 
 use super::engine::{self, Arrivals, Peers};
@@ -178,18 +174,10 @@ fn write_outputs(out: &Path, rows: &[Row]) -> anyhow::Result<()> {
 /// Fresh database, bulk load, sweeps, ingest, daemon; always removes the database.
 async fn one(backend: Backend, files: u64, staged: &Path, args: &ScaleArgs) -> anyhow::Result<Row> {
     let dir = super::temp_dir()?;
-    let pg = match backend {
-        Backend::Postgres => Some(super::create_pg().await?),
-        Backend::Sqlite => None,
-    };
-    let url = match &pg {
-        Some(pg) => pg.url.clone(),
-        None => format!("sqlite://{}", dir.path().join("scale.db").display()),
-    };
+    let db = super::RunDb::create(backend).await?;
+    let url = db.url(dir.path(), "scale.db");
     let result = measure(backend, files, staged, dir.path(), &url, args).await;
-    if let Some(pg) = pg {
-        super::drop_pg(pg).await?;
-    }
+    db.drop().await?;
     result
 }
 
@@ -503,58 +491,15 @@ async fn ingest(store: &Store, events: u64) -> anyhow::Result<f64> {
             .await?;
         ids.push(id);
     }
-    let cluster = MockCluster::new(1)?;
-    cluster.create_topic(super::ingest::TOPIC, 8, 1)?;
-    let servers = cluster.bootstrap_servers();
-    super::ingest::produce(&servers, &paths).await?;
-    let config = KafkaConfig {
-        brokers: vec![servers],
-        topic: super::ingest::TOPIC.into(),
-        group_id: "staged-bench".into(),
-        batch_max_messages: 5_000,
-        batch_max_wait_ms: 200,
-        ..KafkaConfig::default()
-    };
-    let mut client = kafka::client_config(&config);
-    client.set("session.timeout.ms", "6000");
-    let started = Instant::now();
-    let consumer = kafka::start_with(
-        client,
-        IngestSettings::from_config(&config),
-        store.clone(),
-        Arc::new(IdentityMapper),
-    )?;
-    let status = consumer.status();
-    let first = loop {
-        if status.counters().messages > 0 {
-            break Instant::now();
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            bail!("no message read within 60 s");
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    };
-    let done = loop {
-        if status.counters().handled >= events {
-            break Instant::now();
-        }
-        if first.elapsed() > Duration::from_secs(600) {
-            bail!(
-                "not every message applied within 600 s: {:?}",
-                status.counters()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    };
-    let c = status.counters();
-    consumer.stop().await;
+    let timed = super::ingest::timed_ingest(store, &paths, 8, 5_000, false).await?;
+    let c = timed.counters;
     if c.changed != events {
         bail!("{} of {events} job files changed", c.changed);
     }
     for id in ids {
         store.delete_job(id).await?;
     }
-    Ok(c.events as f64 / (done - first).as_secs_f64())
+    Ok(c.events as f64 / timed.secs)
 }
 
 /// A value in kB from `/proc/PID/status`, in MiB.

@@ -162,19 +162,10 @@ async fn bench(
     fig: &mut Figures,
 ) -> anyhow::Result<()> {
     let dir = super::temp_dir()?;
-    let pg = match backend {
-        Backend::Postgres => Some(super::create_pg().await?),
-        Backend::Sqlite => None,
-    };
-    let url = match &pg {
-        Some(pg) => pg.url.clone(),
-        None => format!("sqlite://{}", dir.path().join("bench.db").display()),
-    };
+    let db = super::RunDb::create(backend).await?;
+    let url = db.url(dir.path(), "bench.db");
     let outcome = with_server(staged, dir.path(), &url, args, fig).await;
-    let dropped = match pg {
-        Some(pg) => super::drop_pg(pg).await,
-        None => Ok(()),
-    };
+    let dropped = db.drop().await;
     outcome.and(dropped)
 }
 
