@@ -51,13 +51,43 @@ pub async fn discovery(State(app): State<AppState>) -> Response {
     resp
 }
 
-fn paths_of(body: PathsRequest) -> Result<Vec<String>, Problem> {
+/// Reads a `{"paths": [...]}` body (cancel, release, archiveinfo): at least one path.
+async fn paths_body(
+    app: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Vec<String>, Problem> {
+    let body: PathsRequest = json_body(headers, body, app.limits.max_body_bytes).await?;
     match body.paths {
         Some(p) if !p.is_empty() => Ok(p),
         _ => Err(Problem::bad_request(
             "paths: the field does not exist or is not a valid non-empty array",
         )),
     }
+}
+
+/// The store's paths for `paths`, every one of which the caller may stage, cancel or
+/// release; `doing` words a refusal ("staging", "releasing").
+fn stageable(
+    f: &Facade,
+    who: &Principal,
+    paths: &[String],
+    doing: &str,
+) -> Result<Vec<String>, Problem> {
+    paths
+        .iter()
+        .map(|p| {
+            let m = f.mapping.to_store(p);
+            if who.may_stage(&m.client) {
+                Ok(m.stored)
+            } else {
+                Err(Problem::forbidden(format!(
+                    "the token does not allow {doing} {}",
+                    m.client
+                )))
+            }
+        })
+        .collect()
 }
 
 /// A UUID (version 4) for a new request.
@@ -115,8 +145,10 @@ pub async fn stage(
         };
         let m = f.mapping.to_store(&path);
         if !who.may_stage(&m.client) {
-            return Err(Problem::new(StatusCode::FORBIDDEN, "Forbidden")
-                .detail(format!("the token does not allow staging {}", m.client)));
+            return Err(Problem::forbidden(format!(
+                "the token does not allow staging {}",
+                m.client
+            )));
         }
         // Duplicates go: each path appears once in the request and in its poll.
         if seen.insert(m.client.clone()) {
@@ -294,22 +326,14 @@ pub async fn cancel(
 ) -> Result<Response, Problem> {
     Span::current().record("job_id", id.as_str());
     let f = facade(&app);
-    let body: PathsRequest = json_body(&headers, body, app.limits.max_body_bytes).await?;
-    let paths = paths_of(body)?;
+    let paths = paths_body(&app, &headers, body).await?;
     let view = visible(&app, &who, &id).await?;
     if !who.may_change(view.submitted_by.as_deref()) {
-        return Err(Problem::new(StatusCode::FORBIDDEN, "Forbidden")
-            .detail("only the request's submitter may cancel its files"));
+        return Err(Problem::forbidden(
+            "only the request's submitter may cancel its files",
+        ));
     }
-    let mut stored = Vec::with_capacity(paths.len());
-    for p in &paths {
-        let m = f.mapping.to_store(p);
-        if !who.may_stage(&m.client) {
-            return Err(Problem::new(StatusCode::FORBIDDEN, "Forbidden")
-                .detail(format!("the token does not allow staging {}", m.client)));
-        }
-        stored.push(m.stored);
-    }
+    let stored = stageable(f, &who, &paths, "staging")?;
     let outcome = app
         .store
         .cancel_request_files(&id, &stored)
@@ -358,8 +382,9 @@ pub async fn delete(
     Span::current().record("job_id", id.as_str());
     let view = visible(&app, &who, &id).await?;
     if !who.may_change(view.submitted_by.as_deref()) {
-        return Err(Problem::new(StatusCode::FORBIDDEN, "Forbidden")
-            .detail("only the request's submitter may delete it"));
+        return Err(Problem::forbidden(
+            "only the request's submitter may delete it",
+        ));
     }
     let waiting: Vec<String> = view
         .files
@@ -396,17 +421,8 @@ pub async fn release(
 ) -> Result<Response, Problem> {
     Span::current().record("job_id", id.as_str());
     let f = facade(&app);
-    let body: PathsRequest = json_body(&headers, body, app.limits.max_body_bytes).await?;
-    let paths = paths_of(body)?;
-    let mut stored = Vec::with_capacity(paths.len());
-    for p in &paths {
-        let m = f.mapping.to_store(p);
-        if !who.may_stage(&m.client) {
-            return Err(Problem::new(StatusCode::FORBIDDEN, "Forbidden")
-                .detail(format!("the token does not allow releasing {}", m.client)));
-        }
-        stored.push(m.stored);
-    }
+    let paths = paths_body(&app, &headers, body).await?;
+    let stored = stageable(f, &who, &paths, "releasing")?;
     let owner = app
         .store
         .request_owner(&id)
@@ -421,8 +437,9 @@ pub async fn release(
             tracing::info!(request_id = id, files = paths.len(), "files released");
         }
         Some(_) => {
-            return Err(Problem::new(StatusCode::FORBIDDEN, "Forbidden")
-                .detail("only the request's submitter may release its files"));
+            return Err(Problem::forbidden(
+                "only the request's submitter may release its files",
+            ));
         }
         None => tracing::debug!(
             request_id = id,
@@ -442,15 +459,16 @@ pub async fn archive_info(
     body: Body,
 ) -> Result<Json<Vec<ArchiveInfo>>, Problem> {
     let f = facade(&app);
-    let body: PathsRequest = json_body(&headers, body, app.limits.max_body_bytes).await?;
-    let mut paths = paths_of(body)?;
+    let mut paths = paths_body(&app, &headers, body).await?;
     paths.truncate(f.cfg.archiveinfo_max_paths);
     let mut asked = Vec::with_capacity(paths.len());
     for p in paths {
         let m = f.mapping.to_store(&p);
         if !who.may_read(&m.client) {
-            return Err(Problem::new(StatusCode::FORBIDDEN, "Forbidden")
-                .detail(format!("the token does not allow reading {}", m.client)));
+            return Err(Problem::forbidden(format!(
+                "the token does not allow reading {}",
+                m.client
+            )));
         }
         // Answered with the path as sent, which is how a client matches its files.
         asked.push((p, m));

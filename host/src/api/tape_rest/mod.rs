@@ -104,6 +104,10 @@ impl Problem {
         Problem::new(StatusCode::BAD_REQUEST, "JSON Validation error").detail(detail)
     }
 
+    pub fn forbidden(detail: impl Into<String>) -> Problem {
+        Problem::new(StatusCode::FORBIDDEN, "Forbidden").detail(detail)
+    }
+
     pub fn not_found(id: &str) -> Problem {
         Problem::new(StatusCode::NOT_FOUND, "Stage request not found")
             .detail(format!("No stage request with id {id}"))

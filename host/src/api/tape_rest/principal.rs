@@ -145,10 +145,6 @@ impl Principal {
     }
 }
 
-fn forbidden(detail: impl Into<String>) -> Problem {
-    Problem::new(StatusCode::FORBIDDEN, "Forbidden").detail(detail)
-}
-
 fn unauthorized(detail: impl Into<String>) -> Response {
     let mut p = Problem::new(StatusCode::UNAUTHORIZED, "Unauthorized").detail(detail);
     p.challenge = true;
@@ -167,7 +163,7 @@ pub async fn authenticate(State(app): State<AppState>, mut req: Request, next: N
             .get::<PeerAddr>()
             .is_some_and(|p| p.0.ip().is_loopback());
         if !loopback {
-            return forbidden(
+            return Problem::forbidden(
                 "this Tape REST API has no authentication configured and serves loopback clients only",
             )
             .into_response();
