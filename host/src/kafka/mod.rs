@@ -31,6 +31,7 @@ mod status;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -310,6 +311,7 @@ fn create_consumer(
             status: status.clone(),
             topic: topic.to_string(),
             log_limit: RateLimited::new(Duration::from_secs(30)),
+            responses: AtomicU64::new(0),
         })
         .map_err(IngestError::Config)?;
     consumer
@@ -326,11 +328,18 @@ struct Context {
     status: IngestStatus,
     topic: String,
     log_limit: RateLimited,
+    /// Responses from every broker, as of the last statistics.
+    responses: AtomicU64,
 }
 
 impl ClientContext for Context {
     fn stats(&self, stats: Statistics) {
-        if !stats.brokers.values().any(|b| b.state == "UP") {
+        // Only a response proves that a broker answers: librdkafka went on showing a
+        // connection UP for seconds after its broker went away, and the consumer, out of
+        // its group through the outage, was re-created before the broker was back.
+        let responses: u64 = stats.brokers.values().map(|b| b.rx).sum();
+        let before = self.responses.swap(responses, Ordering::Relaxed);
+        if responses <= before || !stats.brokers.values().any(|b| b.state == "UP") {
             return;
         }
         self.status.heartbeat();
@@ -552,10 +561,13 @@ impl Ingest {
                             tracing::warn!(error = %e, fatal, suppressed, "Kafka consumer error");
                         });
                         if !fatal {
-                            // The batch in hand stays good; reading resumes after a pause,
-                            // short (under 2 s): a broker gone for a while yields an error
-                            // per attempt, and a long pause would keep the consumer from
-                            // a broker that came back (and from serving its statistics).
+                            // The batch in hand stays good; reading resumes after a pause
+                            // of a few milliseconds. librdkafka queues an error for every
+                            // failed connection while a broker is gone, and the group's
+                            // rebalance comes through the same queue: paused up to 1.6 s
+                            // an error, the consumer was still working through the outage's
+                            // errors 25 s after the broker was back, its partitions not yet
+                            // taken (librdkafka waiting for the assignment to be served).
                             paused_until = Some(Instant::now() + READ_BACKOFF.delay(recv_errors));
                             continue;
                         }
@@ -793,9 +805,14 @@ async fn sleep_until_some(at: Option<Instant>) {
     }
 }
 
-/// Waits after a failed read (short: a long pause would keep the consumer from a broker
-/// that came back), a failed mapping or store transaction, and a failed consumer creation.
-const READ_BACKOFF: Backoff = Backoff::new(MS_100, Duration::from_millis(1600), Jitter::LowerHalf);
+/// Waits after a failed read (a few milliseconds: the errors queued during an outage are
+/// read one by one before what follows them), a failed mapping or store transaction, and a
+/// failed consumer creation.
+const READ_BACKOFF: Backoff = Backoff::new(
+    Duration::from_millis(1),
+    Duration::from_millis(20),
+    Jitter::LowerHalf,
+);
 const APPLY_BACKOFF: Backoff =
     Backoff::new(MS_100, Duration::from_millis(12_800), Jitter::LowerHalf);
 const CREATE_BACKOFF: Backoff =

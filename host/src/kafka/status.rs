@@ -18,6 +18,14 @@ use crate::store::now_ms;
 /// A member that has not settled in its group for this long while a broker answers is
 /// re-created (a join normally takes a few seconds).
 pub(crate) const REJOIN_AFTER: Duration = Duration::from_secs(8);
+/// A daemon's consumer that has never settled in its group is given this long before it is
+/// re-created: its first join waits out the group's initial rebalance delay (3 s by
+/// default) and, in a group of several daemons, their rebalance. On a loaded 2-core
+/// machine the mock broker's first joins took up to 8-9 s, and re-creating the client then
+/// started the join over (and, with static membership, made the group wait for the old
+/// member), so that nothing was read for 19 s and more. Once settled, a member out of its
+/// group is re-created after [`REJOIN_AFTER`] as before.
+pub(crate) const FIRST_JOIN_GRACE: Duration = Duration::from_secs(30);
 /// The longest wait between two re-creations.
 pub(crate) const REJOIN_MAX: Duration = Duration::from_secs(120);
 
@@ -33,6 +41,8 @@ struct Inner {
     heartbeat_ms: AtomicI64,
     /// When librdkafka last reported every broker down (Unix ms; 0 = not since the last up).
     all_down_ms: AtomicI64,
+    /// When a broker last answered again after every broker was down (Unix ms; 0 = never).
+    answering_since_ms: AtomicI64,
     /// When the last message about a file some job holds was applied (Unix ms; 0 = never).
     last_known_message_ms: AtomicI64,
     /// A heartbeat older than this means the broker is not answering.
@@ -50,6 +60,8 @@ struct Inner {
     in_group: AtomicBool,
     /// Since when the member has not been settled in its group (Unix ms; 0 = settled).
     unsettled_ms: AtomicI64,
+    /// Whether the consumer has been settled in its group at least once.
+    client_settled: AtomicBool,
     /// When the consumer last made progress: a batch committed, or nothing to read (Unix ms).
     progress_ms: AtomicI64,
     /// Messages read and not yet committed (the batch being filled and the one applied).
@@ -130,6 +142,7 @@ impl IngestStatus {
                 running: AtomicBool::new(false),
                 heartbeat_ms: AtomicI64::new(0),
                 all_down_ms: AtomicI64::new(0),
+                answering_since_ms: AtomicI64::new(0),
                 last_known_message_ms: AtomicI64::new(0),
                 alive_window,
                 stall_after,
@@ -138,6 +151,7 @@ impl IngestStatus {
                 lag: AtomicI64::new(-1),
                 in_group: AtomicBool::new(false),
                 unsettled_ms: AtomicI64::new(now_ms()),
+                client_settled: AtomicBool::new(false),
                 progress_ms: AtomicI64::new(now_ms()),
                 in_hand: AtomicI64::new(0),
                 batches_seen: AtomicU64::new(0),
@@ -199,21 +213,31 @@ impl IngestStatus {
     /// last seen out of its group, and has not settled for [`REJOIN_AFTER`] (its statistics
     /// may have stopped meanwhile: a stuck client is re-created all the same), doubled after each
     /// re-creation that did not settle it (up to [`REJOIN_MAX`], so that a slow rebalance
-    /// is never cut short for ever). After every broker was gone for longer than the
-    /// session, librdkafka stayed out of its group for 25 s and more; a new client joins
-    /// in a few seconds. Marks the re-creation when it answers true.
+    /// is never cut short for ever); a consumer that has never settled gets at least
+    /// [`FIRST_JOIN_GRACE`], and no time counts before the brokers answer again after an
+    /// outage. After every broker was gone for longer than the session,
+    /// librdkafka stayed out of its group for 25 s and more; a new client joins in a few
+    /// seconds. Marks the re-creation when it answers true.
     pub(crate) fn rejoin_due(&self) -> bool {
         let i = &self.inner;
         let now = now_ms();
         let unsettled = i.unsettled_ms.load(Ordering::Relaxed);
         if i.in_group.load(Ordering::Relaxed) || unsettled == 0 {
-            i.rejoins.store(0, Ordering::Relaxed);
             return false;
         }
         let tries = i.rejoins.load(Ordering::Relaxed).min(8);
-        let wait =
-            (REJOIN_AFTER.as_millis() as i64 * (1 << tries)).min(REJOIN_MAX.as_millis() as i64);
-        let since = unsettled.max(i.rejoined_ms.load(Ordering::Relaxed));
+        let mut wait = REJOIN_AFTER.as_millis() as i64 * (1 << tries);
+        if !i.client_settled.load(Ordering::Relaxed) {
+            wait = wait.max(FIRST_JOIN_GRACE.as_millis() as i64);
+        }
+        let wait = wait.min(REJOIN_MAX.as_millis() as i64);
+        // Counted from when the brokers answer again: librdkafka rejoins by itself within
+        // seconds of most outages, and a client re-created the moment they are back (the
+        // member having been out of its group all through the outage) joined later than
+        // the old one would have.
+        let since = unsettled
+            .max(i.rejoined_ms.load(Ordering::Relaxed))
+            .max(i.answering_since_ms.load(Ordering::Relaxed));
         let due = now - since > wait;
         if due {
             i.rejoined_ms.store(now, Ordering::Relaxed);
@@ -237,7 +261,17 @@ impl IngestStatus {
         i.assigned.store(assigned.unwrap_or(-1), Ordering::Relaxed);
         i.lag.store(lag.unwrap_or(-1), Ordering::Relaxed);
         if in_group {
-            i.unsettled_ms.store(0, Ordering::Relaxed);
+            i.client_settled.store(true, Ordering::Relaxed);
+            i.rejoins.store(0, Ordering::Relaxed);
+            i.rejoined_ms.store(0, Ordering::Relaxed);
+            let since = i.unsettled_ms.swap(0, Ordering::Relaxed);
+            if since > 0 {
+                tracing::info!(
+                    after_ms = now - since,
+                    assigned = assigned.unwrap_or(-1),
+                    "Kafka consumer settled in its group"
+                );
+            }
         } else {
             let _ = i
                 .unsettled_ms
@@ -319,8 +353,11 @@ impl IngestStatus {
     }
 
     pub(crate) fn heartbeat(&self) {
-        self.inner.heartbeat_ms.store(now_ms(), Ordering::Relaxed);
-        self.inner.all_down_ms.store(0, Ordering::Relaxed);
+        let now = now_ms();
+        self.inner.heartbeat_ms.store(now, Ordering::Relaxed);
+        if self.inner.all_down_ms.swap(0, Ordering::Relaxed) != 0 {
+            self.inner.answering_since_ms.store(now, Ordering::Relaxed);
+        }
     }
 
     /// Keeps the start of the outage: librdkafka repeats the report while it lasts.
@@ -425,6 +462,70 @@ mod tests {
         }
         assert_eq!(seen, vec![0]);
         assert_eq!(r.suppressed.load(Ordering::Relaxed), 4);
+    }
+
+    /// Sets when the member was first seen out of its group, `ago` before now.
+    fn unsettled_for(s: &IngestStatus, ago: Duration) {
+        s.inner
+            .unsettled_ms
+            .store(now_ms() - ago.as_millis() as i64, Ordering::Relaxed);
+    }
+
+    #[test]
+    fn a_first_join_is_given_longer_than_a_rejoin() {
+        let s = IngestStatus::new(Duration::from_secs(60), Duration::from_secs(600), 10);
+        s.heartbeat();
+        s.observe(false, None, None);
+        unsettled_for(&s, REJOIN_AFTER + Duration::from_secs(2));
+        assert!(
+            !s.rejoin_due(),
+            "a new daemon's consumer still joining is left to join"
+        );
+        unsettled_for(&s, FIRST_JOIN_GRACE + Duration::from_secs(1));
+        assert!(s.rejoin_due(), "one that never joins is re-created");
+
+        // Settled, then out of the group (every broker gone for longer than the session).
+        s.observe(true, Some(2), Some(0));
+        s.observe(false, None, None);
+        unsettled_for(&s, REJOIN_AFTER - Duration::from_secs(1));
+        assert!(!s.rejoin_due());
+        unsettled_for(&s, REJOIN_AFTER + Duration::from_secs(1));
+        assert!(
+            s.rejoin_due(),
+            "a member that lost its group is re-created within seconds"
+        );
+        // The re-created client did not settle either: the next try waits twice as long.
+        let ago = |d: Duration| now_ms() - d.as_millis() as i64;
+        unsettled_for(&s, REJOIN_AFTER * 4);
+        s.inner.rejoined_ms.store(
+            ago(REJOIN_AFTER + Duration::from_secs(1)),
+            Ordering::Relaxed,
+        );
+        assert!(!s.rejoin_due());
+        s.inner.rejoined_ms.store(
+            ago(REJOIN_AFTER * 2 + Duration::from_secs(1)),
+            Ordering::Relaxed,
+        );
+        assert!(s.rejoin_due());
+        s.observe(true, Some(2), Some(0));
+
+        // Out of the group all through an outage: the wait starts when the brokers answer.
+        s.observe(false, None, None);
+        unsettled_for(&s, REJOIN_AFTER * 2);
+        s.all_brokers_down();
+        s.heartbeat();
+        assert!(
+            !s.rejoin_due(),
+            "re-created the moment the brokers came back"
+        );
+        s.inner.answering_since_ms.store(
+            ago(REJOIN_AFTER + Duration::from_secs(1)),
+            Ordering::Relaxed,
+        );
+        assert!(
+            s.rejoin_due(),
+            "out of the group for long after the brokers came back"
+        );
     }
 
     #[test]
