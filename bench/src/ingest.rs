@@ -64,12 +64,12 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
 async fn bench(backend: Backend, args: &IngestArgs) -> anyhow::Result<()> {
     let dir = super::temp_dir()?;
     let db = super::RunDb::create(backend).await?;
-    let result = measure(&db.url(dir.path(), "bench.db"), args).await;
+    let result = measure(backend, &db.url(dir.path(), "bench.db"), args).await;
     db.drop().await?;
     result
 }
 
-async fn measure(url: &str, args: &IngestArgs) -> anyhow::Result<()> {
+async fn measure(backend: Backend, url: &str, args: &IngestArgs) -> anyhow::Result<()> {
     let mut db = staged::config::DatabaseConfig {
         url: url.to_string(),
         ..Default::default()
@@ -111,9 +111,15 @@ async fn measure(url: &str, args: &IngestArgs) -> anyhow::Result<()> {
         "group join and first fetch: {:.2} s (not counted)",
         timed.join_secs
     );
+    // Half of what the store itself applies here (SQLite ~500k rows/s, PostgreSQL
+    // ~170-190k with batched updates).
+    let target = match backend {
+        Backend::Sqlite => "200,000",
+        Backend::Postgres => "100,000",
+    };
     println!(
         "ingested {} messages in {} batches in {secs:.2} s: {:.0} events applied/s \
-         (target > 50,000/s); {} job files changed, {} store failures",
+         (target >= {target}/s); {} job files changed, {} store failures",
         c.handled,
         c.batches,
         c.events as f64 / secs,
