@@ -297,11 +297,17 @@ pub(crate) use with_pool;
 /// on a pool is opened here, so the pool's release check ([`hygiene`]) sees each
 /// connection after it. The intake writer's transactions on the connection it keeps are the
 /// one exception, checked after their commit (see [`intake`]).
+///
+/// On SQLite the transaction takes the write lock when it begins (`BEGIN IMMEDIATE`): every
+/// transaction here writes, and one begun deferred that reads first cannot take the lock
+/// later once another connection has committed (SQLite answers "database is locked" at
+/// once, whatever the busy timeout). 51 of 60 Tape REST cancels failed so beside one
+/// writer; waiting for the lock at the start is what the busy timeout is for.
 macro_rules! in_tx {
     ($backend:expr, $tx:ident => $body:expr) => {
         match $backend {
             Backend::Sqlite(p) => {
-                let mut $tx = p.begin().await?;
+                let mut $tx = p.begin_with("BEGIN IMMEDIATE").await?;
                 let out = $body;
                 $tx.commit().await?;
                 out
