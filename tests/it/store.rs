@@ -76,10 +76,12 @@ both_backends!(
 );
 
 /// A cancel reads the request's files before it writes. On SQLite a transaction begun
-/// deferred, whose snapshot another connection's commit made stale before its first write,
-/// failed with "database is locked" (SQLITE_BUSY_SNAPSHOT, which no busy wait resolves):
-/// seen as a 500 from the Tape REST API while the engine recorded a stage request. Cancels
-/// now run beside a writer that never pauses, and every one of them must go through.
+/// deferred could not take the write lock once another connection had committed, and
+/// failed at once with "database is locked", whatever the busy timeout: code 517
+/// (SQLITE_BUSY_SNAPSHOT) in a full run of the suite, where the Tape REST API answered a
+/// 500 while the engine recorded a stage request, and code 5 here, where the cancels also
+/// contend with each other. Cancels now run beside a writer that never pauses, and every
+/// one of them must go through.
 async fn cancels_beside_other_writers_are_never_refused(kind: Kind) {
     const REQUESTS: i64 = 60;
     let db = TestDb::new(kind).await;
