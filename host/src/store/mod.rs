@@ -415,16 +415,66 @@ impl SqliteAnchor {
         Ok(Some(SqliteAnchor(conn)))
     }
 
-    /// Closes the anchor, if there is one; a failure only costs the shutdown checkpoint,
-    /// which the next daemon's first connection makes up for.
+    /// Closes the anchor, if there is one, once the whole log is checkpointed into the
+    /// database file and the log emptied: the next daemon then starts from the file alone
+    /// and never rebuilds the log's index from the log (see above). The checkpoint that
+    /// SQLite makes by itself at the last close is not enough: when it fails nothing says
+    /// so, and after an I/O fault its first fsync of the database file can fail for an
+    /// earlier writeback error of the file (the kernel reports each error once to every
+    /// descriptor open when it happened) although its own writes reached the disk. A
+    /// repeated checkpoint copies the frames again and syncs them again.
     async fn close(anchor: Option<SqliteAnchor>) {
-        if let Some(SqliteAnchor(conn)) = anchor
-            && let Err(e) = sqlx::Connection::close(conn).await
+        let Some(SqliteAnchor(mut conn)) = anchor else {
+            return;
+        };
+        // Another process reading the database (an operator's shell) holds the checkpoint
+        // back; each attempt waits for it only briefly, so the stop stays short.
+        if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "PRAGMA busy_timeout = {}",
+            CLOSE_CHECKPOINT_PAUSE.as_millis()
+        )))
+        .execute(&mut conn)
+        .await
         {
+            tracing::warn!(error = %e, "setting the shutdown checkpoint's busy timeout failed");
+        }
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let outcome = sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(TRUNCATE)")
+                .fetch_one(&mut conn)
+                .await;
+            let why = match outcome {
+                Ok((0, _, _)) => {
+                    if attempt > 1 {
+                        tracing::info!(attempt, "the shutdown checkpoint completed");
+                    }
+                    break;
+                }
+                Ok((_, log, done)) => format!("busy: {done} of {log} frames copied"),
+                Err(e) => e.to_string(),
+            };
+            if attempt >= CLOSE_CHECKPOINT_ATTEMPTS {
+                tracing::error!(
+                    attempt,
+                    error = %why,
+                    "the shutdown checkpoint failed; the log stays beside the database and the next start reads it"
+                );
+                break;
+            }
+            tracing::warn!(attempt, error = %why, "the shutdown checkpoint failed; trying again");
+            tokio::time::sleep(CLOSE_CHECKPOINT_PAUSE).await;
+        }
+        if let Err(e) = sqlx::Connection::close(conn).await {
             tracing::warn!(error = %e, "closing the SQLite anchor connection failed");
         }
     }
 }
+
+/// How often the store tries its shutdown checkpoint, how long each waits for readers and
+/// the pause between them: about 2 s in all, within the shutdown's grace period.
+const CLOSE_CHECKPOINT_ATTEMPTS: u32 = 5;
+const CLOSE_CHECKPOINT_PAUSE: Duration = Duration::from_millis(200);
 
 /// One connection pool's connections now, as sqlx counts them (no query).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -937,6 +987,52 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(n, 1, "the job was checkpointed into the database file");
+    }
+
+    /// A reader in another process (an operator's shell inside a transaction) keeps the
+    /// shutdown checkpoint from emptying the log: the stop waits for it only briefly, and
+    /// what the log holds is still there for the next start.
+    #[tokio::test]
+    async fn a_reader_holding_the_log_delays_the_stop_only_briefly() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("staged.db").display());
+        let opts = StoreOptions::from_config(
+            &DatabaseConfig {
+                url: url.clone(),
+                ..DatabaseConfig::default()
+            },
+            &JobsConfig::default(),
+        );
+        let store = Store::open(&opts).await.unwrap();
+        let job = NewJob {
+            job_id: 7,
+            notify_url: "http://127.0.0.1:9/cb".into(),
+            files: vec!["a.fits".into()],
+            ..Default::default()
+        };
+        assert_eq!(store.submit(job).await.unwrap(), Intake::Created);
+        let mut reader = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut reader).await.unwrap();
+        let _: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+            .fetch_one(&mut reader)
+            .await
+            .unwrap();
+
+        let started = std::time::Instant::now();
+        store.close().await;
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(5),
+            "the stop waited {took:?} for a reader"
+        );
+        sqlx::query("COMMIT").execute(&mut reader).await.unwrap();
+        reader.close().await.unwrap();
+        let mut next = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE job_id = 7")
+            .fetch_one(&mut next)
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
     }
 
     #[test]
