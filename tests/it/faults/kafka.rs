@@ -20,6 +20,7 @@ crate::both_backends!(
     old_recalls_do_not_complete_new_jobs,
     broker_gone_for_a_while,
     stalled_consumer_is_reported_and_not_restaged,
+    stopping_while_the_broker_is_gone,
 );
 
 fn producer(tape: &Tape) -> FutureProducer {
@@ -275,6 +276,57 @@ async fn broker_gone_for_a_while(kind: Kind) {
     );
     wait_alive(&app, true, Duration::from_secs(10)).await;
     app.stop().await;
+}
+
+/// SIGTERM while the broker is gone: the daemon stops within its grace period and a few
+/// seconds for the consumer, not when librdkafka gives up on leaving its group or on a
+/// commit it cannot send. Then the same with the broker gone for good (the cluster
+/// destroyed), which is also what a failing test leaves behind.
+async fn stopping_while_the_broker_is_gone(kind: Kind) {
+    for destroyed in [false, true] {
+        let tape = Tape::start(|s| s.recall_delay = Duration::from_secs(120)).await;
+        let receiver = Receiver::start().await;
+        let app = TestApp::start_with(kind, |c| {
+            quick(c);
+            tape.configure(c);
+        })
+        .await;
+        wait_alive(&app, true, Duration::from_secs(30)).await;
+        let files = |id: i64| vec![format!("stop/{id}.fits")];
+        let (acked, _) = post_jobs(&app, &receiver, 1..=3, files).await;
+        assert_eq!(acked.len(), 3);
+        // Read (and held uncommitted) by the consumer when the broker goes.
+        let p = producer(&tape);
+        let now = chrono::Utc::now();
+        send(
+            &p,
+            "stop/1.fits",
+            &recall_message("stop/1.fits", now, now, ""),
+        )
+        .await;
+        drop(p);
+        tape.cluster.broker_down(1).unwrap();
+        wait_alive(&app, false, Duration::from_secs(15)).await;
+        let tape = if destroyed {
+            drop(tape);
+            None
+        } else {
+            Some(tape)
+        };
+        let started = Instant::now();
+        let stopped = tokio::time::timeout(Duration::from_secs(30), app.stop()).await;
+        let took = started.elapsed();
+        eprintln!(
+            "stopped with the broker {}: {took:?}",
+            if destroyed { "destroyed" } else { "down" }
+        );
+        assert!(
+            stopped.is_ok(),
+            "the daemon had not stopped 30 s after it was asked to, the broker {}",
+            if destroyed { "destroyed" } else { "down" }
+        );
+        drop(tape);
+    }
 }
 
 /// Makes every update of `job_files` fail inside the database until [`heal`]: the ingest's
