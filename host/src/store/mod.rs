@@ -941,6 +941,27 @@ mod tests {
         assert_eq!(values.len(), JobState::ALL.len());
     }
 
+    /// A SQLite store in `dir` holding one one-file job, `job_id`; and its database's URL.
+    async fn sqlite_store_with_a_job(dir: &std::path::Path, job_id: i64) -> (Store, String) {
+        let url = format!("sqlite://{}", dir.join("staged.db").display());
+        let opts = StoreOptions::from_config(
+            &DatabaseConfig {
+                url: url.clone(),
+                ..DatabaseConfig::default()
+            },
+            &JobsConfig::default(),
+        );
+        let store = Store::open(&opts).await.unwrap();
+        let job = NewJob {
+            job_id,
+            notify_url: "http://127.0.0.1:9/cb".into(),
+            files: vec!["a.fits".into()],
+            ..Default::default()
+        };
+        assert_eq!(store.submit(job).await.unwrap(), Intake::Created);
+        (store, url)
+    }
+
     /// The failure this guards against needs a device that fails writes (the fault suite's
     /// `sqlite_io_error`); what makes it possible can be seen on any disk: when the last
     /// connection to a WAL database closes, SQLite checkpoints and deletes the log, and the
@@ -949,24 +970,7 @@ mod tests {
     #[tokio::test]
     async fn the_pool_closing_every_connection_leaves_the_database_open() {
         let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("staged.db");
-        let opts = StoreOptions::from_config(
-            &DatabaseConfig {
-                url: format!("sqlite://{}", db.display()),
-                ..DatabaseConfig::default()
-            },
-            &JobsConfig::default(),
-        );
-        let store = Store::open(&opts).await.unwrap();
-        let job = NewJob {
-            job_id: 1,
-            notify_url: "http://127.0.0.1:9/cb".into(),
-            files: vec!["a.fits".into()],
-            obs: None,
-            submitted_by: None,
-            ..Default::default()
-        };
-        assert_eq!(store.submit(job).await.unwrap(), Intake::Created);
+        let (store, url) = sqlite_store_with_a_job(dir.path(), 1).await;
         let wal = dir.path().join("staged.db-wal");
         assert!(wal.exists(), "the job went to the log");
 
@@ -979,9 +983,7 @@ mod tests {
 
         store.close().await;
         assert!(!wal.exists(), "the store's close is the database's last");
-        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
-            .await
-            .unwrap();
+        let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
             .fetch_one(&mut conn)
             .await
@@ -995,22 +997,7 @@ mod tests {
     #[tokio::test]
     async fn a_reader_holding_the_log_delays_the_stop_only_briefly() {
         let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("staged.db").display());
-        let opts = StoreOptions::from_config(
-            &DatabaseConfig {
-                url: url.clone(),
-                ..DatabaseConfig::default()
-            },
-            &JobsConfig::default(),
-        );
-        let store = Store::open(&opts).await.unwrap();
-        let job = NewJob {
-            job_id: 7,
-            notify_url: "http://127.0.0.1:9/cb".into(),
-            files: vec!["a.fits".into()],
-            ..Default::default()
-        };
-        assert_eq!(store.submit(job).await.unwrap(), Intake::Created);
+        let (store, url) = sqlite_store_with_a_job(dir.path(), 7).await;
         let mut reader = sqlx::SqliteConnection::connect(&url).await.unwrap();
         sqlx::query("BEGIN").execute(&mut reader).await.unwrap();
         let _: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
+use staged::config::Config;
 use staged_testkit::scout::recall_message;
 
 use super::ledger::{self, Row};
@@ -40,6 +41,25 @@ async fn send(producer: &FutureProducer, path: &str, payload: &str) {
         .await
         .map_err(|(e, _)| e)
         .unwrap();
+}
+
+/// The simulator answering recalls after `recall_delay`, a callback receiver, and the
+/// daemon on `kind` wired to both (then `tweak`), once its consumer reads.
+async fn start_reading(
+    kind: Kind,
+    recall_delay: Duration,
+    tweak: impl FnOnce(&mut Config),
+) -> (Tape, Receiver, TestApp) {
+    let tape = Tape::start(|s| s.recall_delay = recall_delay).await;
+    let receiver = Receiver::start().await;
+    let app = TestApp::start_with(kind, |c| {
+        quick(c);
+        tape.configure(c);
+        tweak(c);
+    })
+    .await;
+    wait_alive(&app, true, Duration::from_secs(30)).await;
+    (tape, receiver, app)
 }
 
 async fn stats(app: &TestApp) -> Value {
@@ -119,14 +139,7 @@ fn called_back_once(receiver: &Receiver, acked: &[i64], ok: impl Fn(&Value) -> b
 /// 0, and the old messages are counted as stale.
 async fn old_recalls_do_not_complete_new_jobs(kind: Kind) {
     // Fresh recalls take 2 s: the old messages arrive well before them.
-    let tape = Tape::start(|s| s.recall_delay = Duration::from_secs(2)).await;
-    let receiver = Receiver::start().await;
-    let app = TestApp::start_with(kind, |c| {
-        quick(c);
-        tape.configure(c);
-    })
-    .await;
-    wait_alive(&app, true, Duration::from_secs(30)).await;
+    let (tape, receiver, app) = start_reading(kind, Duration::from_secs(2), |_| {}).await;
     let files = |id: i64| (0..3).map(|k| format!("old/{id}/{k}.fits")).collect();
     let p = producer(&tape);
     // A first job completed by a recall the test publishes: the consumer is reading.
@@ -198,14 +211,7 @@ async fn old_recalls_do_not_complete_new_jobs(kind: Kind) {
 /// seconds (reconnect back-off capped, reads not paused for long) and every job completes.
 async fn broker_gone_for_a_while(kind: Kind) {
     // The simulator's own recalls come too late for this test: the test publishes them.
-    let tape = Tape::start(|s| s.recall_delay = Duration::from_secs(120)).await;
-    let receiver = Receiver::start().await;
-    let app = TestApp::start_with(kind, |c| {
-        quick(c);
-        tape.configure(c);
-    })
-    .await;
-    wait_alive(&app, true, Duration::from_secs(30)).await;
+    let (tape, receiver, app) = start_reading(kind, Duration::from_secs(120), |_| {}).await;
     let files = |id: i64| (0..2).map(|k| format!("gone/{id}/{k}.fits")).collect();
     let p = producer(&tape);
 
@@ -284,14 +290,7 @@ async fn broker_gone_for_a_while(kind: Kind) {
 /// destroyed), which is also what a failing test leaves behind.
 async fn stopping_while_the_broker_is_gone(kind: Kind) {
     for destroyed in [false, true] {
-        let tape = Tape::start(|s| s.recall_delay = Duration::from_secs(120)).await;
-        let receiver = Receiver::start().await;
-        let app = TestApp::start_with(kind, |c| {
-            quick(c);
-            tape.configure(c);
-        })
-        .await;
-        wait_alive(&app, true, Duration::from_secs(30)).await;
+        let (tape, receiver, app) = start_reading(kind, Duration::from_secs(120), |_| {}).await;
         let files = |id: i64| vec![format!("stop/{id}.fits")];
         let (acked, _) = post_jobs(&app, &receiver, 1..=3, files).await;
         assert_eq!(acked.len(), 3);
@@ -313,17 +312,14 @@ async fn stopping_while_the_broker_is_gone(kind: Kind) {
         } else {
             Some(tape)
         };
+        let broker = if destroyed { "destroyed" } else { "down" };
         let started = Instant::now();
         let stopped = tokio::time::timeout(Duration::from_secs(30), app.stop()).await;
         let took = started.elapsed();
-        eprintln!(
-            "stopped with the broker {}: {took:?}",
-            if destroyed { "destroyed" } else { "down" }
-        );
+        eprintln!("stopped with the broker {broker}: {took:?}");
         assert!(
             stopped.is_ok(),
-            "the daemon had not stopped 30 s after it was asked to, the broker {}",
-            if destroyed { "destroyed" } else { "down" }
+            "the daemon had not stopped 30 s after it was asked to, the broker {broker}"
         );
         drop(tape);
     }
@@ -374,16 +370,11 @@ async fn raw_sql(db: &TestDb, sql: &'static str) {
 /// and restages must not ask Scout again for files whose messages are queued. Once the
 /// store works again the consumer catches up by itself and every job completes once.
 async fn stalled_consumer_is_reported_and_not_restaged(kind: Kind) {
-    let tape = Tape::start(|s| s.recall_delay = Duration::from_millis(100)).await;
-    let receiver = Receiver::start().await;
-    let app = TestApp::start_with(kind, |c| {
-        quick(c);
-        tape.configure(c);
+    let (tape, receiver, app) = start_reading(kind, Duration::from_millis(100), |c| {
         c.kafka.stall_secs = 2;
         c.jobs.restage_interval_secs = 1;
     })
     .await;
-    wait_alive(&app, true, Duration::from_secs(30)).await;
     break_store(&app.db).await;
     let files = |id: i64| (0..4).map(|k| format!("stall/{id}/{k}.fits")).collect();
     let (acked, stored) = post_jobs(&app, &receiver, 1..=5, files).await;
