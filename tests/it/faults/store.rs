@@ -137,6 +137,22 @@ async fn stored_files_sqlite(path: &Path) -> HashMap<i64, i64> {
     stored_files(&mut conn).await
 }
 
+/// `PRAGMA integrity_check` of the SQLite file at `path`, through a connection of the
+/// test's own: "ok", or what SQLite found wrong.
+async fn sqlite_integrity(path: &Path) -> String {
+    let url = format!("sqlite://{}?mode=ro", path.display());
+    let mut conn = sqlx::SqliteConnection::connect(&url)
+        .await
+        .expect("opening the test's own connection to the SQLite file");
+    match sqlx::query_scalar::<_, String>("PRAGMA integrity_check")
+        .fetch_all(&mut conn)
+        .await
+    {
+        Ok(lines) => lines.join("; "),
+        Err(e) => format!("integrity_check failed: {e}"),
+    }
+}
+
 const STORED_FILES: &str = "SELECT j.job_id, \
      (SELECT count(*) FROM job_files f WHERE f.job_id = j.job_id) FROM jobs j";
 
@@ -686,9 +702,20 @@ async fn sqlite_page_cap_full(fault: &'static str) {
 /// A file system whose device fails writes: ext4 (no journal, `errors=continue`, so it
 /// neither aborts nor turns read-only) on a loop device whose backing file lives, sparse,
 /// on a small tmpfs. Filling the tmpfs makes every write of a new block to the device fail,
-/// which the file system above reports as `EIO`, at `write` or, for data it had cached, at
-/// `fsync`: SQLite's commit. Deleting the filler ends the fault. Unmounted and detached
-/// when dropped.
+/// which the file system above reports as an I/O error, at `write` or, for data it had
+/// cached, at `fsync`: SQLite's commit. Deleting the filler ends the fault. Unmounted and
+/// detached when dropped.
+///
+/// The file system maps blocks without extents (as ext2/ext3 did). With extents, the kernel
+/// this was written on (6.18) loses data after such a fault: blocks whose writeback failed
+/// keep their extents marked unwritten even after they are written again and `fsync`
+/// returns 0, so the device gives zeros for them once their pages leave the cache (all 100
+/// of 100 blocks in a reproduction without SQLite; none without extents). SQLite then finds
+/// its log or database "malformed", which failed this test about once in 100-200 runs under
+/// load. Without extents it still happens, more rarely (once in 1,261 loaded runs): the
+/// kernel's loss after a failed writeback is not only the extents'. Neither staged nor
+/// SQLite can see that from inside, so the test reads the database back from the device
+/// after the stop and says so when what reached it is damaged.
 struct FailingDisk {
     outer: Tmpfs,
     loop_dev: String,
@@ -699,20 +726,11 @@ impl FailingDisk {
     fn mount() -> Result<FailingDisk, String> {
         let outer = Tmpfs::mount(32 * 1024)?;
         let img = outer.path().join("disk.img");
-        let ok = |c: &mut Command| -> Result<String, String> {
-            let out = c.output().map_err(|e| format!("{c:?}: {e}"))?;
-            if out.status.success() {
-                Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-            } else {
-                Err(format!(
-                    "{c:?}: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ))
-            }
-        };
+        let ok = run_ok;
         ok(Command::new("truncate").args(["-s", "64m"]).arg(&img))?;
         ok(Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-O", "^has_journal", "-E", "nodiscard"])
+            .args(["-q", "-F", "-O", "^has_journal,^extent,^64bit"])
+            .args(["-E", "nodiscard"])
             .arg(&img))?;
         let loop_dev = ok(Command::new("losetup").args(["-f", "--show"]).arg(&img))?;
         let mnt = outer.path().join("mnt");
@@ -722,10 +740,37 @@ impl FailingDisk {
             loop_dev,
             mnt,
         };
-        ok(Command::new("mount")
-            .args(["-o", "errors=continue", &disk.loop_dev])
-            .arg(&disk.mnt))?;
+        disk.mount_fs()?;
         Ok(disk)
+    }
+
+    fn mount_fs(&self) -> Result<(), String> {
+        run_ok(
+            Command::new("mount")
+                .args(["-o", "errors=continue", &self.loop_dev])
+                .arg(&self.mnt),
+        )
+        .map(drop)
+    }
+
+    /// Unmounts and mounts the file system again, which drops its pages from the kernel's
+    /// cache: what is read after this is what reached the device, as after a power cut.
+    fn remount(&self) -> Result<(), String> {
+        run_ok(Command::new("umount").arg(&self.mnt))?;
+        self.mount_fs()
+    }
+}
+
+/// Runs `c`, returning its trimmed stdout, or its stderr as the error.
+fn run_ok(c: &mut Command) -> Result<String, String> {
+    let out = c.output().map_err(|e| format!("{c:?}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(format!(
+            "{c:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 
@@ -780,6 +825,10 @@ async fn sqlite_io_error() {
     // index from the log after an I/O fault (see the store's shutdown checkpoint). Before
     // the checkpoint was checked and repeated, every run of this test left 2 MB of log.
     let log_left = std::fs::metadata(disk.mnt.join("staged.db-wal")).map(|m| m.len());
+    // Count what reached the device, not what the kernel still caches: a fsync that
+    // returned success after a failed writeback must have put the data there.
+    disk.remount().expect("remounting the device");
+    let integrity = sqlite_integrity(&db_path).await;
     let stored = stored_files_sqlite(&db_path).await;
     let stored_n = complete(&acknowledged, &stored).min(complete(&acknowledged, &live));
     for (phase, answers) in [
@@ -818,6 +867,10 @@ async fn sqlite_io_error() {
         after.by_job.len()
     );
     assert_eq!(row.lost, 0, "acknowledged jobs lost: {row:?}");
+    assert_eq!(
+        integrity, "ok",
+        "the database read back from the device after the stop is damaged"
+    );
     assert!(
         !matches!(log_left, Ok(n) if n > 0),
         "the stop left {log_left:?} bytes of log beside the database: its checkpoint failed"
