@@ -128,24 +128,24 @@ async fn post_round_to(
     answers
 }
 
+/// A read-only connection of the test's own to the SQLite file at `path`.
+async fn sqlite_reader(path: &Path) -> sqlx::SqliteConnection {
+    let url = format!("sqlite://{}?mode=ro", path.display());
+    sqlx::SqliteConnection::connect(&url)
+        .await
+        .expect("opening the test's own connection to the SQLite file")
+}
+
 /// Files stored per job, read over a connection of the test's own.
 async fn stored_files_sqlite(path: &Path) -> HashMap<i64, i64> {
-    let url = format!("sqlite://{}?mode=ro", path.display());
-    let mut conn = sqlx::SqliteConnection::connect(&url)
-        .await
-        .expect("opening the test's own connection to the SQLite file");
-    stored_files(&mut conn).await
+    stored_files(&mut sqlite_reader(path).await).await
 }
 
 /// `PRAGMA integrity_check` of the SQLite file at `path`, through a connection of the
 /// test's own: "ok", or what SQLite found wrong.
 async fn sqlite_integrity(path: &Path) -> String {
-    let url = format!("sqlite://{}?mode=ro", path.display());
-    let mut conn = sqlx::SqliteConnection::connect(&url)
-        .await
-        .expect("opening the test's own connection to the SQLite file");
     match sqlx::query_scalar::<_, String>("PRAGMA integrity_check")
-        .fetch_all(&mut conn)
+        .fetch_all(&mut sqlite_reader(path).await)
         .await
     {
         Ok(lines) => lines.join("; "),
@@ -204,14 +204,11 @@ impl Tmpfs {
     /// Mounts one of `size_kb` KiB, or says why it could not.
     fn mount(size_kb: u64) -> Result<Tmpfs, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size_kb}k"), "tmpfs"])
-            .arg(dir.path())
-            .output()
-            .map_err(|e| format!("running mount: {e}"))?;
-        if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
-        }
+        run_ok(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size_kb}k"), "tmpfs"])
+                .arg(dir.path()),
+        )?;
         Ok(Tmpfs { dir })
     }
 
@@ -726,13 +723,14 @@ impl FailingDisk {
     fn mount() -> Result<FailingDisk, String> {
         let outer = Tmpfs::mount(32 * 1024)?;
         let img = outer.path().join("disk.img");
-        let ok = run_ok;
-        ok(Command::new("truncate").args(["-s", "64m"]).arg(&img))?;
-        ok(Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-O", "^has_journal,^extent,^64bit"])
-            .args(["-E", "nodiscard"])
-            .arg(&img))?;
-        let loop_dev = ok(Command::new("losetup").args(["-f", "--show"]).arg(&img))?;
+        run_ok(Command::new("truncate").args(["-s", "64m"]).arg(&img))?;
+        run_ok(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-O", "^has_journal,^extent,^64bit"])
+                .args(["-E", "nodiscard"])
+                .arg(&img),
+        )?;
+        let loop_dev = run_ok(Command::new("losetup").args(["-f", "--show"]).arg(&img))?;
         let mnt = outer.path().join("mnt");
         std::fs::create_dir(&mnt).map_err(|e| e.to_string())?;
         let disk = FailingDisk {
