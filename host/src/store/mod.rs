@@ -962,7 +962,7 @@ mod tests {
         (store, url)
     }
 
-    /// The failure this guards against needs a device that fails writes (the fault suite's
+    /// The failure this guards against needs writes that fail (the fault suite's
     /// `sqlite_io_error`); what makes it possible can be seen on any disk: when the last
     /// connection to a WAL database closes, SQLite checkpoints and deletes the log, and the
     /// next connection starts from the file. While the store is open, its pool giving back

@@ -11,6 +11,7 @@
 
 mod callbacks;
 mod crash;
+mod failing_vfs;
 mod http;
 mod kafka;
 mod ledger;

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use sqlx::Connection;
 
+use super::failing_vfs;
 use super::ledger::{self, Row};
 use crate::common::pipeline::{Receiver, Tape, quick};
 use crate::common::{Kind, NO_CALLBACK, TestApp};
@@ -785,29 +786,106 @@ impl Drop for FailingDisk {
     }
 }
 
-/// SQLite when the disk under it fails writes (I/O errors, including at commit) while
-/// eight clients post, then works again.
+/// How an I/O-error test makes its database's writes fail, and end failing.
+trait WriteFault {
+    /// Writes (and the syncs of commits) fail from now on.
+    fn start(&mut self);
+    /// Writes work again.
+    fn stop(&mut self);
+    /// After the daemon stopped, before the test reads the database back: make what it
+    /// reads be what reached the storage.
+    fn settle(&mut self) {}
+}
+
+impl WriteFault for failing_vfs::Faults {
+    fn start(&mut self) {
+        failing_vfs::Faults::start(self);
+    }
+
+    fn stop(&mut self) {
+        failing_vfs::Faults::stop(self);
+    }
+}
+
+/// [`FailingDisk`] filled to make writes fail, its filler deleted to end that.
+struct DiskFault {
+    disk: FailingDisk,
+    filler: Option<PathBuf>,
+}
+
+impl WriteFault for DiskFault {
+    fn start(&mut self) {
+        self.filler = Some(fill(self.disk.outer.path(), 0));
+    }
+
+    fn stop(&mut self) {
+        if let Some(filler) = self.filler.take() {
+            std::fs::remove_file(&filler).expect("ending the fault");
+        }
+    }
+
+    fn settle(&mut self) {
+        self.disk.remount().expect("remounting the device");
+    }
+}
+
+/// SQLite whose writes fail (I/O errors, including at commit) while eight clients post,
+/// through a VFS that fails them exactly when told: the daemon must answer 202 only for
+/// what it stored, and take jobs again once writes work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_io_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut faults = failing_vfs::Faults::register(dir.path());
+    let db_path = dir.path().join("staged.db");
+    let url = format!("sqlite://{}?vfs={}", db_path.display(), failing_vfs::NAME);
+    sqlite_write_fault("sqlite I/O error", &db_path, &url, &mut faults).await;
+    let failed = faults.failed();
+    eprintln!("sqlite I/O error: the VFS failed {failed:?}");
+    assert!(
+        failed.writes > 0 && failed.syncs > 0,
+        "the fault did not fail both writes and commits' syncs: {failed:?}"
+    );
+}
+
+/// [`sqlite_io_error`] on a real device that fails writes, as the kernel reports them.
+/// Not run by default: about once in 1,000 loaded runs the kernel loses data that `fsync`
+/// called written (see [`FailingDisk`]), and the test rightly says the database read back
+/// is damaged. Run it with `--ignored` to try a kernel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the kernel may lose data after a failed writeback; see FailingDisk"]
+async fn sqlite_device_io_error() {
     let disk = FailingDisk::mount().unwrap_or_else(|why| {
-        panic!("the I/O-error test needs root, tmpfs and loop devices: {why}")
+        panic!("the device I/O-error test needs root, tmpfs and loop devices: {why}")
     });
     let db_path = disk.mnt.join("staged.db");
     let url = format!("sqlite://{}", db_path.display());
-    let app = TestApp::start_with(Kind::Sqlite, |c| c.database.url = url.clone()).await;
+    let mut fault = DiskFault { disk, filler: None };
+    sqlite_write_fault("sqlite device I/O error", &db_path, &url, &mut fault).await;
+}
+
+/// Eight clients post before, during and after `fault`, against a daemon whose database is
+/// at `url` (the file `db_path`); then, after the daemon stopped, every acknowledged job
+/// must be stored whole, the database intact and its log checkpointed away.
+async fn sqlite_write_fault(
+    name: &'static str,
+    db_path: &Path,
+    url: &str,
+    fault: &mut impl WriteFault,
+) {
+    let app = TestApp::start_with(Kind::Sqlite, |c| c.database.url = url.to_string()).await;
     let next_id = Arc::new(AtomicI64::new(1));
 
     let before = post_round(&app, &next_id, 4).await;
     assert_eq!(before.count(202), CLIENTS * 4, "posts before the fault");
-    let filler = fill(disk.outer.path(), 0);
+    fault.start();
     let during = post_round(&app, &next_id, 40).await;
     let refused = during.by_job.len() - during.count(202);
     assert!(
         refused > 0,
-        "the device never failed: every one of {} posts was acknowledged",
+        "the writes never failed: every one of {} posts was acknowledged",
         during.by_job.len()
     );
-    std::fs::remove_file(&filler).expect("ending the fault");
+    fault.stop();
     // The kernel reports a failed writeback once more, to the next fsync of the file: the
     // first commit after the fault may fail for it (and must not be answered 202).
     let settle = post_round(&app, &next_id, 1).await;
@@ -817,17 +895,15 @@ async fn sqlite_io_error() {
     acknowledged.extend(during.acknowledged());
     acknowledged.extend(settle.acknowledged());
     acknowledged.extend(after.acknowledged());
-    let live = stored_files_sqlite(&db_path).await;
+    let live = stored_files_sqlite(db_path).await;
     app.stop().await;
     // A clean stop leaves nothing in the log: the next start must not rebuild the log's
     // index from the log after an I/O fault (see the store's shutdown checkpoint). Before
     // the checkpoint was checked and repeated, every run of this test left 2 MB of log.
-    let log_left = std::fs::metadata(disk.mnt.join("staged.db-wal")).map(|m| m.len());
-    // Count what reached the device, not what the kernel still caches: a fsync that
-    // returned success after a failed writeback must have put the data there.
-    disk.remount().expect("remounting the device");
-    let integrity = sqlite_integrity(&db_path).await;
-    let stored = stored_files_sqlite(&db_path).await;
+    let log_left = std::fs::metadata(db_path.with_extension("db-wal")).map(|m| m.len());
+    fault.settle();
+    let integrity = sqlite_integrity(db_path).await;
+    let stored = stored_files_sqlite(db_path).await;
     let stored_n = complete(&acknowledged, &stored).min(complete(&acknowledged, &live));
     for (phase, answers) in [
         ("before", &before),
@@ -839,13 +915,13 @@ async fn sqlite_io_error() {
             let (l, s) = (live.get(&id), stored.get(&id));
             if l != Some(&(FILES_PER_JOB as i64)) || s != Some(&(FILES_PER_JOB as i64)) {
                 eprintln!(
-                    "sqlite I/O error: job {id}, acknowledged {phase} the fault: files stored while running {l:?}, after the stop {s:?}"
+                    "{name}: job {id}, acknowledged {phase} the fault: files stored while running {l:?}, after the stop {s:?}"
                 );
             }
         }
     }
     let row = Row {
-        fault: "sqlite I/O error",
+        fault: name,
         backend: "sqlite",
         acknowledged: acknowledged.len() as u64,
         stored: stored_n,
@@ -854,7 +930,7 @@ async fn sqlite_io_error() {
     };
     ledger::record(&row);
     eprintln!(
-        "sqlite I/O error: during the fault {} of {} posts got 202, {refused} refused \
+        "{name}: during the fault {} of {} posts got 202, {refused} refused \
          (statuses {:?}); settling {} of {}; after it {} of {}; {row:?}",
         during.count(202),
         during.by_job.len(),
@@ -867,7 +943,7 @@ async fn sqlite_io_error() {
     assert_eq!(row.lost, 0, "acknowledged jobs lost: {row:?}");
     assert_eq!(
         integrity, "ok",
-        "the database read back from the device after the stop is damaged"
+        "the database read back after the stop is damaged"
     );
     assert!(
         !matches!(log_left, Ok(n) if n > 0),
@@ -881,7 +957,6 @@ async fn sqlite_io_error() {
     assert_eq!(
         after.count(202),
         after.by_job.len(),
-        "the daemon did not take jobs again once the device worked"
+        "the daemon did not take jobs again once writes worked"
     );
-    drop(disk);
 }
